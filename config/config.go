@@ -1,0 +1,410 @@
+// Package config loads and validates egressd's configuration: an embedded
+// default, an optional YAML file on top of it, and EGRESSD_* environment
+// overrides on top of both.
+package config
+
+import (
+	"bytes"
+	_ "embed"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path"
+	"reflect"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/egressd/egressd/dnsresolve"
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/viper"
+)
+
+// Default is the embedded default configuration, the vendor's allow-list.
+//
+//go:embed default.yaml
+var Default []byte
+
+// Config is egressd's validated configuration.
+type Config struct {
+	Allow    Allow    `mapstructure:"allow"`
+	DNS      DNS      `mapstructure:"dns"`
+	Firewall Firewall `mapstructure:"firewall"`
+	StateDir string   `mapstructure:"state_dir"`
+	Log      Log      `mapstructure:"log"`
+}
+
+// Allow says which destinations may be reached.
+type Allow struct {
+	Domains []string `mapstructure:"domains"`
+	Ports   []int    `mapstructure:"ports"`
+	Names   []string `mapstructure:"names"`
+	// CIDRs are raw entries; Static holds them parsed.
+	CIDRs  []string `mapstructure:"cidrs"`
+	Static []Static `mapstructure:"-"`
+}
+
+// Static is a destination allowed without DNS.
+type Static struct {
+	Prefix netip.Prefix
+	Ports  []int // empty: Allow.Ports
+}
+
+// DNS configures the proxy.
+type DNS struct {
+	ListenPort int           `mapstructure:"listen_port"`
+	Upstreams  []string      `mapstructure:"upstreams"`
+	Timeout    time.Duration `mapstructure:"timeout"`
+	MinTTL     time.Duration `mapstructure:"min_ttl"`
+	Grace      time.Duration `mapstructure:"grace"`
+	RefuseWith string        `mapstructure:"refuse_with"`
+	// UpstreamAddrs holds Upstreams parsed, with port 53 where none was given.
+	UpstreamAddrs []netip.AddrPort `mapstructure:"-"`
+}
+
+// Firewall configures the ruleset.
+type Firewall struct {
+	Containers []string `mapstructure:"containers"`
+	Host       bool     `mapstructure:"host"`
+	Action     string   `mapstructure:"action"`
+	Mark       uint32   `mapstructure:"mark"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `mapstructure:"level"`
+	Format string `mapstructure:"format"`
+}
+
+// Load reads the embedded default, then the YAML file at path (if path is
+// not empty), then environment overrides from env (os.Environ() form), and
+// validates the result.
+func Load(path string, env []string) (*Config, error) {
+	v := viper.New()
+	v.SetConfigType("yaml")
+	if err := v.ReadConfig(bytes.NewReader(Default)); err != nil {
+		return nil, fmt.Errorf("embedded default config: %w", err)
+	}
+	known := v.AllKeys()
+	name := "default config"
+	if path != "" {
+		name = path
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("load config: %w", err)
+		}
+		if err := v.MergeConfig(bytes.NewReader(data)); err != nil {
+			return nil, fmt.Errorf("load config %s: %w", path, err)
+		}
+		// viper's own message for unknown keys ("'' has invalid keys")
+		// does not say which file or where, so check before decoding.
+		for _, k := range v.AllKeys() {
+			if !slices.Contains(known, k) {
+				return nil, fmt.Errorf("load config %s: %s: unknown key", path, k)
+			}
+		}
+	}
+	for _, k := range known {
+		envName := "EGRESSD_" + strings.ToUpper(strings.ReplaceAll(k, ".", "_"))
+		val, ok := lookup(env, envName)
+		if !ok {
+			continue
+		}
+		if _, isList := v.Get(k).([]any); isList {
+			// Lists come from the environment comma-separated.
+			var items []string
+			for _, it := range strings.Split(val, ",") {
+				if it = strings.TrimSpace(it); it != "" {
+					items = append(items, it)
+				}
+			}
+			v.Set(k, items)
+			continue
+		}
+		v.Set(k, val)
+	}
+	var c Config
+	err := v.UnmarshalExact(&c, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
+		durationHook,
+	)))
+	if err != nil {
+		return nil, fmt.Errorf("load config %s: %s", name, decodeMessage(err))
+	}
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("invalid config %s: %w", name, err)
+	}
+	return &c, nil
+}
+
+// durationHook parses durations with a message that shows the bad value.
+func durationHook(f, t reflect.Type, data any) (any, error) {
+	if t != reflect.TypeOf(time.Duration(0)) || f.Kind() != reflect.String {
+		return data, nil
+	}
+	d, err := time.ParseDuration(data.(string))
+	if err != nil {
+		return nil, fmt.Errorf("%q is not a duration (such as 500ms, 30s, 2m)", data)
+	}
+	return d, nil
+}
+
+func lookup(env []string, key string) (string, bool) {
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key {
+			return v, true
+		}
+	}
+	return "", false
+}
+
+// decodeMessage turns mapstructure's multi-line report into one line per
+// problem, each starting with the field.
+func decodeMessage(err error) string {
+	var lines []string
+	for _, l := range strings.Split(err.Error(), "\n") {
+		l = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(l), "*"))
+		if l == "" || strings.Contains(l, "error(s) decoding") || strings.HasPrefix(l, "decoding failed") {
+			continue
+		}
+		// "'dns.grace' msg" -> "dns.grace: msg"
+		if m := fieldQuote.FindStringSubmatch(l); m != nil {
+			l = m[1] + ": " + m[2]
+		}
+		lines = append(lines, l)
+	}
+	return strings.Join(lines, "; ")
+}
+
+var fieldQuote = regexp.MustCompile(`^'([^']+)' (.*)$`)
+
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	if len(c.Allow.Domains) == 0 {
+		bad("allow.domains: empty: nothing could be reached")
+	}
+	for i, d := range c.Allow.Domains {
+		if err := checkDomain(d, true); err != nil {
+			bad("allow.domains[%d]: %q %v", i, d, err)
+		}
+	}
+	dupes(&errs, "allow.domains", c.Allow.Domains, CanonicalName)
+	if len(c.Allow.Ports) == 0 {
+		bad("allow.ports: empty: no port could be opened")
+	}
+	for i, p := range c.Allow.Ports {
+		if p < 1 || p > 65535 {
+			bad("allow.ports[%d]: %d is not a TCP port (1-65535)", i, p)
+		}
+	}
+	dupes(&errs, "allow.ports", c.Allow.Ports, strconv.Itoa)
+	for i, n := range c.Allow.Names {
+		if err := checkDomain(n, false); err != nil {
+			bad("allow.names[%d]: %q %v", i, n, err)
+		} else if !c.allowsName(n) {
+			bad("allow.names[%d]: %q is not allowed by allow.domains", i, n)
+		}
+	}
+	dupes(&errs, "allow.names", c.Allow.Names, CanonicalName)
+	c.Allow.Static = nil
+	for i, s := range c.Allow.CIDRs {
+		st, err := parseStatic(s)
+		if err != nil {
+			bad("allow.cidrs[%d]: %q %v", i, s, err)
+			continue
+		}
+		c.Allow.Static = append(c.Allow.Static, st)
+	}
+	dupes(&errs, "allow.cidrs", c.Allow.CIDRs, strings.TrimSpace)
+
+	if c.DNS.ListenPort < 1 || c.DNS.ListenPort > 65535 {
+		bad("dns.listen_port: %d is not a port (1-65535)", c.DNS.ListenPort)
+	} else if c.DNS.ListenPort == 53 {
+		bad("dns.listen_port: 53 would be redirected to itself; choose another port")
+	}
+	c.DNS.UpstreamAddrs = nil
+	for i, u := range c.DNS.Upstreams {
+		ap, err := ParseUpstream(u)
+		if err != nil {
+			bad("dns.upstreams[%d]: %q %v", i, u, err)
+			continue
+		}
+		c.DNS.UpstreamAddrs = append(c.DNS.UpstreamAddrs, ap)
+	}
+	dupes(&errs, "dns.upstreams", c.DNS.Upstreams, strings.TrimSpace)
+	if c.DNS.Timeout <= 0 {
+		bad("dns.timeout: %v must be positive", c.DNS.Timeout)
+	}
+	if c.DNS.MinTTL < 0 {
+		bad("dns.min_ttl: %v must not be negative", c.DNS.MinTTL)
+	}
+	if c.DNS.Grace < 0 {
+		bad("dns.grace: %v must not be negative", c.DNS.Grace)
+	}
+	if c.DNS.MinTTL+c.DNS.Grace < time.Second {
+		bad("dns.min_ttl + dns.grace: %v is less than 1s: answers would be unusable", c.DNS.MinTTL+c.DNS.Grace)
+	}
+	if c.DNS.RefuseWith != "refused" && c.DNS.RefuseWith != "nxdomain" {
+		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
+	}
+
+	for i, p := range c.Firewall.Containers {
+		if err := checkIfacePattern(p); err != nil {
+			bad("firewall.containers[%d]: %q %v", i, p, err)
+		}
+	}
+	dupes(&errs, "firewall.containers", c.Firewall.Containers, strings.TrimSpace)
+	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
+		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)
+	}
+	if c.Firewall.Mark == 0 {
+		bad("firewall.mark: 0 cannot mark egressd's sockets; choose a non-zero mark")
+	}
+	if !path.IsAbs(c.StateDir) {
+		bad("state_dir: %q must be an absolute path", c.StateDir)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level: %q must be debug, info, warn or error", c.Log.Level)
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		bad("log.format: %q must be \"text\" or \"json\"", c.Log.Format)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) allowsName(n string) bool {
+	return dnsresolve.NewMatcher(c.Allow.Domains).Match(n)
+}
+
+func dupes[T any](errs *[]error, field string, items []T, key func(T) string) {
+	seen := map[string]int{}
+	for i, it := range items {
+		k := key(it)
+		if j, ok := seen[k]; ok {
+			*errs = append(*errs, fmt.Errorf("%s[%d]: %q repeats %s[%d]", field, i, k, field, j))
+			continue
+		}
+		seen[k] = i
+	}
+}
+
+// CanonicalName lower-cases a DNS name and drops its trailing dot.
+func CanonicalName(n string) string {
+	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(n)), ".")
+}
+
+func checkDomain(d string, wildcardOK bool) error {
+	n := CanonicalName(d)
+	if n == "" {
+		return errors.New("is empty")
+	}
+	if len(n) > 253 {
+		return errors.New("is longer than 253 characters")
+	}
+	labels := strings.Split(n, ".")
+	for i, l := range labels {
+		switch {
+		case l == "*" && i == 0 && wildcardOK:
+			if len(labels) < 3 {
+				return errors.New("wildcard must have at least two labels after \"*.\" (too broad)")
+			}
+		case strings.Contains(l, "*"):
+			if !wildcardOK {
+				return errors.New("must be a name, not a wildcard")
+			}
+			return errors.New("has \"*\" where only a leftmost \"*.\" label is allowed")
+		case l == "":
+			return errors.New("has an empty label")
+		case len(l) > 63:
+			return fmt.Errorf("has label %q longer than 63 characters", l)
+		default:
+			for _, r := range l {
+				if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+					return fmt.Errorf("has invalid character %q", r)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func parseStatic(s string) (Static, error) {
+	fields := strings.Fields(s)
+	if len(fields) == 0 || len(fields) > 2 {
+		return Static{}, errors.New("must be \"ADDRESS[/LEN] [PORT,PORT...]\"")
+	}
+	var st Static
+	if strings.Contains(fields[0], "/") {
+		p, err := netip.ParsePrefix(fields[0])
+		if err != nil {
+			return Static{}, errors.New("is not an address or prefix")
+		}
+		if p != p.Masked() {
+			return Static{}, fmt.Errorf("has host bits set (did you mean %s?)", p.Masked())
+		}
+		st.Prefix = p
+	} else {
+		a, err := netip.ParseAddr(fields[0])
+		if err != nil {
+			return Static{}, errors.New("is not an address or prefix")
+		}
+		st.Prefix = netip.PrefixFrom(a, a.BitLen())
+	}
+	if st.Prefix.Addr().Zone() != "" || st.Prefix.Addr().Is4In6() {
+		return Static{}, errors.New("must be a plain IPv4 or IPv6 prefix")
+	}
+	if len(fields) == 2 {
+		for _, ps := range strings.Split(fields[1], ",") {
+			p, err := strconv.Atoi(ps)
+			if err != nil || p < 1 || p > 65535 {
+				return Static{}, fmt.Errorf("port %q is not a TCP port (1-65535)", ps)
+			}
+			st.Ports = append(st.Ports, p)
+		}
+		sort.Ints(st.Ports)
+		st.Ports = slices.Compact(st.Ports)
+	}
+	return st, nil
+}
+
+// ParseUpstream parses "ip" or "ip:port" ("[v6]:port" for IPv6 with a port).
+func ParseUpstream(s string) (netip.AddrPort, error) {
+	s = strings.TrimSpace(s)
+	var ap netip.AddrPort
+	if a, err := netip.ParseAddr(s); err == nil {
+		ap = netip.AddrPortFrom(a, 53)
+	} else if ap, err = netip.ParseAddrPort(s); err != nil {
+		return ap, errors.New("is not \"ip\" or \"ip:port\"")
+	}
+	if ap.Port() == 0 {
+		return ap, errors.New("has port 0")
+	}
+	a := ap.Addr().Unmap()
+	if a.IsLoopback() || a.IsUnspecified() || a.IsMulticast() {
+		return ap, errors.New("is a loopback, unspecified or multicast address: its queries would be redirected back into egressd")
+	}
+	return netip.AddrPortFrom(a.WithZone(ap.Addr().Zone()), ap.Port()), nil
+}
+
+// checkIfacePattern accepts interface names and trailing-"*" globs, the
+// patterns nftables can match on an interface name.
+func checkIfacePattern(p string) error {
+	if p == "" || p == "*" {
+		return errors.New("must name an interface or a prefix glob such as \"br-*\"")
+	}
+	name := strings.TrimSuffix(p, "*")
+	if strings.ContainsAny(name, "*?[]/ \t\"") {
+		return errors.New("may only have \"*\" at its end")
+	}
+	if len(name) > 15 {
+		return errors.New("is longer than an interface name (15 characters)")
+	}
+	return nil
+}
