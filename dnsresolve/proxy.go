@@ -1,0 +1,252 @@
+// Package dnsresolve is egressd's DNS proxy: it answers allow-listed names
+// only, and opens each address it answers in the firewall before the answer
+// leaves.
+package dnsresolve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+	"golang.org/x/time/rate"
+)
+
+// Allower opens addresses in the firewall. Allow returns only once the
+// addresses are reachable (the kernel acknowledged the update), so the
+// proxy can send the answer.
+type Allower interface {
+	Allow(ctx context.Context, addrs []netip.Addr, until time.Time) error
+}
+
+// Options configure a Proxy.
+type Options struct {
+	Domains  []string  // allow-list patterns, see Matcher
+	Upstream *Upstream // where allowed names are resolved
+	Allower  Allower
+	// An answered address stays open for max(TTL, MinTTL) + Grace.
+	MinTTL, Grace time.Duration
+	// RefuseRcode answers names that are not allowed (dns.RcodeRefused or
+	// dns.RcodeNameError).
+	RefuseRcode int
+	Logger      *slog.Logger
+}
+
+// Proxy is the DNS handler.
+//
+// Only A and AAAA questions for allowed names are resolved. Every other type
+// for an allowed name gets an empty NOERROR answer without asking upstream:
+// HTTPS and SVCB records carry address hints that would bypass the sets, and
+// no other type is needed to connect. Names that are not allowed are refused
+// for every type without asking upstream, so nothing can be tunnelled
+// through DNS.
+type Proxy struct {
+	opts    Options
+	matcher *Matcher
+	log     *slog.Logger
+	now     func() time.Time
+	// refusals limits "refused" log lines so a noisy client cannot flood the
+	// journal.
+	refusals *rate.Limiter
+}
+
+// Time budgets for one client query.
+const (
+	queryTimeout = 5 * time.Second // upstream work, all servers
+	allowTimeout = 2 * time.Second // firewall update before SERVFAIL
+	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
+	// client offers (the DNS flag day 2020 value, avoids fragmentation).
+	maxUDPAnswer = 1232
+)
+
+// NewProxy returns a Proxy.
+func NewProxy(o Options) *Proxy {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Proxy{
+		opts:     o,
+		matcher:  NewMatcher(o.Domains),
+		log:      o.Logger,
+		now:      time.Now,
+		refusals: rate.NewLimiter(rate.Limit(5), 20),
+	}
+}
+
+// Answer is the result of resolving one allowed name.
+type Answer struct {
+	Rcode int
+	Chain Chain
+	SOA   []dns.RR // negative-caching records of NXDOMAIN and NODATA answers
+	Until time.Time
+}
+
+// Resolve asks upstream for name/qtype, follows the CNAME chain (asking
+// again where the upstream left it incomplete), removes non-routable
+// addresses and opens the remaining ones in the firewall. It returns an
+// error if the upstream failed or the firewall did not confirm in time.
+func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer, error) {
+	ans := &Answer{}
+	target := name
+	for hop := 0; ; hop++ {
+		resp, err := p.opts.Upstream.Exchange(ctx, target, qtype)
+		if err != nil {
+			return nil, err
+		}
+		ans.Rcode = resp.Rcode
+		ans.SOA = soa(resp.Ns)
+		if !ans.Chain.extract(resp.Answer, target, qtype) || hop == 3 {
+			break
+		}
+		target = ans.Chain.Target
+	}
+	if len(ans.Chain.Blocked) > 0 {
+		p.log.Warn("rebinding guard removed answers", "name", name, "type", dns.TypeToString[qtype], "addresses", ans.Chain.Blocked)
+	}
+	addrs, ttl := ans.Chain.Addresses()
+	if len(addrs) == 0 {
+		return ans, nil
+	}
+	ans.Until = p.now().Add(Lifetime(ttl, p.opts.MinTTL, p.opts.Grace))
+	actx, cancel := context.WithTimeout(ctx, allowTimeout)
+	defer cancel()
+	if err := p.opts.Allower.Allow(actx, addrs, ans.Until); err != nil {
+		return nil, fmt.Errorf("open %v for %s: %w", addrs, name, err)
+	}
+	return ans, nil
+}
+
+// Lifetime is how long an answered address stays open:
+// max(TTL, minTTL) + grace.
+func Lifetime(ttl uint32, minTTL, grace time.Duration) time.Duration {
+	return max(time.Duration(ttl)*time.Second, minTTL) + grace
+}
+
+func soa(ns []dns.RR) []dns.RR {
+	var out []dns.RR
+	for _, rr := range ns {
+		if rr.Header().Rrtype == dns.TypeSOA {
+			out = append(out, rr)
+		}
+	}
+	return out
+}
+
+// ServeDNS answers one client query.
+func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
+	defer cancel()
+	m := p.reply(ctx, r)
+	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+		size := dns.MinMsgSize
+		if opt := r.IsEdns0(); opt != nil {
+			size = min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPAnswer)
+		}
+		m.Truncate(size)
+	}
+	if err := w.WriteMsg(m); err != nil {
+		p.log.Debug("write answer", "client", w.RemoteAddr(), "err", err)
+	}
+}
+
+func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetReply(r)
+	m.RecursionAvailable = true
+	if r.IsEdns0() != nil {
+		m.SetEdns0(maxUDPAnswer, false)
+	}
+	if r.Opcode != dns.OpcodeQuery {
+		m.Rcode = dns.RcodeNotImplemented
+		return m
+	}
+	if len(r.Question) != 1 {
+		m.Rcode = dns.RcodeFormatError
+		return m
+	}
+	q := r.Question[0]
+	if _, ok := p.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
+		if p.refusals.Allow() {
+			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype])
+		}
+		m.Rcode = p.opts.RefuseRcode
+		return m
+	}
+	if q.Qtype != dns.TypeA && q.Qtype != dns.TypeAAAA {
+		return m // NODATA, see Proxy
+	}
+	ans, err := p.Resolve(ctx, q.Name, q.Qtype)
+	if err != nil {
+		p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
+		m.Rcode = dns.RcodeServerFailure
+		return m
+	}
+	m.Rcode = ans.Rcode
+	m.Answer = ans.Chain.Records()
+	if len(ans.Chain.Addrs) == 0 {
+		m.Ns = ans.SOA
+	}
+	return m
+}
+
+// Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
+// ends. ready is called once every socket listens.
+func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
+	type listener struct{ network, addr string }
+	ls := []listener{{"udp4", "0.0.0.0"}, {"tcp4", "0.0.0.0"}, {"udp6", "::"}, {"tcp6", "::"}}
+	var servers []*dns.Server
+	for _, l := range ls {
+		addr := net.JoinHostPort(l.addr, strconv.Itoa(port))
+		s := &dns.Server{Net: l.network, Addr: addr, Handler: p, UDPSize: dns.MaxMsgSize, ReusePort: true}
+		var err error
+		if l.network[:3] == "udp" {
+			s.PacketConn, err = net.ListenPacket(l.network, addr)
+		} else {
+			s.Listener, err = net.Listen(l.network, addr)
+		}
+		if err != nil {
+			if l.network[3] == '6' {
+				p.log.Warn("no IPv6 listener", "addr", addr, "err", err)
+				continue
+			}
+			for _, s := range servers {
+				_ = s.Shutdown()
+			}
+			return fmt.Errorf("listen %s %s: %w", l.network, addr, err)
+		}
+		servers = append(servers, s)
+	}
+	var wg sync.WaitGroup
+	errc := make(chan error, len(servers))
+	for _, s := range servers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.ActivateAndServe(); err != nil {
+				errc <- fmt.Errorf("serve %s %s: %w", s.Net, s.Addr, err)
+			}
+		}()
+	}
+	if ready != nil {
+		ready()
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	for _, s := range servers {
+		_ = s.Shutdown()
+	}
+	wg.Wait()
+	if errors.Is(err, net.ErrClosed) {
+		err = nil
+	}
+	return err
+}

@@ -1,0 +1,106 @@
+package dnsresolve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
+)
+
+// Upstream sends queries to the configured resolvers from sockets that
+// carry egressd's firewall mark, so they are neither redirected back into
+// the proxy nor blocked by the egress rules.
+type Upstream struct {
+	servers []string
+	udp     *dns.Client
+	tcp     *dns.Client
+	// preferred is the index of the server that answered last; a failing
+	// server is skipped until the next one fails.
+	preferred atomic.Uint32
+}
+
+// NewUpstream returns an Upstream for servers; each try of one server may
+// take up to timeout.
+func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *Upstream {
+	dialer := &net.Dialer{Timeout: timeout, Control: markControl(mark)}
+	u := &Upstream{
+		udp: &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
+		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
+	}
+	for _, s := range servers {
+		u.servers = append(u.servers, s.String())
+	}
+	return u
+}
+
+func markControl(mark uint32) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+		})
+		if err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("set socket mark %#x: %w", mark, serr)
+		}
+		return nil
+	}
+}
+
+// Exchange asks the upstreams name/qtype with recursion desired, trying
+// each server in turn until one gives a usable answer (not SERVFAIL or
+// REFUSED). A truncated UDP answer is asked again over TCP.
+func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+	if len(u.servers) == 0 {
+		return nil, errors.New("no upstream resolvers")
+	}
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), qtype)
+	q.SetEdns0(dns.DefaultMsgSize, false)
+
+	start := int(u.preferred.Load())
+	var errs []error
+	for i := range u.servers {
+		idx := (start + i) % len(u.servers)
+		server := u.servers[idx]
+		resp, err := u.exchangeOne(ctx, q, server)
+		if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
+			err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", server, err))
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		u.preferred.Store(uint32(idx))
+		return resp, nil
+	}
+	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
+}
+
+func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
+	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
+	resp, _, err := u.udp.ExchangeContext(ctx, q, server)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Truncated {
+		q.Id = dns.Id()
+		resp, _, err = u.tcp.ExchangeContext(ctx, q, server)
+		if err != nil {
+			return nil, fmt.Errorf("over TCP after truncation: %w", err)
+		}
+	}
+	return resp, nil
+}

@@ -1,0 +1,173 @@
+package rules
+
+import (
+	"fmt"
+
+	"github.com/egressd/egressd/config"
+)
+
+// Chain priorities. Filter chains run at the standard filter priority, next
+// to Docker's and firewalld's; a packet leaves only if every table accepts
+// it, so egressd's verdicts add to theirs and never override a drop. The
+// DNS redirect runs at dstnat priority in prerouting (container traffic)
+// and output (the host's own traffic), before any filter chain sees the
+// packet, so filters see the proxy's address, not the resolver's.
+const (
+	priorityFilter = 0
+	priorityDstNAT = -100
+)
+
+// ICMPv6 messages the host must send to keep IPv6 working.
+var hostICMPv6 = []ICMPv6Type{
+	{"nd-router-solicit", 133},
+	{"nd-neighbor-solicit", 135},
+	{"nd-neighbor-advert", 136},
+	{"mld2-listener-report", 143},
+}
+
+// Build returns the ruleset for cfg.
+func Build(cfg *config.Config) *Ruleset {
+	fw := cfg.Firewall
+	proxy := uint16(cfg.DNS.ListenPort)
+	ports := make([]uint16, len(cfg.Allow.Ports))
+	for i, p := range cfg.Allow.Ports {
+		ports[i] = uint16(p)
+	}
+
+	rs := &Ruleset{Sets: []Set{
+		{Name: SetAllow4, Type: IPv4Addr, Timeout: true, Comment: "IPv4 addresses answered by the DNS proxy, each with its own timeout"},
+		{Name: SetAllow6, Type: IPv6Addr, Timeout: true, Comment: "IPv6 addresses answered by the DNS proxy, each with its own timeout"},
+		{Name: SetPorts, Type: InetService, Ports: ports, Comment: "TCP ports allowed to those addresses (allow.ports)"},
+	}}
+
+	// egress decides about a new outbound connection; containers and the
+	// host share it so they follow exactly the same rules.
+	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
+		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
+		{Comment: "DNS over TLS would bypass the proxy", Stmts: []Stmt{Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true)}},
+		{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: SetAllow4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
+		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
+	}}
+	for _, st := range cfg.Allow.Static {
+		comment := "allow.cidrs " + st.Prefix.String()
+		if len(st.Ports) == 0 {
+			egress.Rules = append(egress.Rules, Rule{Comment: comment,
+				Stmts: []Stmt{DaddrPrefix(st.Prefix), Ports{Proto: TCP, DportSet: SetPorts}, Accept}})
+			continue
+		}
+		for _, p := range st.Ports {
+			egress.Rules = append(egress.Rules, Rule{Comment: comment,
+				Stmts: []Stmt{DaddrPrefix(st.Prefix), Ports{Proto: TCP, Dport: uint16(p)}, Accept}})
+			comment = ""
+		}
+	}
+	if fw.Action == "drop" {
+		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: []Stmt{Drop}})
+	} else {
+		egress.Rules = append(egress.Rules,
+			Rule{Comment: "everything else: TCP reset, ICMP administratively prohibited, so clients fail fast",
+				Stmts: []Stmt{L4Proto(TCP), RejectTCP{}}},
+			Rule{Stmts: []Stmt{RejectAdmin{}}})
+	}
+
+	fromContainers := func(comment string, target string) []Rule {
+		var rs []Rule
+		for _, c := range fw.Containers {
+			rs = append(rs, Rule{Comment: comment, Stmts: []Stmt{IfName{Pattern: c}, Jump(target)}})
+			comment = ""
+		}
+		return rs
+	}
+
+	containerEgress := Chain{Name: "container_egress", Comment: "traffic routed out of container bridges"}
+	for i, c := range fw.Containers {
+		r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Return}}
+		if i == 0 {
+			r.Comment = "traffic between container networks stays on the host"
+		}
+		containerEgress.Rules = append(containerEgress.Rules, r)
+	}
+	containerEgress.Rules = append(containerEgress.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
+
+	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
+		Comment: "containers: inbound and published ports are not touched",
+		Rules:   fromContainers("", "container_egress")}
+
+	proxyIn := Chain{Name: "dns_proxy_in", Comment: "the proxy answers the host and containers only, never the outside",
+		Rules: []Rule{{Stmts: []Stmt{IfName{Pattern: "lo"}, Accept}}}}
+	for _, c := range fw.Containers {
+		proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{IfName{Pattern: c}, Accept}})
+	}
+	proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{Drop}})
+	input := Chain{Name: "input", Hook: &Hook{"filter", "input", priorityFilter},
+		Comment: "only the proxy port is filtered on input",
+		Rules: []Rule{
+			{Stmts: []Stmt{Ports{Proto: UDP, Dport: proxy}, Jump("dns_proxy_in")}},
+			{Stmts: []Stmt{Ports{Proto: TCP, Dport: proxy}, Jump("dns_proxy_in")}},
+		}}
+
+	dnsRedirect := Chain{Name: "dns_redirect", Comment: "all DNS goes to the proxy, whatever resolver it was sent to",
+		Rules: []Rule{
+			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
+			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}},
+		}}
+	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityDstNAT},
+		Rules: fromContainers("", "dns_redirect")}
+
+	rs.Chains = []Chain{egress, containerEgress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
+
+	if fw.Host {
+		mark := Mark(fw.Mark)
+		output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
+			Comment: "the host's own traffic",
+			Rules: []Rule{
+				{Comment: "egressd's own upstream queries", Stmts: []Stmt{mark, Accept}},
+				{Comment: "local traffic, and DNS redirected to the proxy", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+			}}
+		for i, c := range fw.Containers {
+			r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}
+			if i == 0 {
+				r.Comment = "the host talking to its containers"
+			}
+			output.Rules = append(output.Rules, r)
+		}
+		output.Rules = append(output.Rules,
+			Rule{Comment: "DHCP and DHCPv6 clients", Stmts: []Stmt{Ports{Proto: UDP, Sport: 68, Dport: 67}, Accept}},
+			Rule{Stmts: []Stmt{Ports{Proto: UDP, Sport: 546, Dport: 547}, Accept}})
+		for i, t := range hostICMPv6 {
+			r := Rule{Stmts: []Stmt{t, Accept}}
+			if i == 0 {
+				r.Comment = "IPv6 neighbour discovery"
+			}
+			output.Rules = append(output.Rules, r)
+		}
+		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
+		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityDstNAT},
+			Rules: []Rule{
+				{Comment: "egressd's own upstream queries are not redirected", Stmts: []Stmt{mark, Return}},
+				{Stmts: []Stmt{Jump("dns_redirect")}},
+			}}
+		rs.Chains = append(rs.Chains, output, dnsOutput)
+	}
+	return rs
+}
+
+func reject(action string, tcp bool) Stmt {
+	switch {
+	case action == "drop":
+		return Drop
+	case tcp:
+		return RejectTCP{}
+	default:
+		return RejectAdmin{}
+	}
+}
+
+// Summary is a one-line description for humans.
+func (rs *Ruleset) Summary() string {
+	rules := 0
+	for _, c := range rs.Chains {
+		rules += len(c.Rules)
+	}
+	return fmt.Sprintf("table inet %s: %d sets, %d chains, %d rules", TableName, len(rs.Sets), len(rs.Chains), rules)
+}

@@ -1,0 +1,360 @@
+package rules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Element is a learned address and the moment it stops being allowed.
+type Element struct {
+	Addr    netip.Addr
+	Expires time.Time
+}
+
+// Firewall installs a Ruleset over netlink and keeps the learned-address
+// sets. It is safe for concurrent use.
+//
+// Every change is one netlink transaction: Install replaces the whole table
+// (add, delete, add, fill: there is never a moment without the table), and
+// Allow adds the elements of many concurrent callers in one batch (group
+// commit), each caller released once the kernel acknowledged that batch.
+//
+// Firewall remembers when each learned address expires, so that an answer
+// never shortens an address's life and an Install keeps every address that
+// is still valid.
+type Firewall struct {
+	conn *nftables.Conn
+	now  func() time.Time
+
+	// sem serialises transactions; a channel so that waiting honours ctx.
+	sem chan struct{}
+
+	mu      sync.Mutex
+	rs      *Ruleset
+	sets    map[string]*nftables.Set
+	learned map[netip.Addr]time.Time
+	queue   []*request
+}
+
+type request struct {
+	addrs []netip.Addr
+	until time.Time
+	done  chan error
+}
+
+// NewFirewall returns a Firewall that talks to the kernel through a new
+// nftables connection made with opts.
+func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
+	conn, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("nftables: %w", err)
+	}
+	return &Firewall{
+		conn:    conn,
+		now:     time.Now,
+		sem:     make(chan struct{}, 1),
+		learned: map[netip.Addr]time.Time{},
+	}, nil
+}
+
+func table() *nftables.Table {
+	return &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
+}
+
+// Install replaces table inet egressd with rs in one transaction. The
+// learned sets are refilled with every element that is still valid: those
+// the kernel holds now, those this Firewall learned, and keep (addresses
+// from a state file).
+func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element) error {
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	defer f.release()
+
+	now := f.now()
+	kernel, err := f.kernelElements()
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	merged := maps.Clone(f.learned)
+	f.mu.Unlock()
+	for _, e := range slices.Concat(kernel, keep) {
+		if e.Expires.After(merged[e.Addr]) {
+			merged[e.Addr] = e.Expires
+		}
+	}
+	for a, exp := range merged {
+		if !exp.After(now.Add(time.Millisecond)) {
+			delete(merged, a)
+		}
+	}
+
+	c := f.conn
+	t := c.AddTable(table())
+	c.DelTable(t)
+	t = c.AddTable(table())
+	sets := map[string]*nftables.Set{}
+	for _, s := range rs.Sets {
+		ns := &nftables.Set{Table: t, Name: s.Name, HasTimeout: s.Timeout, Comment: s.Comment}
+		var elems []nftables.SetElement
+		switch s.Type {
+		case IPv4Addr:
+			ns.KeyType = nftables.TypeIPAddr
+			elems = setElements(merged, false, now)
+		case IPv6Addr:
+			ns.KeyType = nftables.TypeIP6Addr
+			elems = setElements(merged, true, now)
+		case InetService:
+			ns.KeyType = nftables.TypeInetService
+			ns.Constant = true
+			for _, p := range s.Ports {
+				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
+			}
+		}
+		if err := c.AddSet(ns, elems); err != nil {
+			return fmt.Errorf("install set %s: %w", s.Name, err)
+		}
+		sets[s.Name] = ns
+	}
+	chains := map[string]*nftables.Chain{}
+	for _, ch := range rs.Chains {
+		nc := &nftables.Chain{Table: t, Name: ch.Name}
+		if h := ch.Hook; h != nil {
+			nc.Type = nftables.ChainType(h.Type)
+			nc.Hooknum = hookNum(h.Hook)
+			nc.Priority = nftables.ChainPriorityRef(nftables.ChainPriority(h.Priority))
+			accept := nftables.ChainPolicyAccept
+			nc.Policy = &accept
+		}
+		chains[ch.Name] = c.AddChain(nc)
+	}
+	for _, ch := range rs.Chains {
+		for _, r := range ch.Rules {
+			var exprs = r.exprs(sets)
+			c.AddRule(&nftables.Rule{Table: t, Chain: chains[ch.Name], Exprs: exprs})
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("install table inet %s: %w", TableName, err)
+	}
+	f.mu.Lock()
+	f.rs, f.sets, f.learned = rs, sets, merged
+	f.mu.Unlock()
+	return nil
+}
+
+func (r Rule) exprs(sets map[string]*nftables.Set) []expr.Any {
+	var e []expr.Any
+	for _, s := range r.Stmts {
+		e = append(e, s.exprs(sets)...)
+	}
+	return e
+}
+
+func hookNum(name string) *nftables.ChainHook {
+	switch name {
+	case "prerouting":
+		return nftables.ChainHookPrerouting
+	case "input":
+		return nftables.ChainHookInput
+	case "forward":
+		return nftables.ChainHookForward
+	case "output":
+		return nftables.ChainHookOutput
+	}
+	panic("rules: unknown hook " + name)
+}
+
+func setElements(m map[netip.Addr]time.Time, v6 bool, now time.Time) []nftables.SetElement {
+	var elems []nftables.SetElement
+	for a, exp := range m {
+		if a.Is6() != v6 {
+			continue
+		}
+		elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(exp, now)})
+	}
+	return elems
+}
+
+// timeout is the kernel timeout that ends at exp, rounded up to the
+// millisecond the kernel counts in.
+func timeout(exp, now time.Time) time.Duration {
+	d := exp.Sub(now)
+	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
+}
+
+// kernelElements reads the learned sets of the installed table. A missing
+// table or set is not an error: there is nothing to keep.
+func (f *Firewall) kernelElements() ([]Element, error) {
+	now := f.now()
+	var out []Element
+	for _, name := range []string{SetAllow4, SetAllow6} {
+		s, err := f.conn.GetSetByName(table(), name)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			return nil, fmt.Errorf("read set %s: %w", name, err)
+		}
+		elems, err := f.conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("read set %s: %w", name, err)
+		}
+		for _, e := range elems {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok || e.Expires <= 0 {
+				continue
+			}
+			out = append(out, Element{Addr: a, Expires: now.Add(e.Expires)})
+		}
+	}
+	return out, nil
+}
+
+// Allow makes addrs reachable until at least until and returns once the
+// kernel acknowledged it. An address whose current life already ends later
+// is left alone: lives are extended, never shortened. Concurrent calls are
+// committed together in one batch.
+func (f *Firewall) Allow(ctx context.Context, addrs []netip.Addr, until time.Time) error {
+	if len(addrs) == 0 {
+		return nil
+	}
+	req := &request{addrs: addrs, until: until, done: make(chan error, 1)}
+	f.mu.Lock()
+	f.queue = append(f.queue, req)
+	f.mu.Unlock()
+
+	if err := f.acquire(ctx); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	batch := f.queue
+	f.queue = nil
+	f.mu.Unlock()
+	if len(batch) > 0 {
+		err := f.commit(batch)
+		for _, r := range batch {
+			r.done <- err
+		}
+	}
+	f.release()
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// commit sends one batch; the caller holds sem.
+func (f *Firewall) commit(batch []*request) error {
+	now := f.now()
+	f.mu.Lock()
+	sets := f.sets
+	want := map[netip.Addr]time.Time{}
+	for _, r := range batch {
+		for _, a := range r.addrs {
+			if r.until.After(f.learned[a]) && r.until.After(want[a]) {
+				want[a] = r.until
+			}
+		}
+	}
+	f.mu.Unlock()
+	if len(want) == 0 {
+		return nil
+	}
+	if sets == nil {
+		return errors.New("add learned addresses: ruleset not installed")
+	}
+	if v4 := setElements(want, false, now); len(v4) > 0 {
+		if err := f.conn.SetAddElements(sets[SetAllow4], v4); err != nil {
+			return fmt.Errorf("add to set %s: %w", SetAllow4, err)
+		}
+	}
+	if v6 := setElements(want, true, now); len(v6) > 0 {
+		if err := f.conn.SetAddElements(sets[SetAllow6], v6); err != nil {
+			return fmt.Errorf("add to set %s: %w", SetAllow6, err)
+		}
+	}
+	if err := f.conn.Flush(); err != nil {
+		return fmt.Errorf("add learned addresses: %w", err)
+	}
+	f.mu.Lock()
+	for a, exp := range want {
+		if exp.After(f.learned[a]) {
+			f.learned[a] = exp
+		}
+	}
+	f.mu.Unlock()
+	return nil
+}
+
+// Learned returns the addresses still allowed, with their expiry.
+func (f *Firewall) Learned() []Element {
+	now := f.now()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]Element, 0, len(f.learned))
+	for a, exp := range f.learned {
+		if exp.After(now) {
+			out = append(out, Element{Addr: a, Expires: exp})
+		} else {
+			delete(f.learned, a)
+		}
+	}
+	slices.SortFunc(out, func(x, y Element) int { return x.Addr.Compare(y.Addr) })
+	return out
+}
+
+// Expires returns when addr stops being allowed, if it is.
+func (f *Firewall) Expires(addr netip.Addr) (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	exp, ok := f.learned[addr]
+	return exp, ok && exp.After(f.now())
+}
+
+// Remove deletes table inet egressd. It reports whether the table existed.
+func (f *Firewall) Remove(ctx context.Context) (bool, error) {
+	if err := f.acquire(ctx); err != nil {
+		return false, err
+	}
+	defer f.release()
+	if _, err := f.conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, fmt.Errorf("look up table inet %s: %w", TableName, err)
+	}
+	f.conn.DelTable(table())
+	if err := f.conn.Flush(); err != nil {
+		return false, fmt.Errorf("delete table inet %s: %w", TableName, err)
+	}
+	f.mu.Lock()
+	f.rs, f.sets = nil, nil
+	f.mu.Unlock()
+	return true, nil
+}
+
+func (f *Firewall) acquire(ctx context.Context) error {
+	select {
+	case f.sem <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (f *Firewall) release() { <-f.sem }

@@ -1,0 +1,382 @@
+// Package rules holds egressd's ruleset: a typed model built from the
+// configuration, rendered two ways from the same values: as nft text
+// (Ruleset.Text, for `egressd print`) and as one netlink transaction
+// (Firewall.Install, for `egressd apply` and the daemon). Because both
+// renderings walk the same statements, the dry run cannot disagree with
+// what is installed.
+package rules
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// TableName is the one nftables table egressd owns (family inet).
+const TableName = "egressd"
+
+// Names of the sets that hold learned addresses.
+const (
+	SetAllow4 = "allow4"
+	SetAllow6 = "allow6"
+	SetPorts  = "ports"
+)
+
+// Ruleset is the whole content of table inet egressd.
+type Ruleset struct {
+	Sets   []Set
+	Chains []Chain
+}
+
+// SetType is the key type of a set.
+type SetType int
+
+// Set key types.
+const (
+	IPv4Addr SetType = iota
+	IPv6Addr
+	InetService
+)
+
+// Set is a named set. Learned-address sets have Timeout; their elements
+// are not part of the model but of the Firewall's state.
+type Set struct {
+	Name    string
+	Comment string
+	Type    SetType
+	Timeout bool
+	Ports   []uint16 // constant elements of an InetService set
+}
+
+// Hook makes a chain a base chain.
+type Hook struct {
+	Type     string // "filter" or "nat"
+	Hook     string // "prerouting", "input", "forward", "output"
+	Priority int
+}
+
+// Chain is a base chain (Hook set) or a regular chain.
+type Chain struct {
+	Name    string
+	Comment string
+	Hook    *Hook
+	Rules   []Rule
+}
+
+// Rule is a list of statements; the last one is normally a verdict.
+type Rule struct {
+	Comment string
+	Stmts   []Stmt
+}
+
+// Stmt is one statement of a rule: it renders itself as nft text and as
+// the netlink expressions nft would generate for that text.
+type Stmt interface {
+	text() string
+	exprs(sets map[string]*nftables.Set) []expr.Any
+}
+
+// Text renders the statements of r as nft prints them.
+func (r Rule) Text() string {
+	parts := make([]string, len(r.Stmts))
+	for i, s := range r.Stmts {
+		parts[i] = s.text()
+	}
+	return strings.Join(parts, " ")
+}
+
+// IfName matches the input (or output) interface name; a trailing "*"
+// matches a prefix.
+type IfName struct {
+	Out     bool
+	Pattern string
+}
+
+func (s IfName) text() string {
+	if s.Out {
+		return fmt.Sprintf("oifname %q", s.Pattern)
+	}
+	return fmt.Sprintf("iifname %q", s.Pattern)
+}
+
+func (s IfName) exprs(map[string]*nftables.Set) []expr.Any {
+	key := expr.MetaKeyIIFNAME
+	if s.Out {
+		key = expr.MetaKeyOIFNAME
+	}
+	var data []byte
+	if prefix, ok := strings.CutSuffix(s.Pattern, "*"); ok {
+		data = []byte(prefix)
+	} else {
+		// Exact names are compared NUL-padded to IFNAMSIZ, as nft does.
+		data = make([]byte, unix.IFNAMSIZ)
+		copy(data, s.Pattern)
+	}
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: data},
+	}
+}
+
+// Established matches packets of known connections.
+type Established struct{}
+
+func (Established) text() string { return "ct state established,related" }
+
+func (Established) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
+// Mark matches the packet mark exactly.
+type Mark uint32
+
+func (s Mark) text() string { return fmt.Sprintf("meta mark 0x%08x", uint32(s)) }
+
+func (s Mark) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(uint32(s))},
+	}
+}
+
+// Proto is a transport protocol.
+type Proto uint8
+
+// Transport protocols.
+const (
+	TCP    Proto = unix.IPPROTO_TCP
+	UDP    Proto = unix.IPPROTO_UDP
+	ICMPv6 Proto = unix.IPPROTO_ICMPV6
+)
+
+func (p Proto) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	case ICMPv6:
+		return "icmpv6"
+	}
+	return fmt.Sprint(uint8(p))
+}
+
+func (p Proto) match() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(p)}},
+	}
+}
+
+// L4Proto matches the transport protocol alone.
+type L4Proto Proto
+
+func (s L4Proto) text() string { return "meta l4proto " + Proto(s).String() }
+
+func (s L4Proto) exprs(map[string]*nftables.Set) []expr.Any { return Proto(s).match() }
+
+// Ports matches TCP or UDP ports: a source port, a destination port, or the
+// destination port in a named set. Zero values are not matched.
+type Ports struct {
+	Proto    Proto
+	Sport    uint16
+	Dport    uint16
+	DportSet string
+}
+
+func (s Ports) text() string {
+	var parts []string
+	if s.Sport != 0 {
+		parts = append(parts, fmt.Sprintf("%s sport %d", s.Proto, s.Sport))
+	}
+	if s.Dport != 0 {
+		parts = append(parts, fmt.Sprintf("%s dport %d", s.Proto, s.Dport))
+	}
+	if s.DportSet != "" {
+		parts = append(parts, fmt.Sprintf("%s dport @%s", s.Proto, s.DportSet))
+	}
+	return strings.Join(parts, " ")
+}
+
+func (s Ports) exprs(sets map[string]*nftables.Set) []expr.Any {
+	e := s.Proto.match()
+	load := func(offset uint32) {
+		e = append(e, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: offset, Len: 2})
+	}
+	if s.Sport != 0 {
+		load(0)
+		e = append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Sport)})
+	}
+	if s.Dport != 0 {
+		load(2)
+		e = append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Dport)})
+	}
+	if s.DportSet != "" {
+		load(2)
+		e = append(e, lookup(sets, s.DportSet))
+	}
+	return e
+}
+
+// ICMPv6Type matches one ICMPv6 message type.
+type ICMPv6Type struct {
+	Name string
+	Type uint8
+}
+
+func (s ICMPv6Type) text() string { return "icmpv6 type " + s.Name }
+
+func (s ICMPv6Type) exprs(map[string]*nftables.Set) []expr.Any {
+	return append(ICMPv6.match(),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{s.Type}})
+}
+
+// DaddrSet matches the destination address against a named address set.
+type DaddrSet struct {
+	V6  bool
+	Set string
+}
+
+func (s DaddrSet) text() string {
+	if s.V6 {
+		return "ip6 daddr @" + s.Set
+	}
+	return "ip daddr @" + s.Set
+}
+
+func (s DaddrSet) exprs(sets map[string]*nftables.Set) []expr.Any {
+	return append(daddr(s.V6), lookup(sets, s.Set))
+}
+
+// DaddrPrefix matches the destination address against one prefix.
+type DaddrPrefix netip.Prefix
+
+func (s DaddrPrefix) text() string {
+	p := netip.Prefix(s)
+	family := "ip"
+	if p.Addr().Is6() {
+		family = "ip6"
+	}
+	if p.IsSingleIP() {
+		return fmt.Sprintf("%s daddr %s", family, p.Addr())
+	}
+	return fmt.Sprintf("%s daddr %s", family, p)
+}
+
+func (s DaddrPrefix) exprs(map[string]*nftables.Set) []expr.Any {
+	p := netip.Prefix(s)
+	e := daddr(p.Addr().Is6())
+	addr := p.Addr().AsSlice()
+	if !p.IsSingleIP() {
+		mask := netipMask(p)
+		e = append(e, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)),
+			Mask: mask, Xor: make([]byte, len(addr))})
+	}
+	return append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr})
+}
+
+func netipMask(p netip.Prefix) []byte {
+	mask := make([]byte, p.Addr().BitLen()/8)
+	for i := 0; i < p.Bits(); i++ {
+		mask[i/8] |= 0x80 >> (i % 8)
+	}
+	return mask
+}
+
+// daddr loads the destination address of the given family into register 1.
+func daddr(v6 bool) []expr.Any {
+	proto, offset, length := byte(unix.NFPROTO_IPV4), uint32(16), uint32(4)
+	if v6 {
+		proto, offset, length = unix.NFPROTO_IPV6, 24, 16
+	}
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: length},
+	}
+}
+
+func lookup(sets map[string]*nftables.Set, name string) expr.Any {
+	s, ok := sets[name]
+	if !ok {
+		// The ruleset is built by Build, which always declares its sets.
+		panic("rules: lookup of undeclared set " + name)
+	}
+	return &expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID}
+}
+
+// Verdict ends rule evaluation.
+type Verdict struct {
+	Kind  expr.VerdictKind
+	Chain string // for jumps
+}
+
+// Verdicts.
+var (
+	Accept = Verdict{Kind: expr.VerdictAccept}
+	Drop   = Verdict{Kind: expr.VerdictDrop}
+	Return = Verdict{Kind: expr.VerdictReturn}
+)
+
+// Jump returns a jump to chain.
+func Jump(chain string) Verdict { return Verdict{Kind: expr.VerdictJump, Chain: chain} }
+
+func (v Verdict) text() string {
+	switch v.Kind {
+	case expr.VerdictAccept:
+		return "accept"
+	case expr.VerdictDrop:
+		return "drop"
+	case expr.VerdictReturn:
+		return "return"
+	case expr.VerdictJump:
+		return "jump " + v.Chain
+	}
+	return fmt.Sprintf("verdict %d", v.Kind)
+}
+
+func (v Verdict) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Verdict{Kind: v.Kind, Chain: v.Chain}}
+}
+
+// RejectTCP answers with a TCP reset; the rule must match TCP.
+type RejectTCP struct{}
+
+func (RejectTCP) text() string { return "reject with tcp reset" }
+
+func (RejectTCP) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}}
+}
+
+// RejectAdmin answers with ICMP / ICMPv6 "administratively prohibited".
+type RejectAdmin struct{}
+
+func (RejectAdmin) text() string { return "reject with icmpx admin-prohibited" }
+
+func (RejectAdmin) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}}
+}
+
+// Redirect sends the packet to a local port.
+type Redirect uint16
+
+func (s Redirect) text() string { return fmt.Sprintf("redirect to :%d", uint16(s)) }
+
+func (s Redirect) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(uint16(s))},
+		&expr.Redir{RegisterProtoMin: 1},
+	}
+}
