@@ -92,6 +92,7 @@ type Answer struct {
 // addresses and opens the remaining ones in the firewall. It returns an
 // error if the upstream failed or the firewall did not confirm in time.
 func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer, error) {
+	name = dns.Fqdn(name)
 	ans := &Answer{}
 	target := name
 	for hop := 0; ; hop++ {
