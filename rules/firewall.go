@@ -107,18 +107,14 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element) err
 	t = c.AddTable(table())
 	sets := map[string]*nftables.Set{}
 	for _, s := range rs.Sets {
-		ns := &nftables.Set{Table: t, Name: s.Name, HasTimeout: s.Timeout, Comment: s.Comment}
+		ns := nftSet(t, s)
 		var elems []nftables.SetElement
 		switch s.Type {
 		case IPv4Addr:
-			ns.KeyType = nftables.TypeIPAddr
 			elems = setElements(merged, false, now)
 		case IPv6Addr:
-			ns.KeyType = nftables.TypeIP6Addr
 			elems = setElements(merged, true, now)
 		case InetService:
-			ns.KeyType = nftables.TypeInetService
-			ns.Constant = true
 			for _, p := range s.Ports {
 				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
 			}
@@ -161,6 +157,21 @@ func (r Rule) exprs(sets map[string]*nftables.Set) []expr.Any {
 		e = append(e, s.exprs(sets)...)
 	}
 	return e
+}
+
+// nftSet declares s in table t.
+func nftSet(t *nftables.Table, s Set) *nftables.Set {
+	ns := &nftables.Set{Table: t, Name: s.Name, HasTimeout: s.Timeout, Comment: s.Comment}
+	switch s.Type {
+	case IPv4Addr:
+		ns.KeyType = nftables.TypeIPAddr
+	case IPv6Addr:
+		ns.KeyType = nftables.TypeIP6Addr
+	case InetService:
+		ns.KeyType = nftables.TypeInetService
+		ns.Constant = true
+	}
+	return ns
 }
 
 func hookNum(name string) *nftables.ChainHook {

@@ -1,0 +1,177 @@
+package rules
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/nftables"
+
+	"github.com/egressd/egressd/config"
+)
+
+func loadConfig(t *testing.T, yaml string) *config.Config {
+	t.Helper()
+	path := ""
+	if yaml != "" {
+		path = filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := config.Load(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func chainText(rs *Ruleset, name string) []string {
+	for _, c := range rs.Chains {
+		if c.Name == name {
+			var out []string
+			for _, r := range c.Rules {
+				out = append(out, r.Text())
+			}
+			return out
+		}
+	}
+	return nil
+}
+
+func TestBuild(t *testing.T) {
+	tests := []struct {
+		name  string
+		yaml  string
+		chain string
+		want  []string // rules that must be present, in this order
+		never []string // substrings no rule of the chain may have
+	}{
+		{
+			name:  "default egress rejects",
+			chain: "egress",
+			want: []string{
+				"ct state established,related accept",
+				"tcp dport 853 reject with tcp reset",
+				"ip daddr @allow4 tcp dport @ports accept",
+				"ip6 daddr @allow6 tcp dport @ports accept",
+				"meta l4proto tcp reject with tcp reset",
+				"reject with icmpx admin-prohibited",
+			},
+		},
+		{
+			name:  "drop action",
+			yaml:  "firewall:\n  action: drop\n",
+			chain: "egress",
+			want:  []string{"tcp dport 853 drop", "drop"},
+			never: []string{"reject"},
+		},
+		{
+			name:  "static cidrs with and without ports",
+			yaml:  "allow:\n  cidrs: [\"203.0.113.0/24\", \"2001:db8::1 80,8443\"]\n",
+			chain: "egress",
+			want: []string{
+				"ip daddr 203.0.113.0/24 tcp dport @ports accept",
+				"ip6 daddr 2001:db8::1 tcp dport 80 accept",
+				"ip6 daddr 2001:db8::1 tcp dport 8443 accept",
+			},
+		},
+		{
+			name:  "every container pattern is sent to container_egress",
+			yaml:  "firewall:\n  containers: [docker0, \"br-*\", cni0]\n",
+			chain: "forward",
+			want:  []string{`iifname "docker0" jump container_egress`, `iifname "br-*" jump container_egress`, `iifname "cni0" jump container_egress`},
+		},
+		{
+			name:  "container DNS is redirected",
+			chain: "dns_prerouting",
+			want:  []string{`iifname "docker0" jump dns_redirect`, `iifname "br-*" jump dns_redirect`},
+		},
+		{
+			name:  "redirect to the proxy port, UDP and TCP",
+			yaml:  "dns:\n  listen_port: 5300\n",
+			chain: "dns_redirect",
+			want:  []string{"udp dport 53 redirect to :5300", "tcp dport 53 redirect to :5300"},
+		},
+		{
+			name:  "proxy is closed to the outside",
+			chain: "dns_proxy_in",
+			want:  []string{`iifname "lo" accept`, `iifname "docker0" accept`, `iifname "br-*" accept`, "drop"},
+		},
+		{
+			name:  "host output: own queries, loopback, DHCP, ND, then egress",
+			yaml:  "firewall:\n  mark: 0x42\n",
+			chain: "output",
+			want: []string{"meta mark 0x00000042 accept", `oifname "lo" accept`, "udp sport 68 udp dport 67 accept",
+				"icmpv6 type nd-neighbor-solicit accept", "jump egress"},
+		},
+		{
+			name:  "host DNS redirect exempts egressd's mark",
+			chain: "dns_output",
+			want:  []string{"meta mark 0x00001e55 return", "jump dns_redirect"},
+		},
+		{
+			name:  "host not filtered",
+			yaml:  "firewall:\n  host: false\n",
+			chain: "output",
+			want:  nil,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs := Build(loadConfig(t, tt.yaml))
+			got := chainText(rs, tt.chain)
+			if tt.want == nil && got != nil {
+				t.Fatalf("chain %s exists: %v", tt.chain, got)
+			}
+			i := 0
+			for _, r := range got {
+				if i < len(tt.want) && r == tt.want[i] {
+					i++
+				}
+				for _, n := range tt.never {
+					if strings.Contains(r, n) {
+						t.Errorf("rule %q contains %q", r, n)
+					}
+				}
+			}
+			if i < len(tt.want) {
+				t.Errorf("chain %s lacks %q (in order); has:\n%s", tt.chain, tt.want[i], strings.Join(got, "\n"))
+			}
+		})
+	}
+}
+
+func TestTextPorts(t *testing.T) {
+	txt := Build(loadConfig(t, "allow:\n  ports: [443, 8443]\n")).Text()
+	if !strings.Contains(txt, "elements = { 443, 8443 }") {
+		t.Errorf("ports set missing:\n%s", txt)
+	}
+	// The script replaces only egressd's table.
+	if !strings.Contains(txt, "table inet egressd\ndelete table inet egressd\n") || strings.Contains(txt, "flush ruleset") {
+		t.Errorf("script does not replace exactly table inet egressd:\n%s", txt)
+	}
+}
+
+// Every statement renders netlink expressions; a set lookup refers to a
+// declared set.
+func TestExprsReferToDeclaredSets(t *testing.T) {
+	rs := Build(loadConfig(t, "allow:\n  cidrs: [\"203.0.113.0/24 80\"]\n"))
+	sets := declaredSets(rs)
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			if len(r.exprs(sets)) == 0 {
+				t.Errorf("rule %q has no expressions", r.Text())
+			}
+		}
+	}
+}
+
+func declaredSets(rs *Ruleset) map[string]*nftables.Set {
+	sets := map[string]*nftables.Set{}
+	for _, s := range rs.Sets {
+		sets[s.Name] = nftSet(table(), s)
+	}
+	return sets
+}
