@@ -34,20 +34,20 @@ func nsRole(l *Lab, ns string) string {
 }
 
 // listing returns `nft list table inet egressd` without the volatile
-// "expires" of learned elements.
+// "timeout" and "expires" of learned elements: they count down.
 func (l *Lab) listing() string {
 	l.t.Helper()
 	return withoutExpiry(l.in(l.Host, "nft list table inet egressd"))
 }
 
-// ruleset returns `nft list ruleset` of the host without "expires".
+// ruleset returns `nft list ruleset` of the host without element timeouts.
 func (l *Lab) ruleset() string {
 	l.t.Helper()
 	return withoutExpiry(l.in(l.Host, "nft list ruleset"))
 }
 
 func withoutExpiry(s string) string {
-	return regexp.MustCompile(` expires [0-9hms]+`).ReplaceAllString(s, "")
+	return regexp.MustCompile(` (timeout|expires) [0-9dhms]+`).ReplaceAllString(s, "")
 }
 
 func TestApplyOpensPinnedNameOnly(t *testing.T) {
