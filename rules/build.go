@@ -122,7 +122,8 @@ func Build(cfg *config.Config) *Ruleset {
 			Comment: "the host's own traffic",
 			Rules: []Rule{
 				{Comment: "egressd's own upstream queries", Stmts: []Stmt{mark, Accept}},
-				{Comment: "local traffic, and DNS redirected to the proxy", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+				{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+				{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
 			}}
 		for i, c := range fw.Containers {
 			r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}

@@ -380,3 +380,18 @@ func (s Redirect) exprs(map[string]*nftables.Set) []expr.Any {
 		&expr.Redir{RegisterProtoMin: 1},
 	}
 }
+
+// LocalDaddr matches packets to an address of the host itself. In the
+// output hook it also matches DNS that the nat output chain redirected to
+// the proxy: the hook still reports the original output interface then, so
+// `oifname "lo"` would not.
+type LocalDaddr struct{}
+
+func (LocalDaddr) text() string { return "fib daddr type local" }
+
+func (LocalDaddr) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+	}
+}

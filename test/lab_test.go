@@ -15,6 +15,7 @@ package test
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -101,6 +102,9 @@ func newLab(t *testing.T) *Lab {
 	t.Cleanup(l.close)
 	for _, ns := range []string{l.Inet, l.Host, l.Ctr} {
 		l.sh("ip netns add " + ns)
+		// No duplicate address detection: it keeps link-local addresses
+		// tentative for a second or two, stalling the first IPv6 packets.
+		l.in(ns, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
 		l.in(ns, "ip link set lo up")
 	}
 	inet, host, ctr := l.Inet, l.Host, l.Ctr
@@ -138,7 +142,7 @@ func newLab(t *testing.T) *Lab {
 	l.in(ctr, "ip route add default via 172.30.0.1")
 	l.in(ctr, "ip -6 route add default via fd00:30::1")
 
-	for _, a := range []string{"0.0.0.0:443", "0.0.0.0:80", "[::]:443", "[::]:80"} {
+	for _, a := range []string{"0.0.0.0:443", "0.0.0.0:80", "0.0.0.0:853", "[::]:443", "[::]:80"} {
 		l.listen(inet, a)
 	}
 	l.startNSD()
@@ -204,7 +208,7 @@ func inNS(ns string, f func() error) error {
 	return ferr
 }
 
-// listen accepts TCP connections on addr in ns and closes them at once.
+// listen accepts TCP connections on addr in ns and echoes what it reads.
 func (l *Lab) listen(ns, addr string) {
 	l.t.Helper()
 	var ln net.Listener
@@ -226,7 +230,10 @@ func (l *Lab) listen(ns, addr string) {
 			if err != nil {
 				return
 			}
-			c.Close()
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
 		}
 	}()
 }
