@@ -65,7 +65,7 @@ func TestApplyOpensPinnedNameOnly(t *testing.T) {
 		t.Errorf("apply summary does not report the pinned name:\n%s", out)
 	}
 	for _, ns := range []string{l.Ctr, l.Host} {
-		l.mustReach(ns, "203.0.113.30:443")   // pinned
+		l.mustReach(ns, "203.0.113.30:443")    // pinned
 		l.mustNotReach(ns, "203.0.113.31:443") // another address
 		l.mustNotReach(ns, "203.0.113.30:80")  // pinned address, other port
 		l.mustNotReach(ns, "[2001:db8:100::10]:443")

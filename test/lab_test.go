@@ -478,4 +478,3 @@ https 300 HTTPS 1 . ipv4hint=203.0.113.40
 		"example.com":                 "www A 203.0.113.50\nevil TXT \"exfiltrate\"\n",
 	}
 }
-
