@@ -1,5 +1,5 @@
 // Package agent runs egressd: it installs the ruleset, serves the DNS
-// proxy, keeps pinned names open, persists learned addresses and repairs
+// proxy, keeps pinned names open, persists learned addresses, and repairs
 // the ruleset when someone else changes it.
 package agent
 
@@ -21,9 +21,9 @@ import (
 
 // Apply installs the ruleset of cfg, keeping valid learned addresses (from
 // the kernel and the state file), and opens the pinned names. It returns a
-// summary for humans.
+// summary for humans. If a pinned name cannot be opened, the ruleset stays
+// installed (closed) and Apply returns an error.
 func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, error) {
-	rs := rules.Build(cfg)
 	ups, err := upstreams(cfg)
 	if err != nil && len(cfg.Allow.Names) > 0 {
 		return "", err // before touching the host
@@ -32,28 +32,46 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	if err != nil {
 		return "", err
 	}
-	keep, err := loadState(cfg.StateDir, time.Now())
-	if err != nil {
-		log.Warn("ignoring state file", "err", err)
-	}
-	if err := fw.Install(ctx, rs, keep); err != nil {
+	led := newLedger(fw)
+	rs := rules.Build(cfg)
+	if err := install(ctx, cfg, fw, led, rs, log); err != nil {
 		return "", err
 	}
 	sum := []string{"installed " + rs.Summary()}
-	if len(cfg.Allow.Names) > 0 {
-		p := newProxy(cfg, ups, fw, log)
-		for _, name := range cfg.Allow.Names {
-			n, err := resolvePinned(ctx, p, name)
-			if err != nil {
-				return "", fmt.Errorf("ruleset installed, but pinned name %s could not be opened: %w", name, err)
-			}
-			sum = append(sum, fmt.Sprintf("pinned %s: %d addresses", name, n))
+	p := newProxy(cfg, ups, led, log)
+	var errs []error
+	for _, name := range cfg.Allow.Names {
+		n, _, err := openPinned(ctx, p, name)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("pinned name %s: %w", name, err))
+			continue
 		}
+		sum = append(sum, fmt.Sprintf("pinned %s: %d addresses", name, n))
 	}
-	if err := saveState(cfg.StateDir, fw.Learned(), time.Now()); err != nil {
-		log.Warn("state not saved", "err", err)
+	if err := saveState(cfg.StateDir, led.snapshot(), time.Now()); err != nil {
+		log.Warn("learned addresses not saved", "err", err)
+	}
+	if len(errs) > 0 {
+		return "", fmt.Errorf("ruleset installed (closed), but not every pinned name could be opened: %w", errors.Join(errs...))
 	}
 	return strings.Join(sum, "\n"), nil
+}
+
+// install loads the state file and installs rs keeping every valid learned
+// address. A corrupt state file is reported and ignored.
+func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, led *ledger, rs *rules.Ruleset, log *slog.Logger) error {
+	saved, err := loadState(cfg.StateDir, time.Now())
+	if err != nil {
+		log.Warn("ignoring state file", "err", err)
+	}
+	keep := make([]rules.Element, len(saved))
+	for i, e := range saved {
+		keep[i] = e.Element
+		for _, n := range e.Names {
+			led.record(n, []netip.Addr{e.Addr})
+		}
+	}
+	return fw.Install(ctx, rs, keep, nil)
 }
 
 // Remove deletes the table; it reports whether it was installed.
@@ -65,30 +83,29 @@ func Remove(ctx context.Context) (bool, error) {
 	return fw.Remove(ctx)
 }
 
-func newProxy(cfg *config.Config, ups []netip.AddrPort, fw dnsresolve.Allower, log *slog.Logger) *dnsresolve.Proxy {
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == "nxdomain" {
 		refuse = dns.RcodeNameError
 	}
-	return dnsresolve.NewProxy(dnsresolve.Options{
+	return dnsresolve.Options{
 		Domains:     cfg.Allow.Domains,
 		Upstream:    dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout),
-		Allower:     fw,
+		Allower:     allower,
 		MinTTL:      cfg.DNS.MinTTL,
 		Grace:       cfg.DNS.Grace,
 		RefuseRcode: refuse,
 		Logger:      log,
-	})
+	}
 }
 
-// resolvePinned opens the A and AAAA addresses of name and returns how many
-// there are, and when the first of them needs a refresh.
-func resolvePinned(ctx context.Context, p *dnsresolve.Proxy, name string) (int, error) {
-	n, _, err := resolvePinnedUntil(ctx, p, name)
-	return n, err
+func newProxy(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger) *dnsresolve.Proxy {
+	return dnsresolve.NewProxy(proxyOptions(cfg, ups, allower, log))
 }
 
-func resolvePinnedUntil(ctx context.Context, p *dnsresolve.Proxy, name string) (int, time.Time, error) {
+// openPinned opens the A and AAAA addresses of name. It returns how many
+// there are and when the first of them expires.
+func openPinned(ctx context.Context, p *dnsresolve.Proxy, name string) (int, time.Time, error) {
 	var errs []error
 	n := 0
 	var until time.Time

@@ -24,15 +24,22 @@ type stateDoc struct {
 type stateElement struct {
 	Addr    netip.Addr `json:"addr"`
 	Expires time.Time  `json:"expires"`
+	Names   []string   `json:"names,omitempty"`
+}
+
+// learned is an address the firewall allows and the names it answered.
+type learned struct {
+	rules.Element
+	Names []string
 }
 
 // saveState writes the learned addresses atomically: a temp file in the
 // same directory, fsync, rename, fsync of the directory. A crash leaves
 // either the old or the new file, never a torn one.
-func saveState(dir string, learned []rules.Element, now time.Time) error {
-	doc := stateDoc{Version: 1, Saved: now.UTC(), Learned: make([]stateElement, 0, len(learned))}
-	for _, e := range learned {
-		doc.Learned = append(doc.Learned, stateElement{Addr: e.Addr, Expires: e.Expires.UTC()})
+func saveState(dir string, entries []learned, now time.Time) error {
+	doc := stateDoc{Version: 1, Saved: now.UTC(), Learned: make([]stateElement, 0, len(entries))}
+	for _, e := range entries {
+		doc.Learned = append(doc.Learned, stateElement{Addr: e.Addr, Expires: e.Expires.UTC(), Names: e.Names})
 	}
 	data, err := json.Marshal(doc)
 	if err != nil {
@@ -71,7 +78,7 @@ func saveState(dir string, learned []rules.Element, now time.Time) error {
 // loadState reads the learned addresses that are still valid at now. A
 // missing file is no error; a corrupt one is reported so that the caller can
 // log it and start without it.
-func loadState(dir string, now time.Time) ([]rules.Element, error) {
+func loadState(dir string, now time.Time) ([]learned, error) {
 	path := filepath.Join(dir, stateFile)
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -87,10 +94,10 @@ func loadState(dir string, now time.Time) ([]rules.Element, error) {
 	if doc.Version != 1 {
 		return nil, fmt.Errorf("load state %s: unknown version %d", path, doc.Version)
 	}
-	var out []rules.Element
+	var out []learned
 	for _, e := range doc.Learned {
 		if e.Addr.IsValid() && e.Expires.After(now) {
-			out = append(out, rules.Element{Addr: e.Addr, Expires: e.Expires})
+			out = append(out, learned{Element: rules.Element{Addr: e.Addr, Expires: e.Expires}, Names: e.Names})
 		}
 	}
 	return out, nil

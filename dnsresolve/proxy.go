@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -20,9 +21,9 @@ import (
 
 // Allower opens addresses in the firewall. Allow returns only once the
 // addresses are reachable (the kernel acknowledged the update), so the
-// proxy can send the answer.
+// proxy can send the answer. name is the question the addresses answer.
 type Allower interface {
-	Allow(ctx context.Context, addrs []netip.Addr, until time.Time) error
+	Allow(ctx context.Context, name string, addrs []netip.Addr, until time.Time) error
 }
 
 // Options configure a Proxy.
@@ -47,10 +48,9 @@ type Options struct {
 // for every type without asking upstream, so nothing can be tunnelled
 // through DNS.
 type Proxy struct {
-	opts    Options
-	matcher *Matcher
-	log     *slog.Logger
-	now     func() time.Time
+	conf atomic.Pointer[proxyConf] // replaced as a whole on reload
+	log  *slog.Logger
+	now  func() time.Time
 	// refusals limits "refused" log lines so a noisy client cannot flood the
 	// journal.
 	refusals *rate.Limiter
@@ -65,18 +65,29 @@ const (
 	maxUDPAnswer = 1232
 )
 
+type proxyConf struct {
+	opts    Options
+	matcher *Matcher
+}
+
 // NewProxy returns a Proxy.
 func NewProxy(o Options) *Proxy {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Proxy{
-		opts:     o,
-		matcher:  NewMatcher(o.Domains),
+	p := &Proxy{
 		log:      o.Logger,
 		now:      time.Now,
 		refusals: rate.NewLimiter(rate.Limit(5), 20),
 	}
+	p.Update(o)
+	return p
+}
+
+// Update replaces the options; queries already being answered finish with
+// the old ones. The logger is not replaced.
+func (p *Proxy) Update(o Options) {
+	p.conf.Store(&proxyConf{opts: o, matcher: NewMatcher(o.Domains)})
 }
 
 // Answer is the result of resolving one allowed name.
@@ -92,11 +103,15 @@ type Answer struct {
 // addresses and opens the remaining ones in the firewall. It returns an
 // error if the upstream failed or the firewall did not confirm in time.
 func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer, error) {
+	return p.resolve(ctx, p.conf.Load().opts, name, qtype)
+}
+
+func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16) (*Answer, error) {
 	name = dns.Fqdn(name)
 	ans := &Answer{}
 	target := name
 	for hop := 0; ; hop++ {
-		resp, err := p.opts.Upstream.Exchange(ctx, target, qtype)
+		resp, err := o.Upstream.Exchange(ctx, target, qtype)
 		if err != nil {
 			return nil, err
 		}
@@ -114,10 +129,10 @@ func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer
 	if len(addrs) == 0 {
 		return ans, nil
 	}
-	ans.Until = p.now().Add(Lifetime(ttl, p.opts.MinTTL, p.opts.Grace))
+	ans.Until = p.now().Add(Lifetime(ttl, o.MinTTL, o.Grace))
 	actx, cancel := context.WithTimeout(ctx, allowTimeout)
 	defer cancel()
-	if err := p.opts.Allower.Allow(actx, addrs, ans.Until); err != nil {
+	if err := o.Allower.Allow(actx, name, addrs, ans.Until); err != nil {
 		return nil, fmt.Errorf("open %v for %s: %w", addrs, name, err)
 	}
 	return ans, nil
@@ -172,17 +187,18 @@ func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
 		return m
 	}
 	q := r.Question[0]
-	if _, ok := p.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
+	conf := p.conf.Load()
+	if _, ok := conf.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
 		if p.refusals.Allow() {
 			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype])
 		}
-		m.Rcode = p.opts.RefuseRcode
+		m.Rcode = conf.opts.RefuseRcode
 		return m
 	}
 	if q.Qtype != dns.TypeA && q.Qtype != dns.TypeAAAA {
 		return m // NODATA, see Proxy
 	}
-	ans, err := p.Resolve(ctx, q.Name, q.Qtype)
+	ans, err := p.resolve(ctx, conf.opts, q.Name, q.Qtype)
 	if err != nil {
 		p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
 		m.Rcode = dns.RcodeServerFailure

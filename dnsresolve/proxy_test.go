@@ -75,7 +75,7 @@ type recorder struct {
 	err   error
 }
 
-func (r *recorder) Allow(_ context.Context, addrs []netip.Addr, until time.Time) error {
+func (r *recorder) Allow(_ context.Context, _ string, addrs []netip.Addr, until time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.err != nil {

@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/google/nftables"
-
 	"github.com/egressd/egressd/config"
 )
 
@@ -158,7 +156,7 @@ func TestTextPorts(t *testing.T) {
 // declared set.
 func TestExprsReferToDeclaredSets(t *testing.T) {
 	rs := Build(loadConfig(t, "allow:\n  cidrs: [\"203.0.113.0/24 80\"]\n"))
-	sets := declaredSets(rs)
+	sets := declared(rs)
 	for _, c := range rs.Chains {
 		for _, r := range c.Rules {
 			if len(r.exprs(sets)) == 0 {
@@ -166,12 +164,4 @@ func TestExprsReferToDeclaredSets(t *testing.T) {
 			}
 		}
 	}
-}
-
-func declaredSets(rs *Ruleset) map[string]*nftables.Set {
-	sets := map[string]*nftables.Set{}
-	for _, s := range rs.Sets {
-		sets[s.Name] = nftSet(table(), s)
-	}
-	return sets
 }

@@ -75,8 +75,8 @@ func table() *nftables.Table {
 // Install replaces table inet egressd with rs in one transaction. The
 // learned sets are refilled with every element that is still valid: those
 // the kernel holds now, those this Firewall learned, and keep (addresses
-// from a state file).
-func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element) error {
+// from a state file); if allowed is not nil, only addresses it accepts.
+func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, allowed func(netip.Addr) bool) error {
 	if err := f.acquire(ctx); err != nil {
 		return err
 	}
@@ -96,7 +96,7 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element) err
 		}
 	}
 	for a, exp := range merged {
-		if !exp.After(now.Add(time.Millisecond)) {
+		if !exp.After(now.Add(time.Millisecond)) || (allowed != nil && !allowed(a)) {
 			delete(merged, a)
 		}
 	}

@@ -1,0 +1,254 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	sd "github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/time/rate"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/rules"
+)
+
+// Intervals of the daemon's housekeeping.
+const (
+	saveInterval  = 5 * time.Second // learned addresses to state_dir
+	driftInterval = 2 * time.Second // backstop for missed monitor events
+)
+
+type daemon struct {
+	path  string
+	cfg   *config.Config
+	log   *slog.Logger
+	fw    *rules.Firewall
+	led   *ledger
+	proxy *dnsresolve.Proxy
+	// stopPinned ends the goroutines that keep the pinned names open.
+	stopPinned context.CancelFunc
+	repairs    int
+	repairLog  *rate.Limiter
+	// containers is read by the link watcher while reload replaces cfg.
+	containers atomic.Pointer[[]string]
+}
+
+// Run is the daemon: it installs the ruleset, serves the DNS proxy and keeps
+// pinned names open until ctx ends. It reloads the config on SIGHUP and
+// repairs the ruleset when another process changes it.
+//
+// Stopping, or dying, leaves the firewall in place (fail closed): learned
+// addresses stay open until their timeouts, everything else stays blocked,
+// and DNS stays redirected to the (then silent) proxy port. Only
+// `egressd remove` opens egress again.
+func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger) error {
+	ups, err := upstreams(cfg)
+	if err != nil {
+		return err
+	}
+	fw, err := rules.NewFirewall()
+	if err != nil {
+		return err
+	}
+	d := &daemon{path: path, cfg: cfg, log: log, fw: fw, led: newLedger(fw),
+		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
+	rs := rules.Build(cfg)
+	if err := install(ctx, cfg, fw, d.led, rs, log); err != nil {
+		return err
+	}
+	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", len(fw.Learned()), "upstreams", ups)
+
+	d.proxy = newProxy(cfg, ups, d.led, log)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	d.startPinned(ctx)
+
+	ready := make(chan struct{})
+	served := make(chan error, 1)
+	go func() {
+		served <- d.proxy.Serve(ctx, cfg.DNS.ListenPort, func() { close(ready) })
+	}()
+	select {
+	case <-ready:
+	case err := <-served:
+		return err
+	}
+	log.Info("DNS proxy listening", "port", cfg.DNS.ListenPort)
+	d.notify(sd.SdNotifyReady)
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	changed := make(chan string, 1)
+	go fw.Watch(ctx, func(reason string) {
+		select {
+		case changed <- reason:
+		default: // a repair is already due
+		}
+	})
+	d.containers.Store(&cfg.Firewall.Containers)
+	go watchLinks(ctx, func() []string { return *d.containers.Load() }, log)
+
+	save := time.NewTicker(saveInterval)
+	defer save.Stop()
+	check := time.NewTicker(driftInterval)
+	defer check.Stop()
+	var watchdog <-chan time.Time
+	if iv, err := sd.SdWatchdogEnabled(false); err == nil && iv > 0 {
+		t := time.NewTicker(iv / 2)
+		defer t.Stop()
+		watchdog = t.C
+	}
+
+	for {
+		select {
+		case <-ctx.Done():
+			_, _ = sd.SdNotify(false, sd.SdNotifyStopping)
+			d.save()
+			log.Info("stopped; the firewall stays in place (egressd remove opens it)")
+			return nil
+		case err := <-served:
+			d.save()
+			return fmt.Errorf("DNS proxy stopped: %w", err)
+		case <-hup:
+			_, _ = sd.SdNotify(false, sd.SdNotifyReloading)
+			d.reload(ctx)
+			d.notify(sd.SdNotifyReady)
+		case reason := <-changed:
+			d.repair(ctx, reason, true)
+		case <-check.C:
+			d.repair(ctx, "", false)
+		case <-save.C:
+			d.save()
+			d.notify("")
+		case <-watchdog:
+			// Pinging only from this loop means a wedged loop gets
+			// restarted by systemd.
+			_, _ = sd.SdNotify(false, sd.SdNotifyWatchdog)
+		}
+	}
+}
+
+func (d *daemon) notify(state string) {
+	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", len(d.fw.Learned()), d.repairs)
+	if state != "" {
+		status = state + "\n" + status
+	}
+	_, _ = sd.SdNotify(false, status)
+}
+
+func (d *daemon) save() {
+	if err := saveState(d.cfg.StateDir, d.led.snapshot(), time.Now()); err != nil {
+		d.log.Error("learned addresses not saved", "err", err)
+	}
+}
+
+// repair reinstalls the ruleset if it drifted. force reinstalls even if the
+// structure looks right (set elements were deleted, which Drift does not
+// read).
+func (d *daemon) repair(ctx context.Context, reason string, force bool) {
+	drift, err := d.fw.Drift(ctx)
+	if err != nil {
+		d.log.Error("drift check failed", "err", err)
+		return
+	}
+	if drift == "" && !force {
+		return
+	}
+	if drift == "" && reason != "" && !isElementDeletion(reason) {
+		return // another process changed something that left us intact
+	}
+	err = d.fw.Install(ctx, rules.Build(d.cfg), nil, nil)
+	d.repairs++
+	if d.repairLog.Allow() || err != nil {
+		if err != nil {
+			d.log.Error("drift not repaired", "event", reason, "found", drift, "err", err)
+			return
+		}
+		d.log.Warn("drift repaired", "event", reason, "found", drift, "learned", len(d.fw.Learned()))
+	}
+}
+
+func isElementDeletion(reason string) bool { return reason == rules.ReasonElementsDeleted }
+
+// reload re-reads the config. An invalid config is logged and the old one
+// stays in force; a valid one is installed atomically, keeping the learned
+// addresses whose names the new config still allows.
+func (d *daemon) reload(ctx context.Context) {
+	cfg, err := config.Load(d.path, os.Environ())
+	if err == nil && cfg.DNS.ListenPort != d.cfg.DNS.ListenPort {
+		err = fmt.Errorf("dns.listen_port cannot change on reload (%d to %d); restart egressd", d.cfg.DNS.ListenPort, cfg.DNS.ListenPort)
+	}
+	var ups []netip.AddrPort
+	if err == nil {
+		ups, err = upstreams(cfg)
+	}
+	if err != nil {
+		d.log.Error("reload failed; the old config stays in force", "err", err)
+		return
+	}
+	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
+	stillAllowed := func(a netip.Addr) bool {
+		names := d.led.lookup(a)
+		if len(names) == 0 {
+			return true // learned before names were recorded; expires on its own
+		}
+		for _, n := range names {
+			if m.Match(n) {
+				return true
+			}
+		}
+		return false
+	}
+	rs := rules.Build(cfg)
+	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
+		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
+		return
+	}
+	d.cfg = cfg
+	d.containers.Store(&cfg.Firewall.Containers)
+	d.proxy.Update(proxyOptions(cfg, ups, d.led, d.log))
+	d.startPinned(ctx)
+	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", len(d.fw.Learned()))
+}
+
+// startPinned (re)starts keeping the pinned names of the current config open.
+func (d *daemon) startPinned(ctx context.Context) {
+	if d.stopPinned != nil {
+		d.stopPinned()
+	}
+	ctx, d.stopPinned = context.WithCancel(ctx)
+	for _, name := range d.cfg.Allow.Names {
+		go keepPinned(ctx, d.proxy, name, d.log)
+	}
+}
+
+// keepPinned resolves name and refreshes it at half its remaining life, so
+// its addresses never expire while the upstream answers.
+func keepPinned(ctx context.Context, p *dnsresolve.Proxy, name string, log *slog.Logger) {
+	for {
+		n, until, err := openPinned(ctx, p, name)
+		wait := 5 * time.Second
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			log.Warn("pinned name not refreshed", "name", name, "err", err)
+		} else {
+			wait = max(time.Until(until)/2, time.Second)
+			log.Debug("pinned name refreshed", "name", name, "addresses", n, "next", wait)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
