@@ -21,8 +21,9 @@ import (
 
 // Intervals of the daemon's housekeeping.
 const (
-	saveInterval  = 5 * time.Second // learned addresses to state_dir
-	driftInterval = 2 * time.Second // backstop for missed monitor events
+	saveInterval   = time.Second     // learned addresses to state_dir, if any were learned
+	statusInterval = 5 * time.Second // systemd status line
+	driftInterval  = 2 * time.Second // backstop for missed monitor events
 )
 
 type daemon struct {
@@ -98,6 +99,8 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 
 	save := time.NewTicker(saveInterval)
 	defer save.Stop()
+	status := time.NewTicker(statusInterval)
+	defer status.Stop()
 	check := time.NewTicker(driftInterval)
 	defer check.Stop()
 	var watchdog <-chan time.Time
@@ -126,7 +129,10 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 		case <-check.C:
 			d.repair(ctx, "", false)
 		case <-save.C:
-			d.save()
+			if d.led.changed() {
+				d.save()
+			}
+		case <-status.C:
 			d.notify("")
 		case <-watchdog:
 			// Pinging only from this loop means a wedged loop gets

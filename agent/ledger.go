@@ -22,6 +22,7 @@ type ledger struct {
 
 	mu    sync.Mutex
 	names map[netip.Addr][]string // most recent first
+	dirty bool                    // learned something since the last snapshot
 }
 
 func newLedger(fw *rules.Firewall) *ledger {
@@ -41,6 +42,7 @@ func (l *ledger) Allow(ctx context.Context, name string, addrs []netip.Addr, unt
 func (l *ledger) record(name string, addrs []netip.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.dirty = true
 	for _, a := range addrs {
 		ns := l.names[a]
 		if len(ns) > 0 && ns[0] == name {
@@ -77,5 +79,13 @@ func (l *ledger) snapshot() []learned {
 		}
 	}
 	l.names = keep
+	l.dirty = false
 	return out
+}
+
+// changed reports whether anything was learned since the last snapshot.
+func (l *ledger) changed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.dirty
 }

@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -89,8 +90,9 @@ type Lab struct {
 	Inet, Host, Ctr string // namespace names
 	Dir             string
 	egressd         *exec.Cmd
-	egressdLog      *bytes.Buffer
+	egressdLog      *syncBuffer
 	egressdDone     chan error
+	stopNSD         func()
 }
 
 // newLab builds the network and starts NSD; it is torn down when the test
@@ -323,10 +325,13 @@ func (l *Lab) runEgressd(args ...string) (string, error) {
 
 // startDaemon starts `egressd run` in the host namespace and waits until
 // its proxy answers.
-func (l *Lab) startDaemon(cfg string) {
+func (l *Lab) startDaemon(cfg string, env ...string) {
 	l.t.Helper()
-	l.egressdLog = &bytes.Buffer{}
+	if l.egressdLog == nil {
+		l.egressdLog = &syncBuffer{}
+	}
 	l.egressd = exec.Command("ip", "netns", "exec", l.Host, egressdBin, "run", "--config", cfg)
+	l.egressd.Env = append(os.Environ(), env...)
 	l.egressd.Stdout = l.egressdLog
 	l.egressd.Stderr = l.egressdLog
 	if err := l.egressd.Start(); err != nil {
@@ -344,6 +349,25 @@ func (l *Lab) startDaemon(cfg string) {
 		_, err := query(l.Host, fmt.Sprintf("127.0.0.1:%d", proxyPort), "probe.cognitive.microsoft.com", dns.TypeTXT, "udp")
 		return err
 	})
+}
+
+// syncBuffer is a bytes.Buffer safe for a writing process and a reading
+// test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // signalDaemon sends sig to egressd and, for terminating signals, waits
@@ -423,10 +447,14 @@ remote-control:
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
-	l.t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-done
-	})
+	var once sync.Once
+	l.stopNSD = func() {
+		once.Do(func() {
+			_ = cmd.Process.Kill()
+			<-done
+		})
+	}
+	l.t.Cleanup(l.stopNSD)
 	l.waitFor("NSD", 10*time.Second, func() error {
 		select {
 		case <-done:

@@ -1,0 +1,93 @@
+package agent
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/rules"
+)
+
+func entry(addr string, exp time.Time, names ...string) learned {
+	return learned{Element: rules.Element{Addr: netip.MustParseAddr(addr), Expires: exp}, Names: names}
+}
+
+func TestStateRoundTrip(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state") // created on save
+	now := time.Now()
+	in := []learned{
+		entry("203.0.113.1", now.Add(time.Minute), "a.cognitive.microsoft.com"),
+		entry("2001:db8::1", now.Add(time.Hour), "b.cognitive.microsoft.com", "c.cognitive.microsoft.com"),
+		entry("203.0.113.2", now.Add(-time.Second)), // expired
+	}
+	if err := saveState(dir, in, now); err != nil {
+		t.Fatal(err)
+	}
+	out, err := loadState(dir, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 {
+		t.Fatalf("loaded %d entries, want the 2 unexpired: %+v", len(out), out)
+	}
+	if !out[1].Expires.Equal(in[1].Expires) || out[1].Addr != in[1].Addr || len(out[1].Names) != 2 {
+		t.Errorf("entry changed in the round trip: %+v", out[1])
+	}
+	files, _ := os.ReadDir(dir)
+	if len(files) != 1 || files[0].Name() != stateFile {
+		t.Errorf("state dir holds %v, want only %s (no temp files)", files, stateFile)
+	}
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Errorf("state dir mode %v", fi.Mode())
+	}
+}
+
+func TestStateBadFiles(t *testing.T) {
+	now := time.Now()
+	good := t.TempDir()
+	if err := saveState(good, []learned{entry("203.0.113.1", now.Add(time.Hour))}, now); err != nil {
+		t.Fatal(err)
+	}
+	whole, _ := os.ReadFile(filepath.Join(good, stateFile))
+	tests := []struct {
+		name    string
+		content []byte
+		want    string // "" means no error and nothing loaded
+	}{
+		{"truncated", whole[:len(whole)/2], "corrupt"},
+		{"garbage", []byte("\x00\x01not json"), "corrupt"},
+		{"empty", nil, "corrupt"},
+		{"future version", []byte(`{"version":2,"learned":[]}`), "unknown version 2"},
+		{"invalid address", []byte(`{"version":1,"learned":[{"addr":"300.1.1.1","expires":"2099-01-01T00:00:00Z"}]}`), "corrupt"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, stateFile), tt.content, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			out, err := loadState(dir, now)
+			if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), dir) {
+				t.Errorf("err = %v, want one naming the file and %q", err, tt.want)
+			}
+			if len(out) != 0 {
+				t.Errorf("loaded %v from a bad file", out)
+			}
+		})
+	}
+	if out, err := loadState(filepath.Join(t.TempDir(), "missing"), now); err != nil || out != nil {
+		t.Errorf("missing state: %v, %v", out, err)
+	}
+}
+
+func TestMatchIface(t *testing.T) {
+	pats := []string{"docker0", "br-*"}
+	for name, want := range map[string]bool{"docker0": true, "docker01": false, "br-1234": true, "br-": true, "br0": false, "eth0": false} {
+		if _, got := matchIface(name, pats); got != want {
+			t.Errorf("matchIface(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
