@@ -60,7 +60,9 @@ func TestMain(m *testing.M) {
 		}
 		defer os.RemoveAll(dir)
 		egressdBin = filepath.Join(dir, "egressd")
-		out, err := exec.Command("go", "build", "-o", egressdBin, "../cmd/egressd").CombinedOutput()
+		// With the race detector, so every end-to-end test also checks
+		// egressd's own concurrency.
+		out, err := exec.Command("go", "build", "-race", "-o", egressdBin, "../cmd/egressd").CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "build egressd: %v\n%s", err, out)
 			return 1
@@ -155,6 +157,10 @@ func (l *Lab) close() {
 	if l.egressd != nil && l.egressd.ProcessState == nil {
 		_ = l.egressd.Process.Kill()
 		<-l.egressdDone
+	}
+	// egressd is built with the race detector; a race is a failure.
+	if l.egressdLog != nil && strings.Contains(l.egressdLog.String(), "DATA RACE") {
+		l.t.Errorf("egressd reported a data race")
 	}
 	if l.t.Failed() && l.egressdLog != nil {
 		l.t.Logf("egressd log:\n%s", l.egressdLog)
