@@ -95,11 +95,12 @@ type Lab struct {
 	egressdLog      *syncBuffer
 	egressdDone     chan error
 	stopNSD         func()
+	bin             string // egressd binary to run; default egressdBin
 }
 
 // newLab builds the network and starts NSD; it is torn down when the test
 // ends, whatever happened.
-func newLab(t *testing.T) *Lab {
+func newLab(t *testing.T, extraZones ...map[string]string) *Lab {
 	t.Helper()
 	id := fmt.Sprintf("eg%d-%d", os.Getpid()%100000, labSeq.Add(1))
 	l := &Lab{t: t, Inet: id + "-inet", Host: id + "-host", Ctr: id + "-ctr", Dir: t.TempDir()}
@@ -124,6 +125,7 @@ func newLab(t *testing.T) *Lab {
 	for _, p := range []string{"203.0.113.0/24", "203.0.114.0/24", "203.0.115.0/24"} {
 		l.in(inet, "ip route add local "+p+" dev lo")
 	}
+	l.in(inet, "ip route add local 198.18.0.0/15 dev lo")
 	l.in(inet, "ip -6 route add local 2001:db8:100::/64 dev lo")
 	l.in(inet, "ip route add 172.30.0.0/24 via 192.0.2.1")
 	l.in(inet, "ip -6 route add fd00:30::/64 via 2001:db8:1::1")
@@ -149,7 +151,13 @@ func newLab(t *testing.T) *Lab {
 	for _, a := range []string{"0.0.0.0:443", "0.0.0.0:80", "0.0.0.0:853", "[::]:443", "[::]:80"} {
 		l.listen(inet, a)
 	}
-	l.startNSD()
+	zones := labZones()
+	for _, z := range extraZones {
+		for name, body := range z {
+			zones[name] = body
+		}
+	}
+	l.startNSD(zones)
 	return l
 }
 
@@ -336,7 +344,11 @@ func (l *Lab) startDaemon(cfg string, env ...string) {
 	if l.egressdLog == nil {
 		l.egressdLog = &syncBuffer{}
 	}
-	l.egressd = exec.Command("ip", "netns", "exec", l.Host, egressdBin, "run", "--config", cfg)
+	bin := egressdBin
+	if l.bin != "" {
+		bin = l.bin
+	}
+	l.egressd = exec.Command("ip", "netns", "exec", l.Host, bin, "run", "--config", cfg)
 	l.egressd.Env = append(os.Environ(), env...)
 	l.egressd.Stdout = l.egressdLog
 	l.egressd.Stderr = l.egressdLog
@@ -407,7 +419,7 @@ func (l *Lab) waitFor(what string, timeout time.Duration, f func() error) {
 	}
 }
 
-func (l *Lab) startNSD() {
+func (l *Lab) startNSD(zones map[string]string) {
 	l.t.Helper()
 	dir := filepath.Join(l.Dir, "nsd")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -433,7 +445,7 @@ func (l *Lab) startNSD() {
 remote-control:
 	control-enable: no
 `, dir)
-	for zone, body := range labZones() {
+	for zone, body := range zones {
 		file := zone + ".zone"
 		head := fmt.Sprintf("$ORIGIN %s.\n$TTL 300\n@ SOA ns.%[1]s. admin.%[1]s. 1 3600 600 86400 60\n@ NS ns.%[1]s.\nns A 198.51.100.53\n", zone)
 		if err := os.WriteFile(filepath.Join(dir, file), []byte(head+body), 0o644); err != nil {
@@ -461,7 +473,7 @@ remote-control:
 		})
 	}
 	l.t.Cleanup(l.stopNSD)
-	l.waitFor("NSD", 10*time.Second, func() error {
+	l.waitFor("NSD", 60*time.Second, func() error {
 		select {
 		case <-done:
 			log, _ := os.ReadFile(filepath.Join(dir, "nsd.log"))
