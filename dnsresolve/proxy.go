@@ -10,12 +10,16 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sync/singleflight"
+	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 )
 
@@ -48,9 +52,10 @@ type Options struct {
 // for every type without asking upstream, so nothing can be tunnelled
 // through DNS.
 type Proxy struct {
-	conf atomic.Pointer[proxyConf] // replaced as a whole on reload
-	log  *slog.Logger
-	now  func() time.Time
+	conf   atomic.Pointer[proxyConf] // replaced as a whole on reload
+	log    *slog.Logger
+	now    func() time.Time
+	flight singleflight.Group // one upstream query per name and type at a time
 	// refusals limits "refused" log lines so a noisy client cannot flood the
 	// journal.
 	refusals *rate.Limiter
@@ -68,6 +73,7 @@ const (
 type proxyConf struct {
 	opts    Options
 	matcher *Matcher
+	cache   *cache // per configuration: a reload starts empty
 }
 
 // NewProxy returns a Proxy.
@@ -87,7 +93,7 @@ func NewProxy(o Options) *Proxy {
 // Update replaces the options; queries already being answered finish with
 // the old ones. The logger is not replaced.
 func (p *Proxy) Update(o Options) {
-	p.conf.Store(&proxyConf{opts: o, matcher: NewMatcher(o.Domains)})
+	p.conf.Store(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache()})
 }
 
 // Answer is the result of resolving one allowed name.
@@ -198,46 +204,99 @@ func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
 	if q.Qtype != dns.TypeA && q.Qtype != dns.TypeAAAA {
 		return m // NODATA, see Proxy
 	}
-	ans, err := p.resolve(ctx, conf.opts, q.Name, q.Qtype)
+	ans, age, err := p.answer(ctx, conf, q.Name, q.Qtype)
 	if err != nil {
 		p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
 		m.Rcode = dns.RcodeServerFailure
 		return m
 	}
 	m.Rcode = ans.Rcode
-	m.Answer = ans.Chain.Records()
+	m.Answer = aged(ans.Chain.Records(), age)
 	if len(ans.Chain.Addrs) == 0 {
-		m.Ns = ans.SOA
+		m.Ns = aged(ans.SOA, age)
 	}
 	return m
 }
 
+// answer returns the answer for an allowed name from the cache or the
+// upstream, with its addresses open in the firewall, and its age in seconds.
+func (p *Proxy) answer(ctx context.Context, conf *proxyConf, name string, qtype uint16) (*Answer, uint32, error) {
+	k := key(name, qtype)
+	if e, age := conf.cache.get(k, p.now()); e != nil {
+		if len(e.addrs) > 0 {
+			until := p.now().Add(Lifetime(e.ttl-min(age, e.ttl), conf.opts.MinTTL, conf.opts.Grace))
+			actx, cancel := context.WithTimeout(ctx, allowTimeout)
+			defer cancel()
+			if err := conf.opts.Allower.Allow(actx, k.name, e.addrs, until); err != nil {
+				return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
+			}
+		}
+		return e.ans, age, nil
+	}
+	v, err, _ := p.flight.Do(fmt.Sprint(k), func() (any, error) {
+		ans, err := p.resolve(ctx, conf.opts, k.name, qtype)
+		if err == nil {
+			conf.cache.put(k, ans, p.now())
+		}
+		return ans, err
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	return v.(*Answer), 0, nil
+}
+
 // Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
-// ends. ready is called once every socket listens.
+// ends. ready is called once every socket listens. Each UDP family gets one
+// SO_REUSEPORT socket per CPU, so reading queries is not one goroutine's
+// job.
 func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
-	type listener struct{ network, addr string }
-	ls := []listener{{"udp4", "0.0.0.0"}, {"tcp4", "0.0.0.0"}, {"udp6", "::"}, {"tcp6", "::"}}
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		})
+		return errors.Join(err, serr)
+	}}
 	var servers []*dns.Server
-	for _, l := range ls {
-		addr := net.JoinHostPort(l.addr, strconv.Itoa(port))
-		s := &dns.Server{Net: l.network, Addr: addr, Handler: p, UDPSize: dns.MaxMsgSize, ReusePort: true}
+	shutdown := func() {
+		for _, s := range servers {
+			_ = s.Shutdown()
+		}
+	}
+	for _, family := range []string{"4", "6"} {
+		host := "0.0.0.0"
+		if family == "6" {
+			host = "::"
+		}
+		addr := net.JoinHostPort(host, strconv.Itoa(port))
+		var fam []*dns.Server
 		var err error
-		if l.network[:3] == "udp" {
-			s.PacketConn, err = net.ListenPacket(l.network, addr)
-		} else {
-			s.Listener, err = net.Listen(l.network, addr)
+		for range runtime.GOMAXPROCS(0) {
+			var pc net.PacketConn
+			if pc, err = lc.ListenPacket(ctx, "udp"+family, addr); err != nil {
+				break
+			}
+			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: dns.MaxMsgSize})
+		}
+		if err == nil {
+			var ln net.Listener
+			if ln, err = net.Listen("tcp"+family, addr); err == nil {
+				fam = append(fam, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: ln, Handler: p})
+			}
 		}
 		if err != nil {
-			if l.network[3] == '6' {
+			for _, s := range fam {
+				_ = s.Shutdown()
+			}
+			if family == "6" {
 				p.log.Warn("no IPv6 listener", "addr", addr, "err", err)
 				continue
 			}
-			for _, s := range servers {
-				_ = s.Shutdown()
-			}
-			return fmt.Errorf("listen %s %s: %w", l.network, addr, err)
+			shutdown()
+			return fmt.Errorf("listen %s: %w", addr, err)
 		}
-		servers = append(servers, s)
+		servers = append(servers, fam...)
 	}
 	var wg sync.WaitGroup
 	errc := make(chan error, len(servers))
@@ -258,9 +317,7 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	for _, s := range servers {
-		_ = s.Shutdown()
-	}
+	shutdown()
 	wg.Wait()
 	if errors.Is(err, net.ErrClosed) {
 		err = nil

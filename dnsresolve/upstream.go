@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -21,6 +22,9 @@ type Upstream struct {
 	servers []string
 	udp     *dns.Client
 	tcp     *dns.Client
+	// idle holds connected UDP sockets per server for reuse: a new socket
+	// per query costs syscalls and a conntrack entry each.
+	idle map[string]chan *dns.Conn
 	// preferred is the index of the server that answered last; a failing
 	// server is skipped until the next one fails.
 	preferred atomic.Uint32
@@ -34,8 +38,10 @@ func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *
 		udp: &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
 		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
 	}
+	u.idle = make(map[string]chan *dns.Conn, len(servers))
 	for _, s := range servers {
 		u.servers = append(u.servers, s.String())
+		u.idle[s.String()] = make(chan *dns.Conn, idlePerServer)
 	}
 	return u
 }
@@ -92,18 +98,47 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
 }
 
+// idlePerServer bounds the idle UDP sockets kept per upstream.
+const idlePerServer = 64
+
 func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
 	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
-	resp, _, err := u.udp.ExchangeContext(ctx, q, server)
+	var conn *dns.Conn
+	select {
+	case conn = <-u.idle[server]:
+	default:
+		var err error
+		if conn, err = u.udp.DialContext(ctx, server); err != nil {
+			return nil, err
+		}
+	}
+	resp, _, err := u.udp.ExchangeWithConnContext(ctx, q, conn)
+	if err == nil && !sameQuestion(q, resp) {
+		err = errors.New("answer does not match the question")
+	}
 	if err != nil {
+		conn.Close() // may still receive the late answer
 		return nil, err
+	}
+	select {
+	case u.idle[server] <- conn:
+	default:
+		conn.Close()
 	}
 	if resp.Truncated {
 		q.Id = dns.Id()
 		resp, _, err = u.tcp.ExchangeContext(ctx, q, server)
+		if err == nil && !sameQuestion(q, resp) {
+			err = errors.New("answer does not match the question")
+		}
 		if err != nil {
 			return nil, fmt.Errorf("over TCP after truncation: %w", err)
 		}
 	}
 	return resp, nil
+}
+
+func sameQuestion(q, r *dns.Msg) bool {
+	return len(r.Question) == 1 && r.Question[0].Qtype == q.Question[0].Qtype &&
+		strings.EqualFold(r.Question[0].Name, q.Question[0].Name)
 }

@@ -9,7 +9,7 @@ import (
 	"github.com/egressd/egressd/config"
 )
 
-func loadConfig(t *testing.T, yaml string) *config.Config {
+func loadConfig(t testing.TB, yaml string) *config.Config {
 	t.Helper()
 	path := ""
 	if yaml != "" {

@@ -117,7 +117,12 @@ func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
 	self := uint32(os.Getpid())
 	for ctx.Err() == nil {
 		mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(256))
-		events, err := f.conn.AddGenerationalMonitor(mon)
+		// Not f.conn: its lasting socket carries the transactions.
+		conn, err := nftables.New(f.opts...)
+		var events chan *nftables.MonitorEvents
+		if err == nil {
+			events, err = conn.AddGenerationalMonitor(mon)
+		}
 		if err != nil {
 			changed("nftables monitor failed: " + err.Error())
 			select {

@@ -35,6 +35,7 @@ type Element struct {
 // is still valid.
 type Firewall struct {
 	conn *nftables.Conn
+	opts []nftables.ConnOption // for the monitor's own connection
 	now  func() time.Time
 
 	// sem serialises transactions; a channel so that waiting honours ctx.
@@ -56,12 +57,15 @@ type request struct {
 // NewFirewall returns a Firewall that talks to the kernel through a new
 // nftables connection made with opts.
 func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
-	conn, err := nftables.New(opts...)
+	// One lasting netlink socket: dialling one per transaction costs more
+	// than a small batch itself.
+	conn, err := nftables.New(append([]nftables.ConnOption{nftables.AsLasting()}, opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
 	return &Firewall{
 		conn:    conn,
+		opts:    opts,
 		now:     time.Now,
 		sem:     make(chan struct{}, 1),
 		learned: map[netip.Addr]time.Time{},
@@ -238,35 +242,58 @@ func (f *Firewall) kernelElements() ([]Element, error) {
 // kernel acknowledged it. An address whose current life already ends later
 // is left alone: lives are extended, never shortened. Concurrent calls are
 // committed together in one batch.
+//
+// An extended life ends a little after until (by an eighth of the life
+// asked for, see headroom), so that the repeated answers of a busy name do
+// not each cost a kernel update.
 func (f *Firewall) Allow(ctx context.Context, addrs []netip.Addr, until time.Time) error {
-	if len(addrs) == 0 {
+	if f.covered(addrs, until) {
 		return nil
 	}
 	req := &request{addrs: addrs, until: until, done: make(chan error, 1)}
 	f.mu.Lock()
 	f.queue = append(f.queue, req)
 	f.mu.Unlock()
-
-	if err := f.acquire(ctx); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	batch := f.queue
-	f.queue = nil
-	f.mu.Unlock()
-	if len(batch) > 0 {
-		err := f.commit(batch)
-		for _, r := range batch {
-			r.done <- err
+	// Group commit: whoever gets the semaphore commits everything queued;
+	// a caller whose request a previous leader committed returns at once,
+	// so requests pile up while a batch is in the kernel and go together.
+	for {
+		select {
+		case err := <-req.done:
+			return err
+		case f.sem <- struct{}{}:
+			f.mu.Lock()
+			batch := f.queue
+			f.queue = nil
+			f.mu.Unlock()
+			if len(batch) > 0 {
+				err := f.commit(batch)
+				for _, r := range batch {
+					r.done <- err
+				}
+			}
+			f.release()
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	}
-	f.release()
-	select {
-	case err := <-req.done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
+}
+
+// covered reports whether every address already lives until until.
+func (f *Firewall) covered(addrs []netip.Addr, until time.Time) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range addrs {
+		if f.learned[a].Before(until) {
+			return false
+		}
 	}
+	return true
+}
+
+// headroom is how much longer than asked an extended life lasts.
+func headroom(now, until time.Time) time.Duration {
+	return until.Sub(now) / 8
 }
 
 // commit sends one batch; the caller holds sem.
@@ -276,9 +303,10 @@ func (f *Firewall) commit(batch []*request) error {
 	sets := f.sets
 	want := map[netip.Addr]time.Time{}
 	for _, r := range batch {
+		until := r.until.Add(headroom(now, r.until))
 		for _, a := range r.addrs {
-			if r.until.After(f.learned[a]) && r.until.After(want[a]) {
-				want[a] = r.until
+			if f.learned[a].Before(r.until) && until.After(want[a]) {
+				want[a] = until
 			}
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -239,7 +240,11 @@ func TestDNSBenchmark(t *testing.T) {
 		t.Fatalf("build egressd: %v\n%s", err, out)
 	}
 	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "level: debug", "level: warn", 1))
-	l.startDaemon(cfg)
+	var env []string
+	if prof := os.Getenv("EGRESSD_BENCH_PROFILE"); prof != "" {
+		env = append(env, "EGRESSD_CPUPROFILE="+prof)
+	}
+	l.startDaemon(cfg, env...)
 	rows = append(rows, measure("egressd", otherDNS))
 
 	// Load live elements, then measure again at that size.
@@ -249,6 +254,7 @@ func TestDNSBenchmark(t *testing.T) {
 	count := strings.Count(l.in(l.Host, "nft list set inet egressd allow4"), "198.1")
 	big := l.dnsperf(otherDNS, warm, 0, p.duration, p.outstanding)
 	rss := vmHWM(t, l.egressd.Process.Pid)
+	l.stopDaemon(syscall.SIGTERM) // writes the profile, if any
 
 	report := formatBench(p, rows, fmt.Sprintf(
 		"live elements: %d answered in %v (%.0f/s, %d lost); %d in the set afterwards\n"+
