@@ -48,7 +48,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		}
 		sum = append(sum, fmt.Sprintf("pinned %s: %d addresses", name, n))
 	}
-	if err := saveState(cfg.StateDir, led.snapshot(), time.Now()); err != nil {
+	if err := saveState(cfg.StateDir, led.snapshot()); err != nil {
 		log.Warn("learned addresses not saved", "err", err)
 	}
 	if len(errs) > 0 {

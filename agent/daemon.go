@@ -39,6 +39,8 @@ type daemon struct {
 	repairLog  *rate.Limiter
 	// containers is read by the link watcher while reload replaces cfg.
 	containers atomic.Pointer[[]string]
+	// nextSave throttles saving a large state file to 5% of the time.
+	nextSave time.Time
 }
 
 // Run is the daemon: it installs the ruleset, serves the DNS proxy and keeps
@@ -128,8 +130,8 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 			d.repair(ctx, reason, true)
 		case <-check.C:
 			d.repair(ctx, "", false)
-		case <-save.C:
-			if d.led.changed() {
+		case now := <-save.C:
+			if d.led.changed() && !now.Before(d.nextSave) {
 				d.save()
 			}
 		case <-status.C:
@@ -151,9 +153,11 @@ func (d *daemon) notify(state string) {
 }
 
 func (d *daemon) save() {
-	if err := saveState(d.cfg.StateDir, d.led.snapshot(), time.Now()); err != nil {
+	start := time.Now()
+	if err := saveState(d.cfg.StateDir, d.led.snapshot()); err != nil {
 		d.log.Error("learned addresses not saved", "err", err)
 	}
+	d.nextSave = start.Add(20 * time.Since(start))
 }
 
 // repair reinstalls the ruleset if it drifted. force reinstalls even if the

@@ -1,31 +1,34 @@
 package agent
 
 import (
-	"encoding/json"
+	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/egressd/egressd/rules"
 )
 
 // stateFile is the name of the learned-address file in state_dir.
-const stateFile = "learned.json"
-
-type stateDoc struct {
-	Version int            `json:"version"`
-	Saved   time.Time      `json:"saved"`
-	Learned []stateElement `json:"learned"`
-}
-
-type stateElement struct {
-	Addr    netip.Addr `json:"addr"`
-	Expires time.Time  `json:"expires"`
-	Names   []string   `json:"names,omitempty"`
-}
+//
+// The format is line based so that 100 000 entries are written in a few
+// milliseconds:
+//
+//	egressd-learned 1
+//	ADDRESS<TAB>EXPIRY (Unix ms)<TAB>NAME,NAME...
+//	end COUNT
+//
+// The trailer tells a complete file from a truncated one.
+const (
+	stateFile   = "learned.tsv"
+	stateHeader = "egressd-learned 1"
+)
 
 // learned is an address the firewall allows and the names it answered.
 type learned struct {
@@ -36,15 +39,20 @@ type learned struct {
 // saveState writes the learned addresses atomically: a temp file in the
 // same directory, fsync, rename, fsync of the directory. A crash leaves
 // either the old or the new file, never a torn one.
-func saveState(dir string, entries []learned, now time.Time) error {
-	doc := stateDoc{Version: 1, Saved: now.UTC(), Learned: make([]stateElement, 0, len(entries))}
+func saveState(dir string, entries []learned) error {
+	var b bytes.Buffer
+	b.Grow(64 * (len(entries) + 2))
+	b.WriteString(stateHeader + "\n")
 	for _, e := range entries {
-		doc.Learned = append(doc.Learned, stateElement{Addr: e.Addr, Expires: e.Expires.UTC(), Names: e.Names})
+		b.WriteString(e.Addr.String())
+		b.WriteByte('\t')
+		b.WriteString(strconv.FormatInt(e.Expires.UnixMilli(), 10))
+		b.WriteByte('\t')
+		b.WriteString(strings.Join(e.Names, ","))
+		b.WriteByte('\n')
 	}
-	data, err := json.Marshal(doc)
-	if err != nil {
-		return err
-	}
+	fmt.Fprintf(&b, "end %d\n", len(entries))
+
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
@@ -53,7 +61,7 @@ func saveState(dir string, entries []learned, now time.Time) error {
 		return fmt.Errorf("save state: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
+	if _, err := tmp.Write(b.Bytes()); err != nil {
 		tmp.Close()
 		return fmt.Errorf("save state %s: %w", tmp.Name(), err)
 	}
@@ -76,8 +84,8 @@ func saveState(dir string, entries []learned, now time.Time) error {
 }
 
 // loadState reads the learned addresses that are still valid at now. A
-// missing file is no error; a corrupt one is reported so that the caller can
-// log it and start without it.
+// missing file is no error; a corrupt or truncated one is reported, and
+// nothing of it is used, so that the caller can log it and start without.
 func loadState(dir string, now time.Time) ([]learned, error) {
 	path := filepath.Join(dir, stateFile)
 	data, err := os.ReadFile(path)
@@ -87,18 +95,57 @@ func loadState(dir string, now time.Time) ([]learned, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
 	}
-	var doc stateDoc
-	if err := json.Unmarshal(data, &doc); err != nil {
-		return nil, fmt.Errorf("load state %s: corrupt: %w", path, err)
-	}
-	if doc.Version != 1 {
-		return nil, fmt.Errorf("load state %s: unknown version %d", path, doc.Version)
-	}
-	var out []learned
-	for _, e := range doc.Learned {
-		if e.Addr.IsValid() && e.Expires.After(now) {
-			out = append(out, learned{Element: rules.Element{Addr: e.Addr, Expires: e.Expires}, Names: e.Names})
-		}
+	out, err := parseState(data, now)
+	if err != nil {
+		return nil, fmt.Errorf("load state %s: %w", path, err)
 	}
 	return out, nil
+}
+
+func parseState(data []byte, now time.Time) ([]learned, error) {
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	if !sc.Scan() {
+		return nil, errors.New("corrupt: empty")
+	}
+	if h := sc.Text(); h != stateHeader {
+		return nil, fmt.Errorf("corrupt or unknown format: first line %.40q", h)
+	}
+	var out []learned
+	lines := 0
+	for sc.Scan() {
+		line := sc.Text()
+		if n, ok := strings.CutPrefix(line, "end "); ok {
+			if count, err := strconv.Atoi(n); err != nil || count != lines || sc.Scan() {
+				return nil, fmt.Errorf("corrupt: trailer %q after %d entries", line, lines)
+			}
+			return out, nil
+		}
+		lines++
+		f := strings.Split(line, "\t")
+		if len(f) != 3 {
+			return nil, fmt.Errorf("corrupt: line %d", lines+1)
+		}
+		a, err := netip.ParseAddr(f[0])
+		if err != nil {
+			return nil, fmt.Errorf("corrupt: line %d: %w", lines+1, err)
+		}
+		ms, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("corrupt: line %d: %w", lines+1, err)
+		}
+		exp := time.UnixMilli(ms)
+		if !exp.After(now) {
+			continue
+		}
+		e := learned{Element: rules.Element{Addr: a, Expires: exp}}
+		if f[2] != "" {
+			e.Names = strings.Split(f[2], ",")
+		}
+		out = append(out, e)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("corrupt: %w", err)
+	}
+	return nil, fmt.Errorf("truncated: no trailer after %d entries", lines)
 }

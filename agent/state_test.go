@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -23,7 +24,7 @@ func TestStateRoundTrip(t *testing.T) {
 		entry("2001:db8::1", now.Add(time.Hour), "b.cognitive.microsoft.com", "c.cognitive.microsoft.com"),
 		entry("203.0.113.2", now.Add(-time.Second)), // expired
 	}
-	if err := saveState(dir, in, now); err != nil {
+	if err := saveState(dir, in); err != nil {
 		t.Fatal(err)
 	}
 	out, err := loadState(dir, now)
@@ -33,7 +34,7 @@ func TestStateRoundTrip(t *testing.T) {
 	if len(out) != 2 {
 		t.Fatalf("loaded %d entries, want the 2 unexpired: %+v", len(out), out)
 	}
-	if !out[1].Expires.Equal(in[1].Expires) || out[1].Addr != in[1].Addr || len(out[1].Names) != 2 {
+	if out[1].Expires.UnixMilli() != in[1].Expires.UnixMilli() || out[1].Addr != in[1].Addr || len(out[1].Names) != 2 {
 		t.Errorf("entry changed in the round trip: %+v", out[1])
 	}
 	files, _ := os.ReadDir(dir)
@@ -48,7 +49,7 @@ func TestStateRoundTrip(t *testing.T) {
 func TestStateBadFiles(t *testing.T) {
 	now := time.Now()
 	good := t.TempDir()
-	if err := saveState(good, []learned{entry("203.0.113.1", now.Add(time.Hour))}, now); err != nil {
+	if err := saveState(good, []learned{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))}); err != nil {
 		t.Fatal(err)
 	}
 	whole, _ := os.ReadFile(filepath.Join(good, stateFile))
@@ -57,11 +58,13 @@ func TestStateBadFiles(t *testing.T) {
 		content []byte
 		want    string // "" means no error and nothing loaded
 	}{
-		{"truncated", whole[:len(whole)/2], "corrupt"},
-		{"garbage", []byte("\x00\x01not json"), "corrupt"},
+		{"truncated in a line", whole[:len(whole)/2], "corrupt"},
+		{"truncated at a line end", whole[:bytes.LastIndexByte(whole[:len(whole)-1], '\n')+1], "truncated"},
+		{"garbage", []byte("\x00\x01not a state file"), "corrupt"},
 		{"empty", nil, "corrupt"},
-		{"future version", []byte(`{"version":2,"learned":[]}`), "unknown version 2"},
-		{"invalid address", []byte(`{"version":1,"learned":[{"addr":"300.1.1.1","expires":"2099-01-01T00:00:00Z"}]}`), "corrupt"},
+		{"future version", []byte("egressd-learned 2\nend 0\n"), "unknown format"},
+		{"invalid address", []byte("egressd-learned 1\n300.1.1.1\t4102444800000\t\nend 1\n"), "corrupt"},
+		{"wrong count", []byte("egressd-learned 1\n203.0.113.1\t4102444800000\t\nend 2\n"), "corrupt"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

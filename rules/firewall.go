@@ -340,7 +340,8 @@ func (f *Firewall) commit(batch []*request) error {
 	return nil
 }
 
-// Learned returns the addresses still allowed, with their expiry.
+// Learned returns the addresses still allowed, with their expiry, in no
+// particular order.
 func (f *Firewall) Learned() []Element {
 	now := f.now()
 	f.mu.Lock()
@@ -353,7 +354,6 @@ func (f *Firewall) Learned() []Element {
 			delete(f.learned, a)
 		}
 	}
-	slices.SortFunc(out, func(x, y Element) int { return x.Addr.Compare(y.Addr) })
 	return out
 }
 

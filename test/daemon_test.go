@@ -29,11 +29,11 @@ func (l *Lab) waitReach(ns, addr string, timeout time.Duration) {
 }
 
 func (l *Lab) stateHas(addr string) error {
-	data, err := os.ReadFile(filepath.Join(l.Dir, "state", "learned.json"))
+	data, err := os.ReadFile(filepath.Join(l.Dir, "state", "learned.tsv"))
 	if err != nil {
 		return err
 	}
-	if !strings.Contains(string(data), `"`+addr+`"`) {
+	if !strings.Contains(string(data), "\n"+addr+"\t") {
 		return os.ErrNotExist
 	}
 	return nil
@@ -217,7 +217,7 @@ func TestCorruptStateFileDoesNotStopStart(t *testing.T) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "learned.json"), []byte(`{"version":1,"learned":[{"addr":"203.0.1`), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "learned.tsv"), []byte("egressd-learned 1\n203.0.1"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()))

@@ -32,6 +32,13 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 	err := newRootCmd().ExecuteContext(ctx)
+	// EGRESSD_MEMPROFILE=FILE writes a heap profile at exit.
+	if path := os.Getenv("EGRESSD_MEMPROFILE"); path != "" {
+		if f, ferr := os.Create(path); ferr == nil {
+			_ = pprof.WriteHeapProfile(f)
+			f.Close()
+		}
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "egressd:", err)
 		pprof.StopCPUProfile()
