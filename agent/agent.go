@@ -71,7 +71,22 @@ func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, led *l
 			led.record(n, []netip.Addr{e.Addr})
 		}
 	}
-	return fw.Install(ctx, rs, keep, nil)
+	if err := fw.Install(ctx, rs, keep, nil); err != nil {
+		return err
+	}
+	forget(cfg, log)
+	return nil
+}
+
+// forget deletes DNS flows that would bypass the new redirect; a failure is
+// logged: the ruleset is in place and new flows are redirected.
+func forget(cfg *config.Config, log *slog.Logger) {
+	n, err := forgetDNSFlows(cfg.DNS.ListenPort)
+	if err != nil {
+		log.Warn("old DNS flows not all cleared", "err", err)
+	} else if n > 0 {
+		log.Info("cleared DNS flows that predate the redirect", "flows", n)
+	}
 }
 
 // Remove deletes the table; it reports whether it was installed.

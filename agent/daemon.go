@@ -176,6 +176,9 @@ func (d *daemon) repair(ctx context.Context, reason string, force bool) {
 		return // another process changed something that left us intact
 	}
 	err = d.fw.Install(ctx, rules.Build(d.cfg), nil, nil)
+	if err == nil {
+		forget(d.cfg, d.log)
+	}
 	d.repairs++
 	if d.repairLog.Allow() || err != nil {
 		if err != nil {
@@ -222,6 +225,7 @@ func (d *daemon) reload(ctx context.Context) {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
 		return
 	}
+	forget(cfg, d.log)
 	d.cfg = cfg
 	d.containers.Store(&cfg.Firewall.Containers)
 	d.proxy.Update(proxyOptions(cfg, ups, d.led, d.log))

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/miekg/dns"
 )
 
 const shortWait = 2 * time.Second
@@ -185,5 +187,50 @@ func TestBadConfigChangesNothing(t *testing.T) {
 	}
 	if after := l.ruleset(); after != before {
 		t.Errorf("a bad config changed the ruleset:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+}
+
+// A client that kept one UDP socket talking to its resolver since before
+// egressd was applied must not keep that direct path: NAT is decided on a
+// flow's first packet, so egressd clears such flows.
+func TestApplyRedirectsExistingDNSFlows(t *testing.T) {
+	l := newLab(t)
+	// Docker's tables exist before egressd: conntrack tracks the flow and
+	// gives it its NAT decision (none) on its first packet.
+	l.in(l.Host, "nft add table ip docker")
+	l.in(l.Host, "nft add chain ip docker prerouting { type nat hook prerouting priority dstnat ; }")
+	l.in(l.Host, "nft add chain ip docker forward { type filter hook forward priority filter ; }")
+	l.in(l.Host, "nft add rule ip docker forward ct state established,related accept")
+	c := &dns.Client{Net: "udp", Timeout: 2 * time.Second}
+	var conn *dns.Conn
+	if err := inNS(l.Ctr, func() (err error) {
+		conn, err = c.Dial(upstreamDNS + ":53")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ask := func() *dns.Msg {
+		t.Helper()
+		m := new(dns.Msg)
+		m.SetQuestion("www.example.com.", dns.TypeA)
+		r, _, err := c.ExchangeWithConn(m, conn)
+		if err != nil {
+			t.Fatalf("query on the long-lived socket: %v", err)
+		}
+		return r
+	}
+	if r := ask(); len(r.Answer) == 0 {
+		t.Fatalf("before egressd the resolver answers: %v", r)
+	}
+	if out, err := l.runEgressd("apply", "--config", l.writeConfig("egressd.yaml", l.baseConfig())); err != nil {
+		t.Fatalf("apply: %v\n%s", err, out)
+	}
+	// No proxy runs (apply only): the redirected query gets no answer at
+	// all, and certainly not the resolver's.
+	m := new(dns.Msg)
+	m.SetQuestion("www.example.com.", dns.TypeA)
+	if r, _, err := c.ExchangeWithConn(m, conn); err == nil && len(r.Answer) > 0 {
+		t.Errorf("the old flow still reaches the resolver after apply: %v", r.Answer)
 	}
 }
