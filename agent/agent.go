@@ -32,13 +32,12 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	if err != nil {
 		return "", err
 	}
-	led := newLedger(fw)
 	rs := rules.Build(cfg)
-	if err := install(ctx, cfg, fw, led, rs, log); err != nil {
+	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return "", err
 	}
 	sum := []string{"installed " + rs.Summary()}
-	p := newProxy(cfg, ups, led, log)
+	p := newProxy(cfg, ups, fw, log)
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -48,7 +47,8 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		}
 		sum = append(sum, fmt.Sprintf("pinned %s: %d addresses", name, n))
 	}
-	if err := saveState(cfg.StateDir, led.snapshot()); err != nil {
+	learned, _ := fw.Learned()
+	if err := saveState(cfg.StateDir, learned); err != nil {
 		log.Warn("learned addresses not saved", "err", err)
 	}
 	if len(errs) > 0 {
@@ -59,17 +59,10 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 
 // install loads the state file and installs rs keeping every valid learned
 // address. A corrupt state file is reported and ignored.
-func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, led *ledger, rs *rules.Ruleset, log *slog.Logger) error {
-	saved, err := loadState(cfg.StateDir, time.Now())
+func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, rs *rules.Ruleset, log *slog.Logger) error {
+	keep, err := loadState(cfg.StateDir, time.Now())
 	if err != nil {
 		log.Warn("ignoring state file", "err", err)
-	}
-	keep := make([]rules.Element, len(saved))
-	for i, e := range saved {
-		keep[i] = e.Element
-		for _, n := range e.Names {
-			led.record(n, []netip.Addr{e.Addr})
-		}
 	}
 	if err := fw.Install(ctx, rs, keep, nil); err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -31,7 +32,6 @@ type daemon struct {
 	cfg   *config.Config
 	log   *slog.Logger
 	fw    *rules.Firewall
-	led   *ledger
 	proxy *dnsresolve.Proxy
 	// stopPinned ends the goroutines that keep the pinned names open.
 	stopPinned context.CancelFunc
@@ -41,6 +41,7 @@ type daemon struct {
 	containers atomic.Pointer[[]string]
 	// nextSave throttles saving a large state file to 5% of the time.
 	nextSave time.Time
+	saved    uint64 // version of the learned addresses last saved
 }
 
 // Run is the daemon: it installs the ruleset, serves the DNS proxy and keeps
@@ -60,15 +61,15 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 	if err != nil {
 		return err
 	}
-	d := &daemon{path: path, cfg: cfg, log: log, fw: fw, led: newLedger(fw),
+	d := &daemon{path: path, cfg: cfg, log: log, fw: fw,
 		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
 	rs := rules.Build(cfg)
-	if err := install(ctx, cfg, fw, d.led, rs, log); err != nil {
+	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
 	}
-	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", len(fw.Learned()), "upstreams", ups)
+	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups)
 
-	d.proxy = newProxy(cfg, ups, d.led, log)
+	d.proxy = newProxy(cfg, ups, fw, log)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -131,7 +132,7 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 		case <-check.C:
 			d.repair(ctx, "", false)
 		case now := <-save.C:
-			if d.led.changed() && !now.Before(d.nextSave) {
+			if d.fw.Version() != d.saved && !now.Before(d.nextSave) {
 				d.save()
 			}
 		case <-status.C:
@@ -144,8 +145,13 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 	}
 }
 
+func (d *daemon) learned() int {
+	l, _ := d.fw.Learned()
+	return len(l)
+}
+
 func (d *daemon) notify(state string) {
-	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", len(d.fw.Learned()), d.repairs)
+	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", d.learned(), d.repairs)
 	if state != "" {
 		status = state + "\n" + status
 	}
@@ -154,8 +160,11 @@ func (d *daemon) notify(state string) {
 
 func (d *daemon) save() {
 	start := time.Now()
-	if err := saveState(d.cfg.StateDir, d.led.snapshot()); err != nil {
+	learned, version := d.fw.Learned()
+	if err := saveState(d.cfg.StateDir, learned); err != nil {
 		d.log.Error("learned addresses not saved", "err", err)
+	} else {
+		d.saved = version
 	}
 	d.nextSave = start.Add(20 * time.Since(start))
 }
@@ -185,7 +194,7 @@ func (d *daemon) repair(ctx context.Context, reason string, force bool) {
 			d.log.Error("drift not repaired", "event", reason, "found", drift, "err", err)
 			return
 		}
-		d.log.Warn("drift repaired", "event", reason, "found", drift, "learned", len(d.fw.Learned()))
+		d.log.Warn("drift repaired", "event", reason, "found", drift, "learned", d.learned())
 	}
 }
 
@@ -208,12 +217,11 @@ func (d *daemon) reload(ctx context.Context) {
 		return
 	}
 	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
-	stillAllowed := func(a netip.Addr) bool {
-		names := d.led.lookup(a)
-		if len(names) == 0 {
-			return true // learned before names were recorded; expires on its own
+	stillAllowed := func(e rules.Element) bool {
+		if e.Names == "" {
+			return true // learned by an earlier egressd, names unknown; expires on its own
 		}
-		for _, n := range names {
+		for n := range strings.SplitSeq(e.Names, ",") {
 			if m.Match(n) {
 				return true
 			}
@@ -228,9 +236,9 @@ func (d *daemon) reload(ctx context.Context) {
 	forget(cfg, d.log)
 	d.cfg = cfg
 	d.containers.Store(&cfg.Firewall.Containers)
-	d.proxy.Update(proxyOptions(cfg, ups, d.led, d.log))
+	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log))
 	d.startPinned(ctx)
-	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", len(d.fw.Learned()))
+	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", d.learned())
 }
 
 // startPinned (re)starts keeping the pinned names of the current config open.

@@ -30,29 +30,10 @@ const (
 	stateHeader = "egressd-learned 1"
 )
 
-// learned is an address the firewall allows and the names it answered.
-type learned struct {
-	rules.Element
-	Names []string
-}
-
 // saveState writes the learned addresses atomically: a temp file in the
 // same directory, fsync, rename, fsync of the directory. A crash leaves
 // either the old or the new file, never a torn one.
-func saveState(dir string, entries []learned) error {
-	var b bytes.Buffer
-	b.Grow(64 * (len(entries) + 2))
-	b.WriteString(stateHeader + "\n")
-	for _, e := range entries {
-		b.WriteString(e.Addr.String())
-		b.WriteByte('\t')
-		b.WriteString(strconv.FormatInt(e.Expires.UnixMilli(), 10))
-		b.WriteByte('\t')
-		b.WriteString(strings.Join(e.Names, ","))
-		b.WriteByte('\n')
-	}
-	fmt.Fprintf(&b, "end %d\n", len(entries))
-
+func saveState(dir string, entries []rules.Element) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
@@ -61,15 +42,27 @@ func saveState(dir string, entries []learned) error {
 		return fmt.Errorf("save state: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(b.Bytes()); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save state %s: %w", tmp.Name(), err)
+	w := bufio.NewWriterSize(tmp, 64<<10)
+	w.WriteString(stateHeader + "\n")
+	var num []byte
+	for _, e := range entries {
+		w.WriteString(e.Addr.String())
+		w.WriteByte('\t')
+		num = strconv.AppendInt(num[:0], e.Expires.UnixMilli(), 10)
+		w.Write(num)
+		w.WriteByte('\t')
+		w.WriteString(e.Names)
+		w.WriteByte('\n')
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save state %s: %w", tmp.Name(), err)
+	fmt.Fprintf(w, "end %d\n", len(entries))
+	err = w.Flush() // bufio keeps the first write error
+	if err == nil {
+		err = tmp.Sync()
 	}
-	if err := tmp.Close(); err != nil {
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return fmt.Errorf("save state %s: %w", tmp.Name(), err)
 	}
 	path := filepath.Join(dir, stateFile)
@@ -86,7 +79,7 @@ func saveState(dir string, entries []learned) error {
 // loadState reads the learned addresses that are still valid at now. A
 // missing file is no error; a corrupt or truncated one is reported, and
 // nothing of it is used, so that the caller can log it and start without.
-func loadState(dir string, now time.Time) ([]learned, error) {
+func loadState(dir string, now time.Time) ([]rules.Element, error) {
 	path := filepath.Join(dir, stateFile)
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -102,7 +95,7 @@ func loadState(dir string, now time.Time) ([]learned, error) {
 	return out, nil
 }
 
-func parseState(data []byte, now time.Time) ([]learned, error) {
+func parseState(data []byte, now time.Time) ([]rules.Element, error) {
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	if !sc.Scan() {
@@ -111,7 +104,7 @@ func parseState(data []byte, now time.Time) ([]learned, error) {
 	if h := sc.Text(); h != stateHeader {
 		return nil, fmt.Errorf("corrupt or unknown format: first line %.40q", h)
 	}
-	var out []learned
+	var out []rules.Element
 	lines := 0
 	for sc.Scan() {
 		line := sc.Text()
@@ -138,11 +131,7 @@ func parseState(data []byte, now time.Time) ([]learned, error) {
 		if !exp.After(now) {
 			continue
 		}
-		e := learned{Element: rules.Element{Addr: a, Expires: exp}}
-		if f[2] != "" {
-			e.Names = strings.Split(f[2], ",")
-		}
-		out = append(out, e)
+		out = append(out, rules.Element{Addr: a, Expires: exp, Names: f[2]})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("corrupt: %w", err)

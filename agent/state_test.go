@@ -12,14 +12,14 @@ import (
 	"github.com/egressd/egressd/rules"
 )
 
-func entry(addr string, exp time.Time, names ...string) learned {
-	return learned{Element: rules.Element{Addr: netip.MustParseAddr(addr), Expires: exp}, Names: names}
+func entry(addr string, exp time.Time, names ...string) rules.Element {
+	return rules.Element{Addr: netip.MustParseAddr(addr), Expires: exp, Names: strings.Join(names, ",")}
 }
 
 func TestStateRoundTrip(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state") // created on save
 	now := time.Now()
-	in := []learned{
+	in := []rules.Element{
 		entry("203.0.113.1", now.Add(time.Minute), "a.cognitive.microsoft.com"),
 		entry("2001:db8::1", now.Add(time.Hour), "b.cognitive.microsoft.com", "c.cognitive.microsoft.com"),
 		entry("203.0.113.2", now.Add(-time.Second)), // expired
@@ -34,7 +34,7 @@ func TestStateRoundTrip(t *testing.T) {
 	if len(out) != 2 {
 		t.Fatalf("loaded %d entries, want the 2 unexpired: %+v", len(out), out)
 	}
-	if out[1].Expires.UnixMilli() != in[1].Expires.UnixMilli() || out[1].Addr != in[1].Addr || len(out[1].Names) != 2 {
+	if out[1].Expires.UnixMilli() != in[1].Expires.UnixMilli() || out[1].Addr != in[1].Addr || out[1].Names != in[1].Names {
 		t.Errorf("entry changed in the round trip: %+v", out[1])
 	}
 	files, _ := os.ReadDir(dir)
@@ -49,7 +49,7 @@ func TestStateRoundTrip(t *testing.T) {
 func TestStateBadFiles(t *testing.T) {
 	now := time.Now()
 	good := t.TempDir()
-	if err := saveState(good, []learned{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))}); err != nil {
+	if err := saveState(good, []rules.Element{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))}); err != nil {
 		t.Fatal(err)
 	}
 	whole, _ := os.ReadFile(filepath.Join(good, stateFile))

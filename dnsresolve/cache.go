@@ -11,7 +11,7 @@ import (
 
 // Cache limits.
 const (
-	cacheSize      = 50000             // entries; beyond, random entries are evicted
+	cacheSize      = 10000             // entries; beyond, random entries are evicted
 	maxNegativeTTL = 300 * time.Second // RFC 2308's suggested cap is higher; be fresh
 )
 

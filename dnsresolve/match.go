@@ -7,6 +7,7 @@ import "strings"
 // A pattern "*.zone" matches every name below zone at any depth
 // ("a.zone", "x.y.a.zone") but not "zone" itself; any other pattern
 // matches exactly one name. Matching ignores case and a trailing dot.
+// Patterns are validated by the config package.
 type Matcher struct {
 	exact    map[string]string // canonical name -> pattern
 	wildcard map[string]string // canonical zone -> pattern
@@ -32,10 +33,12 @@ func (m *Matcher) Match(name string) bool {
 	return ok
 }
 
-// Pattern returns the pattern that allows name.
+// Pattern returns the pattern that allows name. Names with characters
+// other than letters, digits, "-", "_" and "." are never allowed: no real
+// endpoint has them, and they could not be logged or stored unambiguously.
 func (m *Matcher) Pattern(name string) (string, bool) {
 	n := canonical(name)
-	if n == "" {
+	if n == "" || !hostname(n) {
 		return "", false
 	}
 	if p, ok := m.exact[n]; ok {
@@ -54,6 +57,16 @@ func (m *Matcher) Pattern(name string) (string, bool) {
 		i += j + 1
 	}
 	return "", false
+}
+
+func hostname(n string) bool {
+	for i := 0; i < len(n); i++ {
+		c := n[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // canonical lower-cases an ASCII DNS name and drops one trailing dot. It

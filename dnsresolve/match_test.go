@@ -31,6 +31,10 @@ func TestMatcher(t *testing.T) {
 		{"x.translatoronprem.blob.core.windows.net", false, ""},
 		{"", false, ""},
 		{".", false, ""},
+		{"a,b.cognitive.microsoft.com", false, ""},     // not a hostname
+		{"a\\009b.cognitive.microsoft.com", false, ""}, // escaped tab
+		{"a b.cognitive.microsoft.com", false, ""},
+		{"_dmarc.x.cognitive.microsoft.com", true, "*.cognitive.microsoft.com"},
 	}
 	for _, tt := range tests {
 		p, ok := m.Pattern(tt.name)
@@ -50,6 +54,7 @@ func FuzzMatcher(f *testing.F) {
 	f.Fuzz(func(t *testing.T, name string) {
 		n := strings.TrimSuffix(strings.ToLower(name), ".")
 		want := n == "translatoronprem.blob.core.windows.net"
+		valid := strings.Trim(n, "abcdefghijklmnopqrstuvwxyz0123456789-_.") == ""
 		for _, zone := range []string{"cognitive.microsoft.com", "cognitiveservices.azure.com"} {
 			if strings.HasSuffix(n, "."+zone) && len(n) > len(zone)+1 {
 				want = true
@@ -60,7 +65,7 @@ func FuzzMatcher(f *testing.F) {
 		if strings.ToLower(name) != asciiLower(name) {
 			return
 		}
-		if got := m.Match(name); got != want {
+		if got := m.Match(name); got != (want && valid) {
 			t.Errorf("Match(%q) = %v, want %v", name, got, want)
 		}
 	})

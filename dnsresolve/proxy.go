@@ -68,6 +68,9 @@ const (
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232
+	// maxQuerySize is the read buffer per UDP query; real queries are far
+	// smaller, and every query in flight holds one.
+	maxQuerySize = 4096
 )
 
 type proxyConf struct {
@@ -277,7 +280,7 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 			if pc, err = lc.ListenPacket(ctx, "udp"+family, addr); err != nil {
 				break
 			}
-			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: dns.MaxMsgSize})
+			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: maxQuerySize})
 		}
 		if err == nil {
 			var ln net.Listener

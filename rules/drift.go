@@ -2,6 +2,7 @@ package rules
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -109,66 +111,106 @@ func declared(rs *Ruleset) map[string]*nftables.Set {
 
 // Watch calls changed with a reason whenever another process changes
 // nftables in a way that may affect table inet egressd: any change of that
-// table, a deleted table (`nft flush ruleset` deletes them all) or deleted
-// set elements. Changes egressd makes itself are ignored. Watch returns when
-// ctx ends; if the monitor fails it reconnects, and the caller's periodic
-// Drift check covers the gap.
+// table (`nft flush ruleset` deletes every table) or deleted elements of its
+// sets. Changes egressd makes itself are ignored. Watch returns when ctx
+// ends; if it loses events or its socket fails, it says so through changed
+// and carries on, and the caller's periodic Drift check covers the gap.
+//
+// It reads the nftables netlink group itself instead of using
+// nftables.Monitor: the group carries a message for every element egressd
+// adds, and decoding each of them more than doubled the cost of an answer.
+// Here a message is dropped on its type alone unless it can matter.
 func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
 	self := uint32(os.Getpid())
 	for ctx.Err() == nil {
-		mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(256))
-		// Not f.conn: its lasting socket carries the transactions.
-		conn, err := nftables.New(f.opts...)
-		var events chan *nftables.MonitorEvents
-		if err == nil {
-			events, err = conn.AddGenerationalMonitor(mon)
+		err := f.watch(ctx, self, changed)
+		if ctx.Err() != nil {
+			return
 		}
-		if err != nil {
-			changed("nftables monitor failed: " + err.Error())
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Second):
-			}
-			continue
+		changed("nftables events lost: " + err.Error())
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
 		}
-		stop := context.AfterFunc(ctx, func() { _ = mon.Close() })
-		for batch := range events {
-			if gen, ok := batch.GeneratedBy.Data.(*nftables.GenMsg); ok && gen.ProcPID == self {
-				continue
-			}
-			if reason := affects(batch.Changes); reason != "" {
-				changed(reason)
-			}
-		}
-		stop()
 	}
 }
 
-func affects(changes []*nftables.MonitorEvent) string {
-	for _, ev := range changes {
-		if ev.Error != nil {
-			continue
+func (f *Firewall) watch(ctx context.Context, self uint32, changed func(string)) error {
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	_ = c.SetReadBuffer(8 << 20) // bursts of element notifications
+	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+		return err
+	}
+	reason := "" // of the batch being received; a NEWGEN message ends it
+	for {
+		msgs, err := c.Receive()
+		if err != nil {
+			return err
 		}
-		var table *nftables.Table
-		switch d := ev.Data.(type) {
-		case *nftables.Table:
-			table = d
-		case *nftables.Chain:
-			table = d.Table
-		case *nftables.Rule:
-			table = d.Table
-		case *nftables.Set:
-			table = d.Table
-		case []nftables.SetElement:
-			if ev.Type == nftables.MonitorEventTypeDelSetElem {
-				return ReasonElementsDeleted
+		for _, m := range msgs {
+			if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES {
+				continue
+			}
+			switch t := int(m.Header.Type & 0xff); t {
+			case unix.NFT_MSG_NEWGEN:
+				if reason != "" && genPID(m.Data) != self {
+					changed(reason)
+				}
+				reason = ""
+			case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
+				unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET, unix.NFT_MSG_DELSETELEM:
+				if reason == "" && ourTable(m.Data) {
+					reason = fmt.Sprintf("another process changed table inet %s (message %d)", TableName, t)
+					if t == unix.NFT_MSG_DELSETELEM {
+						reason = ReasonElementsDeleted
+					}
+				}
 			}
 		}
-		if table != nil && table.Name == TableName {
-			return fmt.Sprintf("another process changed table inet %s (event %d)", TableName, ev.Type)
+	}
+}
+
+// ourTable reports whether an nftables message (nfgenmsg, then attributes)
+// is about table inet egressd: in every message type watched, attribute 1
+// names the table.
+func ourTable(data []byte) bool {
+	if len(data) < 4 || data[0] != unix.NFPROTO_INET {
+		return false
+	}
+	ad, err := netlink.NewAttributeDecoder(data[4:])
+	if err != nil {
+		return false
+	}
+	for ad.Next() {
+		if ad.Type() == 1 {
+			return ad.String() == TableName
 		}
 	}
-	return ""
+	return false
+}
+
+// genPID returns the process that made a ruleset generation.
+func genPID(data []byte) uint32 {
+	if len(data) < 4 {
+		return 0
+	}
+	ad, err := netlink.NewAttributeDecoder(data[4:])
+	if err != nil {
+		return 0
+	}
+	ad.ByteOrder = binary.BigEndian
+	for ad.Next() {
+		if ad.Type() == unix.NFTA_GEN_PROC_PID {
+			return ad.Uint32()
+		}
+	}
+	return 0
 }
 
 // ReasonElementsDeleted is the reason Watch gives when another process

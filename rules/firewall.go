@@ -1,9 +1,11 @@
 package rules
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -15,12 +17,6 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
-
-// Element is a learned address and the moment it stops being allowed.
-type Element struct {
-	Addr    netip.Addr
-	Expires time.Time
-}
 
 // Firewall installs a Ruleset over netlink and keeps the learned-address
 // sets. It is safe for concurrent use.
@@ -35,7 +31,6 @@ type Element struct {
 // is still valid.
 type Firewall struct {
 	conn *nftables.Conn
-	opts []nftables.ConnOption // for the monitor's own connection
 	now  func() time.Time
 
 	// sem serialises transactions; a channel so that waiting honours ctx.
@@ -44,14 +39,9 @@ type Firewall struct {
 	mu      sync.Mutex
 	rs      *Ruleset
 	sets    map[string]*nftables.Set
-	learned map[netip.Addr]time.Time
+	learned map[netip.Addr]learnedAddr
+	version uint64 // counts changes of learned, for savers
 	queue   []*request
-}
-
-type request struct {
-	addrs []netip.Addr
-	until time.Time
-	done  chan error
 }
 
 // NewFirewall returns a Firewall that talks to the kernel through a new
@@ -65,10 +55,9 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	}
 	return &Firewall{
 		conn:    conn,
-		opts:    opts,
 		now:     time.Now,
 		sem:     make(chan struct{}, 1),
-		learned: map[netip.Addr]time.Time{},
+		learned: map[netip.Addr]learnedAddr{},
 	}, nil
 }
 
@@ -79,8 +68,8 @@ func table() *nftables.Table {
 // Install replaces table inet egressd with rs in one transaction. The
 // learned sets are refilled with every element that is still valid: those
 // the kernel holds now, those this Firewall learned, and keep (addresses
-// from a state file); if allowed is not nil, only addresses it accepts.
-func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, allowed func(netip.Addr) bool) error {
+// from a state file); if allowed is not nil, only elements it accepts.
+func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, allowed func(Element) bool) error {
 	if err := f.acquire(ctx); err != nil {
 		return err
 	}
@@ -95,12 +84,12 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	merged := maps.Clone(f.learned)
 	f.mu.Unlock()
 	for _, e := range slices.Concat(kernel, keep) {
-		if e.Expires.After(merged[e.Addr]) {
-			merged[e.Addr] = e.Expires
-		}
+		old := merged[e.Addr]
+		merged[e.Addr] = learnedAddr{until: max(old.until, e.Expires.UnixMilli()), names: cmp.Or(old.names, e.Names)}
 	}
-	for a, exp := range merged {
-		if !exp.After(now.Add(time.Millisecond)) || (allowed != nil && !allowed(a)) {
+	soon := now.Add(time.Millisecond).UnixMilli()
+	for a, l := range merged {
+		if l.until <= soon || (allowed != nil && !allowed(l.element(a))) {
 			delete(merged, a)
 		}
 	}
@@ -115,9 +104,9 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 		var elems []nftables.SetElement
 		switch s.Type {
 		case IPv4Addr:
-			elems = setElements(merged, false, now)
+			elems = setElements(untils(merged), false, now)
 		case IPv6Addr:
-			elems = setElements(merged, true, now)
+			elems = setElements(untils(merged), true, now)
 		case InetService:
 			for _, p := range s.Ports {
 				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
@@ -151,6 +140,7 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	}
 	f.mu.Lock()
 	f.rs, f.sets, f.learned = rs, sets, merged
+	f.version++
 	f.mu.Unlock()
 	return nil
 }
@@ -192,21 +182,23 @@ func hookNum(name string) *nftables.ChainHook {
 	panic("rules: unknown hook " + name)
 }
 
-func setElements(m map[netip.Addr]time.Time, v6 bool, now time.Time) []nftables.SetElement {
+// setElements returns the elements of one family, each with the timeout
+// that ends at its until (Unix ms).
+func setElements(untils iter.Seq2[netip.Addr, int64], v6 bool, now time.Time) []nftables.SetElement {
 	var elems []nftables.SetElement
-	for a, exp := range m {
+	for a, until := range untils {
 		if a.Is6() != v6 {
 			continue
 		}
-		elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(exp, now)})
+		elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)})
 	}
 	return elems
 }
 
-// timeout is the kernel timeout that ends at exp, rounded up to the
-// millisecond the kernel counts in.
-func timeout(exp, now time.Time) time.Duration {
-	d := exp.Sub(now)
+// timeout is the kernel timeout from now to until (Unix ms), rounded up to
+// the millisecond the kernel counts in.
+func timeout(until int64, now time.Time) time.Duration {
+	d := time.UnixMilli(until).Sub(now)
 	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
 }
 
@@ -236,133 +228,6 @@ func (f *Firewall) kernelElements() ([]Element, error) {
 		}
 	}
 	return out, nil
-}
-
-// Allow makes addrs reachable until at least until and returns once the
-// kernel acknowledged it. An address whose current life already ends later
-// is left alone: lives are extended, never shortened. Concurrent calls are
-// committed together in one batch.
-//
-// An extended life ends a little after until (by an eighth of the life
-// asked for, see headroom), so that the repeated answers of a busy name do
-// not each cost a kernel update.
-func (f *Firewall) Allow(ctx context.Context, addrs []netip.Addr, until time.Time) error {
-	if f.covered(addrs, until) {
-		return nil
-	}
-	req := &request{addrs: addrs, until: until, done: make(chan error, 1)}
-	f.mu.Lock()
-	f.queue = append(f.queue, req)
-	f.mu.Unlock()
-	// Group commit: whoever gets the semaphore commits everything queued;
-	// a caller whose request a previous leader committed returns at once,
-	// so requests pile up while a batch is in the kernel and go together.
-	for {
-		select {
-		case err := <-req.done:
-			return err
-		case f.sem <- struct{}{}:
-			f.mu.Lock()
-			batch := f.queue
-			f.queue = nil
-			f.mu.Unlock()
-			if len(batch) > 0 {
-				err := f.commit(batch)
-				for _, r := range batch {
-					r.done <- err
-				}
-			}
-			f.release()
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-}
-
-// covered reports whether every address already lives until until.
-func (f *Firewall) covered(addrs []netip.Addr, until time.Time) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, a := range addrs {
-		if f.learned[a].Before(until) {
-			return false
-		}
-	}
-	return true
-}
-
-// headroom is how much longer than asked an extended life lasts.
-func headroom(now, until time.Time) time.Duration {
-	return until.Sub(now) / 8
-}
-
-// commit sends one batch; the caller holds sem.
-func (f *Firewall) commit(batch []*request) error {
-	now := f.now()
-	f.mu.Lock()
-	sets := f.sets
-	want := map[netip.Addr]time.Time{}
-	for _, r := range batch {
-		until := r.until.Add(headroom(now, r.until))
-		for _, a := range r.addrs {
-			if f.learned[a].Before(r.until) && until.After(want[a]) {
-				want[a] = until
-			}
-		}
-	}
-	f.mu.Unlock()
-	if len(want) == 0 {
-		return nil
-	}
-	if sets == nil {
-		return errors.New("add learned addresses: ruleset not installed")
-	}
-	if v4 := setElements(want, false, now); len(v4) > 0 {
-		if err := f.conn.SetAddElements(sets[SetAllow4], v4); err != nil {
-			return fmt.Errorf("add to set %s: %w", SetAllow4, err)
-		}
-	}
-	if v6 := setElements(want, true, now); len(v6) > 0 {
-		if err := f.conn.SetAddElements(sets[SetAllow6], v6); err != nil {
-			return fmt.Errorf("add to set %s: %w", SetAllow6, err)
-		}
-	}
-	if err := f.conn.Flush(); err != nil {
-		return fmt.Errorf("add learned addresses: %w", err)
-	}
-	f.mu.Lock()
-	for a, exp := range want {
-		if exp.After(f.learned[a]) {
-			f.learned[a] = exp
-		}
-	}
-	f.mu.Unlock()
-	return nil
-}
-
-// Learned returns the addresses still allowed, with their expiry, in no
-// particular order.
-func (f *Firewall) Learned() []Element {
-	now := f.now()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	out := make([]Element, 0, len(f.learned))
-	for a, exp := range f.learned {
-		if exp.After(now) {
-			out = append(out, Element{Addr: a, Expires: exp})
-		} else {
-			delete(f.learned, a)
-		}
-	}
-	return out
-}
-
-// Expires returns when addr stops being allowed, if it is.
-func (f *Firewall) Expires(addr netip.Addr) (time.Time, bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	exp, ok := f.learned[addr]
-	return exp, ok && exp.After(f.now())
 }
 
 // Remove deletes table inet egressd. It reports whether the table existed.

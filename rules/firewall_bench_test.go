@@ -57,7 +57,7 @@ func BenchmarkAllowFresh(b *testing.B) {
 	var i uint32
 	for b.Loop() {
 		i++
-		if err := fw.Allow(ctx, []netip.Addr{addr(i)}, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", []netip.Addr{addr(i)}, until); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -73,7 +73,7 @@ func BenchmarkAllowFreshParallel(b *testing.B) {
 	b.SetParallelism(16)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if err := fw.Allow(ctx, []netip.Addr{addr(i.Add(1))}, until); err != nil {
+			if err := fw.Allow(ctx, "bench.", []netip.Addr{addr(i.Add(1))}, until); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -86,13 +86,13 @@ func BenchmarkAllowKnown(b *testing.B) {
 	fw := newTestFirewall(b)
 	ctx := context.Background()
 	a := []netip.Addr{addr(1)}
-	if err := fw.Allow(ctx, a, time.Now().Add(time.Hour)); err != nil {
+	if err := fw.Allow(ctx, "bench.", a, time.Now().Add(time.Hour)); err != nil {
 		b.Fatal(err)
 	}
 	until := time.Now().Add(time.Minute)
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := fw.Allow(ctx, a, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", a, until); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -110,7 +110,7 @@ func BenchmarkAllowBatch100(b *testing.B) {
 			i++
 			batch[j] = addr(i)
 		}
-		if err := fw.Allow(ctx, batch, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -6,18 +6,36 @@ import (
 )
 
 func TestTimeoutRoundsUp(t *testing.T) {
-	now := time.Unix(1000, 0)
+	base := time.Unix(1000, 0)
 	tests := []struct {
-		in   time.Duration
-		want time.Duration
+		until time.Time
+		now   time.Time
+		want  time.Duration
 	}{
-		{3 * time.Second, 3 * time.Second},
-		{1500*time.Millisecond + 1, 1501 * time.Millisecond},
-		{1, time.Millisecond},
+		{base.Add(3 * time.Second), base, 3 * time.Second},
+		{base.Add(1500 * time.Millisecond), base.Add(-1), 1501 * time.Millisecond},
+		{base.Add(time.Millisecond), base.Add(time.Microsecond), time.Millisecond},
 	}
 	for _, tt := range tests {
-		if got := timeout(now.Add(tt.in), now); got != tt.want {
-			t.Errorf("timeout(%v) = %v, want %v", tt.in, got, tt.want)
+		if got := timeout(tt.until.UnixMilli(), tt.now); got != tt.want {
+			t.Errorf("timeout(%v, %v) = %v, want %v", tt.until, tt.now, got, tt.want)
+		}
+	}
+}
+
+func TestWithName(t *testing.T) {
+	tests := []struct{ names, name, want string }{
+		{"", "a.", "a."},
+		{"a.", "a.", "a."},
+		{"a.,b.", "a.", "a.,b."},
+		{"b.,a.", "a.", "a.,b."},
+		{"b.", "a.", "a.,b."},
+		{"ab.", "a.", "a.,ab."},
+		{"1.,2.,3.,4.,5.,6.,7.,8.", "9.", "9.,1.,2.,3.,4.,5.,6.,7."},
+	}
+	for _, tt := range tests {
+		if got := withName(tt.names, tt.name); got != tt.want {
+			t.Errorf("withName(%q, %q) = %q, want %q", tt.names, tt.name, got, tt.want)
 		}
 	}
 }

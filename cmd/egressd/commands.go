@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/debug"
 
 	"github.com/spf13/cobra"
 
@@ -10,6 +11,9 @@ import (
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/rules"
 )
+
+// daemonMemoryLimit is the default soft memory limit of `egressd run`.
+const daemonMemoryLimit = 32 << 20
 
 func newRootCmd() *cobra.Command {
 	var configPath string
@@ -84,6 +88,12 @@ upstreams and opens their addresses. Applying twice gives the same ruleset.`,
 				cfg, err := load()
 				if err != nil {
 					return err
+				}
+				if os.Getenv("GOMEMLIMIT") == "" {
+					// A soft limit keeps the daemon's footprint near its live
+					// data (about 25 MB with 100 000 learned addresses)
+					// instead of twice that; GOMEMLIMIT overrides it.
+					debug.SetMemoryLimit(daemonMemoryLimit)
 				}
 				return agent.Run(cmd.Context(), configPath, cfg, newLogger(cfg, cmd.ErrOrStderr()))
 			},
