@@ -160,3 +160,19 @@ func TestLifetime(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkChainExtract(b *testing.B) {
+	answer := rrs(b,
+		"myres.cognitiveservices.azure.com. 300 CNAME myres.trafficmanager.net.",
+		"myres.trafficmanager.net. 60 CNAME edge.azurefd.net.",
+		"edge.azurefd.net. 20 A 203.0.113.20",
+		"edge.azurefd.net. 20 A 203.0.113.21",
+		"edge.azurefd.net. 20 A 10.0.0.1",
+	)
+	b.ReportAllocs()
+	for b.Loop() {
+		var c Chain
+		c.extract(answer, "myres.cognitiveservices.azure.com.", dns.TypeA)
+		c.Addresses()
+	}
+}

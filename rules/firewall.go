@@ -15,6 +15,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,8 +49,11 @@ type Firewall struct {
 // nftables connection made with opts.
 func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	// One lasting netlink socket: dialling one per transaction costs more
-	// than a small batch itself.
-	conn, err := nftables.New(append([]nftables.ConnOption{nftables.AsLasting()}, opts...)...)
+	// than a small batch itself. Its send buffer must hold a whole
+	// transaction, which with every learned address can be megabytes.
+	conn, err := nftables.New(append([]nftables.ConnOption{
+		nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer),
+	}, opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
@@ -112,7 +116,10 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
 			}
 		}
-		if err := c.AddSet(ns, elems); err != nil {
+		if err := c.AddSet(ns, nil); err != nil {
+			return fmt.Errorf("install set %s: %w", s.Name, err)
+		}
+		if err := addElements(c, ns, elems); err != nil {
 			return fmt.Errorf("install set %s: %w", s.Name, err)
 		}
 		sets[s.Name] = ns
@@ -151,6 +158,38 @@ func (r Rule) exprs(sets map[string]*nftables.Set) []expr.Any {
 		e = append(e, s.exprs(sets)...)
 	}
 	return e
+}
+
+// maxElementsPerMessage keeps one message's element list below the 64 KiB
+// that a netlink attribute can hold.
+const maxElementsPerMessage = 1000
+
+// addElements queues elems in as many messages as needed; they still
+// commit in the one transaction of the next Flush.
+func addElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
+	for chunk := range slices.Chunk(elems, maxElementsPerMessage) {
+		if err := c.SetAddElements(s, chunk); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sendBuffer is the netlink send buffer: a transaction is one sendmsg, and
+// 100 000 learned addresses take about 6 MB.
+const sendBuffer = 64 << 20
+
+func bigSendBuffer(c *netlink.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		// SO_SNDBUFFORCE (CAP_NET_ADMIN) may exceed net.core.wmem_max.
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sendBuffer)
+	})
+	return errors.Join(err, serr)
 }
 
 // nftSet declares s in table t.

@@ -115,3 +115,51 @@ func BenchmarkAllowBatch100(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkInstall100k: replacing the table while keeping 100 000 live
+// learned addresses (a restart, a reload or a drift repair at that size).
+func BenchmarkInstall100k(b *testing.B) {
+	fw := newTestFirewall(b)
+	ctx := context.Background()
+	until := time.Now().Add(time.Hour)
+	batch := make([]netip.Addr, 0, 1000)
+	for i := uint32(1); i <= 100000; i++ {
+		batch = append(batch, addr(i))
+		if len(batch) == cap(batch) {
+			if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
+				b.Fatal(err)
+			}
+			batch = make([]netip.Addr, 0, 1000)
+		}
+	}
+	rs := Build(loadConfig(b, ""))
+	for b.Loop() {
+		if err := fw.Install(ctx, rs, nil, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if l, _ := fw.Learned(); len(l) != 100000 {
+		b.Fatalf("%d learned after install", len(l))
+	}
+}
+
+// BenchmarkAllow100kFresh: the time to open 100 000 new addresses through
+// Allow, in batches of 100 as concurrent answers produce them.
+func BenchmarkAllow100kFresh(b *testing.B) {
+	ctx := context.Background()
+	for b.Loop() {
+		b.StopTimer()
+		fw := newTestFirewall(b)
+		until := time.Now().Add(time.Hour)
+		b.StartTimer()
+		for i := uint32(0); i < 100000; i += 100 {
+			batch := make([]netip.Addr, 100)
+			for j := range batch {
+				batch[j] = addr(i + uint32(j) + 1)
+			}
+			if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}

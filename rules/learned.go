@@ -158,15 +158,11 @@ func (f *Firewall) commit(batch []*request) error {
 		if sets == nil {
 			return errors.New("add learned addresses: ruleset not installed")
 		}
-		if v4 := setElements(maps.All(want), false, now); len(v4) > 0 {
-			if err := f.conn.SetAddElements(sets[SetAllow4], v4); err != nil {
-				return fmt.Errorf("add to set %s: %w", SetAllow4, err)
-			}
+		if err := addElements(f.conn, sets[SetAllow4], setElements(maps.All(want), false, now)); err != nil {
+			return fmt.Errorf("add to set %s: %w", SetAllow4, err)
 		}
-		if v6 := setElements(maps.All(want), true, now); len(v6) > 0 {
-			if err := f.conn.SetAddElements(sets[SetAllow6], v6); err != nil {
-				return fmt.Errorf("add to set %s: %w", SetAllow6, err)
-			}
+		if err := addElements(f.conn, sets[SetAllow6], setElements(maps.All(want), true, now)); err != nil {
+			return fmt.Errorf("add to set %s: %w", SetAllow6, err)
 		}
 		if err := f.conn.Flush(); err != nil {
 			return fmt.Errorf("add learned addresses: %w", err)

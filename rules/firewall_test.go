@@ -1,0 +1,47 @@
+package rules
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// A reinstall keeps every learned address, also when they are too many for
+// one netlink message, and never shortens a life.
+func TestInstallKeepsManyElements(t *testing.T) {
+	fw := newTestFirewall(t)
+	ctx := context.Background()
+	const n = 5000
+	until := time.Now().Add(time.Hour)
+	var addrs []netip.Addr
+	for i := uint32(1); i <= n; i++ {
+		addrs = append(addrs, addr(i))
+	}
+	addrs = append(addrs, netip.MustParseAddr("2001:db8::1"))
+	if err := fw.Allow(ctx, "many.example.", addrs, until); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Install(ctx, Build(loadConfig(t, "")), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	kernel, err := fw.kernelElements()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(kernel) != n+1 {
+		t.Fatalf("kernel holds %d elements after reinstall, want %d", len(kernel), n+1)
+	}
+	for _, e := range kernel {
+		if e.Expires.Before(until.Add(-time.Second)) {
+			t.Fatalf("%v expires at %v, before %v", e.Addr, e.Expires, until)
+		}
+	}
+	// A shorter answer later does not shorten it.
+	if err := fw.Allow(ctx, "many.example.", addrs[:1], time.Now().Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if e, ok := fw.Lookup(addrs[0]); !ok || e.Expires.Before(until.Add(-time.Second)) || e.Names != "many.example." {
+		t.Errorf("after a shorter answer: %+v %v", e, ok)
+	}
+}
