@@ -7,7 +7,7 @@ PREFIX      ?= /usr/local
 DESTDIR     ?=
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: build test unit lint install clean
+.PHONY: build test unit lint bench install clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -20,6 +20,10 @@ test:
 # Unit tests only (no root needed).
 unit:
 	$(GO) test -count=1 -race $$($(GO) list ./... | grep -v /test)
+
+# DNS load benchmark (direct vs dnsmasq vs egressd) and Go benchmarks; root.
+bench:
+	bash bench/run.sh
 
 lint:
 	$(GO) vet ./...

@@ -13,7 +13,7 @@ import (
 )
 
 // daemonMemoryLimit is the default soft memory limit of `egressd run`.
-const daemonMemoryLimit = 32 << 20
+const daemonMemoryLimit = 48 << 20
 
 func newRootCmd() *cobra.Command {
 	var configPath string
@@ -90,9 +90,11 @@ upstreams and opens their addresses. Applying twice gives the same ruleset.`,
 					return err
 				}
 				if os.Getenv("GOMEMLIMIT") == "" {
-					// A soft limit keeps the daemon's footprint near its live
-					// data (about 25 MB with 100 000 learned addresses)
-					// instead of twice that; GOMEMLIMIT overrides it.
+					// A soft limit keeps the footprint near the live data
+					// (about 25 MB with 100 000 learned addresses) instead
+					// of twice that; lower limits cost latency in garbage
+					// collection (see README, Performance). GOMEMLIMIT
+					// overrides it.
 					debug.SetMemoryLimit(daemonMemoryLimit)
 				}
 				return agent.Run(cmd.Context(), configPath, cfg, newLogger(cfg, cmd.ErrOrStderr()))
