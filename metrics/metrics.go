@@ -1,0 +1,162 @@
+// Package metrics holds egressd's Prometheus metrics. A nil *Metrics is
+// valid and records nothing, so packages can be used without metrics.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Query results.
+const (
+	Allowed   = "allowed"   // an allowed name was answered (with or without addresses)
+	Refused   = "refused"   // the name is not allowed
+	Servfail  = "servfail"  // upstream or firewall failure
+	Rebinding = "rebinding" // an answer lost addresses to the rebinding guard
+)
+
+// Metrics are egressd's collectors.
+type Metrics struct {
+	reg          *prometheus.Registry
+	queries      *prometheus.CounterVec
+	upstream     prometheus.Histogram
+	setUpdate    prometheus.Histogram
+	batchSize    prometheus.Histogram
+	blocked      *prometheus.CounterVec
+	driftRepairs prometheus.Counter
+	saveErrors   prometheus.Counter
+}
+
+// New returns the metrics of one egressd. learned reports the live
+// elements of the learned sets when scraped.
+func New(version string, learned func() (v4, v6 int)) *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_dns_queries_total",
+			Help: "DNS queries answered by the proxy, by result: allowed, refused, servfail; rebinding counts allowed answers that lost addresses to the rebinding guard.",
+		}, []string{"result"}),
+		upstream: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressd_upstream_query_duration_seconds",
+			Help:    "Time for one query to the upstream resolvers, failover included.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		setUpdate: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressd_set_update_duration_seconds",
+			Help:    "Time for one netlink transaction that adds learned addresses, until the kernel acknowledged it.",
+			Buckets: prometheus.ExponentialBuckets(0.00002, 2, 16),
+		}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressd_set_update_batch_answers",
+			Help:    "Answers committed together in one set update (group commit).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		blocked: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_blocked_connections_total",
+			Help: "Outbound connection attempts rejected or dropped, by source (container or host) and reason.",
+		}, []string{"source", "reason"}),
+		driftRepairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_drift_repairs_total",
+			Help: "Times the ruleset was reinstalled because another process changed it.",
+		}),
+		saveErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_state_save_errors_total",
+			Help: "Failed saves of the learned addresses to state_dir.",
+		}),
+	}
+	for _, r := range []string{Allowed, Refused, Servfail, Rebinding} {
+		m.queries.WithLabelValues(r)
+	}
+	info := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "egressd_build_info",
+		Help:        "Always 1; the version label tells the build.",
+		ConstLabels: prometheus.Labels{"version": version},
+	})
+	info.Set(1)
+	live := func(v6 bool) func() float64 {
+		return func() float64 {
+			v4n, v6n := learned()
+			if v6 {
+				return float64(v6n)
+			}
+			return float64(v4n)
+		}
+	}
+	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.driftRepairs, m.saveErrors, info,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
+			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
+			ConstLabels: prometheus.Labels{"set": "allow6"}}, live(true)),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// Query counts one answered query.
+func (m *Metrics) Query(result string) {
+	if m != nil {
+		m.queries.WithLabelValues(result).Inc()
+	}
+}
+
+// Upstream records the duration of one upstream query.
+func (m *Metrics) Upstream(d time.Duration) {
+	if m != nil {
+		m.upstream.Observe(d.Seconds())
+	}
+}
+
+// SetUpdate records one committed set update of answers answers.
+func (m *Metrics) SetUpdate(d time.Duration, answers int) {
+	if m != nil {
+		m.setUpdate.Observe(d.Seconds())
+		m.batchSize.Observe(float64(answers))
+	}
+}
+
+// Blocked counts one blocked connection attempt.
+func (m *Metrics) Blocked(source, reason string) {
+	if m != nil {
+		m.blocked.WithLabelValues(source, reason).Inc()
+	}
+}
+
+// DriftRepaired counts one drift repair.
+func (m *Metrics) DriftRepaired() {
+	if m != nil {
+		m.driftRepairs.Inc()
+	}
+}
+
+// SaveFailed counts one failed state save.
+func (m *Metrics) SaveFailed() {
+	if m != nil {
+		m.saveErrors.Inc()
+	}
+}
+
+// Serve exposes /metrics on addr until ctx ends.
+func (m *Metrics) Serve(ctx context.Context, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
+	defer stop()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
