@@ -16,6 +16,7 @@ import (
 
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -37,7 +38,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		return "", err
 	}
 	sum := []string{"installed " + rs.Summary()}
-	p := newProxy(cfg, ups, fw, log)
+	p := dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -91,7 +92,7 @@ func Remove(ctx context.Context) (bool, error) {
 	return fw.Remove(ctx)
 }
 
-func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger) dnsresolve.Options {
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == "nxdomain" {
 		refuse = dns.RcodeNameError
@@ -104,11 +105,8 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 		Grace:       cfg.DNS.Grace,
 		RefuseRcode: refuse,
 		Logger:      log,
+		Metrics:     m,
 	}
-}
-
-func newProxy(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger) *dnsresolve.Proxy {
-	return dnsresolve.NewProxy(proxyOptions(cfg, ups, allower, log))
 }
 
 // openPinned opens the A and AAAA addresses of name. It returns how many

@@ -17,6 +17,7 @@ import (
 
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -24,35 +25,42 @@ import (
 const (
 	saveInterval   = time.Second     // learned addresses to state_dir, if any were learned
 	statusInterval = 5 * time.Second // systemd status line
-	driftInterval  = 2 * time.Second // backstop for missed monitor events
+	driftInterval  = 2 * time.Second // backstop for missed nftables events
 )
 
 type daemon struct {
-	path  string
-	cfg   *config.Config
-	log   *slog.Logger
-	fw    *rules.Firewall
-	proxy *dnsresolve.Proxy
-	// stopPinned ends the goroutines that keep the pinned names open.
-	stopPinned context.CancelFunc
-	repairs    int
+	path    string
+	version string
+	started time.Time
+	log     *slog.Logger
+	errors  *errorLog
+	metrics *metrics.Metrics
+	fw      *rules.Firewall
+	proxy   *dnsresolve.Proxy
+	// cfg is replaced by reload while the control socket and watchers
+	// read it.
+	cfg     atomic.Pointer[config.Config]
+	repairs atomic.Int64
+
+	// Owned by the main loop.
+	stopPinned context.CancelFunc // ends the goroutines of the pinned names
 	repairLog  *rate.Limiter
-	// containers is read by the link watcher while reload replaces cfg.
-	containers atomic.Pointer[[]string]
-	// nextSave throttles saving a large state file to 5% of the time.
-	nextSave time.Time
-	saved    uint64 // version of the learned addresses last saved
+	nextSave   time.Time // throttles saving a large state file to 5% of the time
+	saved      uint64    // version of the learned addresses last saved
 }
 
+func (d *daemon) config() *config.Config { return d.cfg.Load() }
+
 // Run is the daemon: it installs the ruleset, serves the DNS proxy and keeps
-// pinned names open until ctx ends. It reloads the config on SIGHUP and
-// repairs the ruleset when another process changes it.
+// pinned names open until ctx ends. It reloads the config on SIGHUP,
+// repairs the ruleset when another process changes it, reports blocked
+// connections, and answers on the control socket and the metrics endpoint.
 //
 // Stopping, or dying, leaves the firewall in place (fail closed): learned
 // addresses stay open until their timeouts, everything else stays blocked,
 // and DNS stays redirected to the (then silent) proxy port. Only
 // `egressd remove` opens egress again.
-func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger) error {
+func Run(ctx context.Context, path, version string, cfg *config.Config, log *slog.Logger) error {
 	ups, err := upstreams(cfg)
 	if err != nil {
 		return err
@@ -61,15 +69,20 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 	if err != nil {
 		return err
 	}
-	d := &daemon{path: path, cfg: cfg, log: log, fw: fw,
+	errs := newErrorLog(log.Handler())
+	log = slog.New(errs)
+	d := &daemon{path: path, version: version, started: time.Now(), log: log, errors: errs, fw: fw,
+		metrics:   metrics.New(version, fw.Counts),
 		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
+	d.cfg.Store(cfg)
+	fw.Observe(d.metrics)
 	rs := rules.Build(cfg)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
 	}
 	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups)
 
-	d.proxy = newProxy(cfg, ups, fw, log)
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -85,11 +98,15 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 		return err
 	}
 	log.Info("DNS proxy listening", "port", cfg.DNS.ListenPort)
-	d.notify(sd.SdNotifyReady)
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	go d.background(ctx, "control socket", func() error { return d.serveControl(ctx, cfg.Control.Socket) })
+	if cfg.Metrics.Listen != "" {
+		go d.background(ctx, "metrics", func() error { return d.metrics.Serve(ctx, cfg.Metrics.Listen) })
+	}
+	if cfg.Firewall.NFLOGGroup != 0 {
+		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
+	}
+	go watchLinks(ctx, func() []string { return d.config().Firewall.Containers }, log)
 	changed := make(chan string, 1)
 	go fw.Watch(ctx, func(reason string) {
 		select {
@@ -97,9 +114,11 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 		default: // a repair is already due
 		}
 	})
-	d.containers.Store(&cfg.Firewall.Containers)
-	go watchLinks(ctx, func() []string { return *d.containers.Load() }, log)
+	d.notify(sd.SdNotifyReady)
 
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	save := time.NewTicker(saveInterval)
 	defer save.Stop()
 	status := time.NewTicker(statusInterval)
@@ -128,9 +147,9 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 			d.reload(ctx)
 			d.notify(sd.SdNotifyReady)
 		case reason := <-changed:
-			d.repair(ctx, reason, true)
+			d.repair(ctx, reason)
 		case <-check.C:
-			d.repair(ctx, "", false)
+			d.repair(ctx, "")
 		case now := <-save.C:
 			if d.fw.Version() != d.saved && !now.Before(d.nextSave) {
 				d.save()
@@ -145,13 +164,21 @@ func Run(ctx context.Context, path string, cfg *config.Config, log *slog.Logger)
 	}
 }
 
+// background runs f and logs its failure; egressd keeps enforcing without
+// it.
+func (d *daemon) background(ctx context.Context, what string, f func() error) {
+	if err := f(); err != nil && ctx.Err() == nil {
+		d.log.Error(what+" failed", "err", err)
+	}
+}
+
 func (d *daemon) learned() int {
-	l, _ := d.fw.Learned()
-	return len(l)
+	v4, v6 := d.fw.Counts()
+	return v4 + v6
 }
 
 func (d *daemon) notify(state string) {
-	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", d.learned(), d.repairs)
+	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", d.learned(), d.repairs.Load())
 	if state != "" {
 		status = state + "\n" + status
 	}
@@ -161,7 +188,8 @@ func (d *daemon) notify(state string) {
 func (d *daemon) save() {
 	start := time.Now()
 	learned, version := d.fw.Learned()
-	if err := saveState(d.cfg.StateDir, learned); err != nil {
+	if err := saveState(d.config().StateDir, learned); err != nil {
+		d.metrics.SaveFailed()
 		d.log.Error("learned addresses not saved", "err", err)
 	} else {
 		d.saved = version
@@ -169,44 +197,40 @@ func (d *daemon) save() {
 	d.nextSave = start.Add(20 * time.Since(start))
 }
 
-// repair reinstalls the ruleset if it drifted. force reinstalls even if the
-// structure looks right (set elements were deleted, which Drift does not
-// read).
-func (d *daemon) repair(ctx context.Context, reason string, force bool) {
+// repair reinstalls the ruleset if it drifted. reason is the event that
+// prompted the check ("" for the periodic one); deleted elements are not
+// visible to Drift, so that reason reinstalls whatever Drift says.
+func (d *daemon) repair(ctx context.Context, reason string) {
 	drift, err := d.fw.Drift(ctx)
 	if err != nil {
 		d.log.Error("drift check failed", "err", err)
 		return
 	}
-	if drift == "" && !force {
+	if drift == "" && reason != rules.ReasonElementsDeleted {
 		return
 	}
-	if drift == "" && reason != "" && !isElementDeletion(reason) {
-		return // another process changed something that left us intact
+	cfg := d.config()
+	err = d.fw.Install(ctx, rules.Build(cfg), nil, nil)
+	if err != nil {
+		d.log.Error("drift not repaired", "event", reason, "found", drift, "err", err)
+		return
 	}
-	err = d.fw.Install(ctx, rules.Build(d.cfg), nil, nil)
-	if err == nil {
-		forget(d.cfg, d.log)
-	}
-	d.repairs++
-	if d.repairLog.Allow() || err != nil {
-		if err != nil {
-			d.log.Error("drift not repaired", "event", reason, "found", drift, "err", err)
-			return
-		}
+	forget(cfg, d.log)
+	d.repairs.Add(1)
+	d.metrics.DriftRepaired()
+	if d.repairLog.Allow() {
 		d.log.Warn("drift repaired", "event", reason, "found", drift, "learned", d.learned())
 	}
 }
-
-func isElementDeletion(reason string) bool { return reason == rules.ReasonElementsDeleted }
 
 // reload re-reads the config. An invalid config is logged and the old one
 // stays in force; a valid one is installed atomically, keeping the learned
 // addresses whose names the new config still allows.
 func (d *daemon) reload(ctx context.Context) {
+	old := d.config()
 	cfg, err := config.Load(d.path, os.Environ())
-	if err == nil && cfg.DNS.ListenPort != d.cfg.DNS.ListenPort {
-		err = fmt.Errorf("dns.listen_port cannot change on reload (%d to %d); restart egressd", d.cfg.DNS.ListenPort, cfg.DNS.ListenPort)
+	if err == nil {
+		err = unchangeable(old, cfg)
 	}
 	var ups []netip.AddrPort
 	if err == nil {
@@ -234,11 +258,21 @@ func (d *daemon) reload(ctx context.Context) {
 		return
 	}
 	forget(cfg, d.log)
-	d.cfg = cfg
-	d.containers.Store(&cfg.Firewall.Containers)
-	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log))
+	d.cfg.Store(cfg)
+	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log, d.metrics))
 	d.startPinned(ctx)
 	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", d.learned())
+}
+
+// unchangeable rejects a new config that changes what only a restart can.
+func unchangeable(old, cfg *config.Config) error {
+	switch {
+	case cfg.DNS.ListenPort != old.DNS.ListenPort:
+		return fmt.Errorf("dns.listen_port cannot change on reload (%d to %d); restart egressd", old.DNS.ListenPort, cfg.DNS.ListenPort)
+	case cfg.Control.Socket != old.Control.Socket, cfg.Metrics.Listen != old.Metrics.Listen, cfg.Firewall.NFLOGGroup != old.Firewall.NFLOGGroup:
+		return fmt.Errorf("control.socket, metrics.listen and firewall.nflog_group cannot change on reload; restart egressd")
+	}
+	return nil
 }
 
 // startPinned (re)starts keeping the pinned names of the current config open.
@@ -247,7 +281,7 @@ func (d *daemon) startPinned(ctx context.Context) {
 		d.stopPinned()
 	}
 	ctx, d.stopPinned = context.WithCancel(ctx)
-	for _, name := range d.cfg.Allow.Names {
+	for _, name := range d.config().Allow.Names {
 		go keepPinned(ctx, d.proxy, name, d.log)
 	}
 }

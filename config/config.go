@@ -36,6 +36,8 @@ type Config struct {
 	Firewall Firewall `mapstructure:"firewall"`
 	StateDir string   `mapstructure:"state_dir"`
 	Log      Log      `mapstructure:"log"`
+	Metrics  Metrics  `mapstructure:"metrics"`
+	Control  Control  `mapstructure:"control"`
 }
 
 // Allow says which destinations may be reached.
@@ -72,6 +74,17 @@ type Firewall struct {
 	Host       bool     `mapstructure:"host"`
 	Action     string   `mapstructure:"action"`
 	Mark       uint32   `mapstructure:"mark"`
+	NFLOGGroup uint16   `mapstructure:"nflog_group"`
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	Listen string `mapstructure:"listen"`
+}
+
+// Control configures the control socket of `egressd run`.
+type Control struct {
+	Socket string `mapstructure:"socket"`
 }
 
 // Log configures logging.
@@ -264,6 +277,14 @@ func (c *Config) validate() error {
 	}
 	if c.Firewall.Mark == 0 {
 		bad("firewall.mark: 0 cannot mark egressd's sockets; choose a non-zero mark")
+	}
+	if c.Metrics.Listen != "" {
+		if _, err := netip.ParseAddrPort(c.Metrics.Listen); err != nil {
+			bad("metrics.listen: %q must be \"ip:port\" (such as 127.0.0.1:9253) or empty", c.Metrics.Listen)
+		}
+	}
+	if !path.IsAbs(c.Control.Socket) {
+		bad("control.socket: %q must be an absolute path", c.Control.Socket)
 	}
 	if !path.IsAbs(c.StateDir) {
 		bad("state_dir: %q must be an absolute path", c.StateDir)

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/sys/unix"
@@ -41,6 +42,7 @@ type Options struct {
 	// dns.RcodeNameError).
 	RefuseRcode int
 	Logger      *slog.Logger
+	Metrics     *metrics.Metrics // may be nil
 }
 
 // Proxy is the DNS handler.
@@ -93,6 +95,12 @@ func NewProxy(o Options) *Proxy {
 	return p
 }
 
+// Upstream returns the upstream in use.
+func (p *Proxy) Upstream() *Upstream { return p.conf.Load().opts.Upstream }
+
+// Allowed returns the pattern that allows name, if any.
+func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().matcher.Pattern(name) }
+
 // Update replaces the options; queries already being answered finish with
 // the old ones. The logger is not replaced.
 func (p *Proxy) Update(o Options) {
@@ -120,7 +128,9 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 	ans := &Answer{}
 	target := name
 	for hop := 0; ; hop++ {
+		start := time.Now()
 		resp, err := o.Upstream.Exchange(ctx, target, qtype)
+		o.Metrics.Upstream(time.Since(start))
 		if err != nil {
 			return nil, err
 		}
@@ -132,6 +142,7 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 		target = ans.Chain.Target
 	}
 	if len(ans.Chain.Blocked) > 0 {
+		o.Metrics.Query(metrics.Rebinding)
 		p.log.Warn("rebinding guard removed answers", "name", name, "type", dns.TypeToString[qtype], "addresses", ans.Chain.Blocked)
 	}
 	addrs, ttl := ans.Chain.Addresses()
@@ -201,18 +212,22 @@ func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
 		if p.refusals.Allow() {
 			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype])
 		}
+		conf.opts.Metrics.Query(metrics.Refused)
 		m.Rcode = conf.opts.RefuseRcode
 		return m
 	}
 	if q.Qtype != dns.TypeA && q.Qtype != dns.TypeAAAA {
+		conf.opts.Metrics.Query(metrics.Allowed)
 		return m // NODATA, see Proxy
 	}
 	ans, age, err := p.answer(ctx, conf, q.Name, q.Qtype)
 	if err != nil {
 		p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
+		conf.opts.Metrics.Query(metrics.Servfail)
 		m.Rcode = dns.RcodeServerFailure
 		return m
 	}
+	conf.opts.Metrics.Query(metrics.Allowed)
 	m.Rcode = ans.Rcode
 	m.Answer = aged(ans.Chain.Records(), age)
 	if len(ans.Chain.Addrs) == 0 {

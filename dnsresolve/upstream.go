@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -28,6 +29,42 @@ type Upstream struct {
 	// preferred is the index of the server that answered last; a failing
 	// server is skipped until the next one fails.
 	preferred atomic.Uint32
+
+	mu     sync.Mutex
+	health map[string]*ServerHealth
+}
+
+// ServerHealth is what an Upstream knows about one server.
+type ServerHealth struct {
+	Server    string    `json:"server"`
+	LastOK    time.Time `json:"last_ok,omitzero"`
+	LastError string    `json:"last_error,omitempty"`
+	LastErrAt time.Time `json:"last_error_at,omitzero"`
+}
+
+// Healthy reports whether the server answered since its last failure.
+func (h ServerHealth) Healthy() bool { return !h.LastOK.Before(h.LastErrAt) }
+
+// Health returns the state of each server, in configured order.
+func (u *Upstream) Health() []ServerHealth {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	out := make([]ServerHealth, len(u.servers))
+	for i, s := range u.servers {
+		out[i] = *u.health[s]
+	}
+	return out
+}
+
+func (u *Upstream) record(server string, err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	h := u.health[server]
+	if err == nil {
+		h.LastOK = time.Now()
+		return
+	}
+	h.LastError, h.LastErrAt = err.Error(), time.Now()
 }
 
 // NewUpstream returns an Upstream for servers; each try of one server may
@@ -39,9 +76,11 @@ func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *
 		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
 	}
 	u.idle = make(map[string]chan *dns.Conn, len(servers))
+	u.health = make(map[string]*ServerHealth, len(servers))
 	for _, s := range servers {
 		u.servers = append(u.servers, s.String())
 		u.idle[s.String()] = make(chan *dns.Conn, idlePerServer)
+		u.health[s.String()] = &ServerHealth{Server: s.String()}
 	}
 	return u
 }
@@ -85,6 +124,9 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
 			err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
 		}
+		if err != nil && ctx.Err() == nil {
+			u.record(server, err) // not a failure of the server if the client gave up
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", server, err))
 			if ctx.Err() != nil {
@@ -92,6 +134,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 			}
 			continue
 		}
+		u.record(server, nil)
 		u.preferred.Store(uint32(idx))
 		return resp, nil
 	}

@@ -44,7 +44,7 @@ func Build(cfg *config.Config) *Ruleset {
 	// host share it so they follow exactly the same rules.
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
 		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
-		{Comment: "DNS over TLS would bypass the proxy", Stmts: []Stmt{Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true)}},
+		{Comment: "DNS over TLS would bypass the proxy", Stmts: logged(fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true))},
 		{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: SetAllow4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 	}}
@@ -62,12 +62,12 @@ func Build(cfg *config.Config) *Ruleset {
 		}
 	}
 	if fw.Action == "drop" {
-		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: []Stmt{Drop}})
+		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: logged(fw.NFLOGGroup, LogBlocked, Drop)})
 	} else {
 		egress.Rules = append(egress.Rules,
 			Rule{Comment: "everything else: TCP reset, ICMP administratively prohibited, so clients fail fast",
-				Stmts: []Stmt{L4Proto(TCP), RejectTCP{}}},
-			Rule{Stmts: []Stmt{RejectAdmin{}}})
+				Stmts: logged(fw.NFLOGGroup, LogBlocked, L4Proto(TCP), RejectTCP{})},
+			Rule{Stmts: logged(fw.NFLOGGroup, LogBlocked, RejectAdmin{})})
 	}
 
 	fromContainers := func(comment string, target string) []Rule {
@@ -151,6 +151,16 @@ func Build(cfg *config.Config) *Ruleset {
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
 	return rs
+}
+
+// logged returns stmts with an NFLOG statement before the last one, the
+// verdict, unless group is 0.
+func logged(group uint16, prefix string, stmts ...Stmt) []Stmt {
+	if group == 0 {
+		return stmts
+	}
+	last := len(stmts) - 1
+	return append(append(stmts[:last:last], Log{Prefix: prefix, Group: group}), stmts[last])
 }
 
 func reject(action string, tcp bool) Stmt {

@@ -17,6 +17,8 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/metrics"
 )
 
 // Firewall installs a Ruleset over netlink and keeps the learned-address
@@ -31,8 +33,9 @@ import (
 // never shortens an address's life and an Install keeps every address that
 // is still valid.
 type Firewall struct {
-	conn *nftables.Conn
-	now  func() time.Time
+	conn    *nftables.Conn
+	now     func() time.Time
+	metrics *metrics.Metrics
 
 	// sem serialises transactions; a channel so that waiting honours ctx.
 	sem chan struct{}
@@ -67,6 +70,26 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 
 func table() *nftables.Table {
 	return &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
+}
+
+// Observe makes the Firewall record set updates in m.
+func (f *Firewall) Observe(m *metrics.Metrics) { f.metrics = m }
+
+// Counts returns the number of live learned IPv4 and IPv6 addresses.
+func (f *Firewall) Counts() (v4, v6 int) {
+	now := f.now().UnixMilli()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for a, l := range f.learned {
+		if l.until > now {
+			if a.Is4() {
+				v4++
+			} else {
+				v6++
+			}
+		}
+	}
+	return v4, v6
 }
 
 // Install replaces table inet egressd with rs in one transaction. The

@@ -164,9 +164,11 @@ func (f *Firewall) commit(batch []*request) error {
 		if err := addElements(f.conn, sets[SetAllow6], setElements(maps.All(want), true, now)); err != nil {
 			return fmt.Errorf("add to set %s: %w", SetAllow6, err)
 		}
+		start := time.Now()
 		if err := f.conn.Flush(); err != nil {
 			return fmt.Errorf("add learned addresses: %w", err)
 		}
+		f.metrics.SetUpdate(time.Since(start), len(batch))
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -204,6 +206,15 @@ func (f *Firewall) Version() uint64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.version
+}
+
+// Names returns the names that last resolved to addr, also shortly after
+// the address expired (until the next Learned prunes it).
+func (f *Firewall) Names(addr netip.Addr) (string, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	l, ok := f.learned[addr]
+	return l.names, ok
 }
 
 // Lookup returns the learned element of addr, if it is still allowed.

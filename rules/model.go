@@ -395,3 +395,22 @@ func (LocalDaddr) exprs(map[string]*nftables.Set) []expr.Any {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 	}
 }
+
+// Log sends the packet to userspace through NFLOG group Group, with
+// Prefix; egressd reads the group to report blocked connections.
+type Log struct {
+	Prefix string
+	Group  uint16
+}
+
+func (s Log) text() string { return fmt.Sprintf("log prefix %q group %d", s.Prefix, s.Group) }
+
+func (s Log) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: s.Group, Data: []byte(s.Prefix)}}
+}
+
+// NFLOG prefixes of blocked packets.
+const (
+	LogBlocked = "egressd-blocked"
+	LogDoT     = "egressd-dot"
+)

@@ -324,9 +324,11 @@ dns:
 firewall:
   containers: ["docker0"]
 state_dir: %s
+control:
+  socket: %s
 log:
   level: debug
-`, upstreamDNS, proxyPort, filepath.Join(l.Dir, "state"))
+`, upstreamDNS, proxyPort, filepath.Join(l.Dir, "state"), filepath.Join(l.Dir, "egressd.sock"))
 }
 
 // egressd runs the binary in the host namespace and returns its combined

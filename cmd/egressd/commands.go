@@ -97,9 +97,12 @@ upstreams and opens their addresses. Applying twice gives the same ruleset.`,
 					// overrides it.
 					debug.SetMemoryLimit(daemonMemoryLimit)
 				}
-				return agent.Run(cmd.Context(), configPath, cfg, newLogger(cfg, cmd.ErrOrStderr()))
+				return agent.Run(cmd.Context(), configPath, version, cfg, newLogger(cfg, cmd.ErrOrStderr()))
 			},
 		},
+		newStatusCmd(load),
+		newExplainCmd(load),
+		newListCmd(load),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version",

@@ -1,0 +1,164 @@
+package agent
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+
+	nflog "github.com/florianl/go-nflog/v2"
+	"golang.org/x/time/rate"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/metrics"
+	"github.com/egressd/egressd/rules"
+)
+
+// Blocked is one rejected or dropped outbound connection attempt.
+type Blocked struct {
+	Source    string         `json:"source"`              // "container" or "host"
+	Interface string         `json:"interface,omitempty"` // container bridge
+	From      netip.Addr     `json:"from"`
+	To        netip.AddrPort `json:"to"`
+	Proto     string         `json:"proto"`
+	Reason    string         `json:"reason"` // "not-answered", "expired", "port", "dns-over-tls"
+	// Names that last resolved to To's address, if egressd knows them.
+	Names string `json:"names,omitempty"`
+}
+
+func (b Blocked) String() string {
+	src := "host"
+	if b.Source == "container" {
+		src = fmt.Sprintf("container %s on %s", b.From, b.Interface)
+	}
+	why := map[string]string{
+		"not-answered": "address not answered by egressd",
+		"expired":      "address no longer allowed (its answer expired)",
+		"port":         "port not allowed",
+		"dns-over-tls": "DNS over TLS bypasses the proxy",
+	}[b.Reason]
+	s := fmt.Sprintf("%s -> %s %s: %s", src, b.Proto, b.To, why)
+	if b.Names != "" {
+		s += " (last answered for " + b.Names + ")"
+	} else if b.Reason == "not-answered" {
+		s += " (no name resolved to it through egressd)"
+	}
+	return s
+}
+
+// watchBlocked reads the NFLOG group of the ruleset's reject rules and
+// reports each blocked connection: one log line (rate-limited, so a noisy
+// container cannot flood the journal) and a metric. It returns when ctx
+// ends.
+func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, log *slog.Logger) {
+	nf, err := nflog.Open(&nflog.Config{Group: group, Copymode: nflog.CopyPacket, Bufsize: 128})
+	if err != nil {
+		log.Warn("blocked connections are not reported", "nflog_group", group, "err", err)
+		return
+	}
+	defer nf.Close()
+	limit := rate.NewLimiter(rate.Limit(10), 50)
+	suppressed := 0
+	hook := func(a nflog.Attribute) int {
+		b, ok := parseBlocked(a)
+		if !ok {
+			return 0
+		}
+		if names, known := fw.Names(b.To.Addr()); known && b.Reason == "not-answered" {
+			b.Names = names
+			switch _, live := fw.Lookup(b.To.Addr()); {
+			case !live:
+				b.Reason = "expired"
+			case !slices.Contains(cfg().Allow.Ports, int(b.To.Port())) || b.Proto != "tcp":
+				b.Reason = "port"
+			}
+		}
+		m.Blocked(b.Source, b.Reason)
+		if !limit.Allow() {
+			suppressed++
+			return 0
+		}
+		log.Info("blocked connection", "source", b.Source, "interface", b.Interface, "from", b.From,
+			"to", b.To, "proto", b.Proto, "reason", b.Reason, "names", b.Names, "suppressed_before", suppressed)
+		suppressed = 0
+		return 0
+	}
+	errFn := func(err error) int {
+		if ctx.Err() == nil {
+			log.Debug("nflog", "err", err)
+		}
+		return 0 // keep reading: an overrun loses reports, not enforcement
+	}
+	if err := nf.RegisterWithErrorFunc(ctx, hook, errFn); err != nil {
+		log.Warn("blocked connections are not reported", "err", err)
+		return
+	}
+	<-ctx.Done()
+}
+
+// parseBlocked reads the addresses and ports of a logged packet.
+func parseBlocked(a nflog.Attribute) (Blocked, bool) {
+	if a.Payload == nil || a.Prefix == nil {
+		return Blocked{}, false
+	}
+	b := Blocked{Source: "host", Reason: "not-answered"}
+	if strings.HasPrefix(*a.Prefix, rules.LogDoT) {
+		b.Reason = "dns-over-tls"
+	}
+	if a.InDev != nil {
+		b.Source = "container"
+		if ifc, err := net.InterfaceByIndex(int(*a.InDev)); err == nil {
+			b.Interface = ifc.Name
+		}
+	}
+	p := *a.Payload
+	if len(p) < 1 {
+		return Blocked{}, false
+	}
+	var proto byte
+	var l4 []byte
+	var dst netip.Addr
+	switch p[0] >> 4 {
+	case 4:
+		if len(p) < 20 {
+			return Blocked{}, false
+		}
+		ihl := int(p[0]&0x0f) * 4
+		proto = p[9]
+		b.From = netip.AddrFrom4([4]byte(p[12:16]))
+		dst = netip.AddrFrom4([4]byte(p[16:20]))
+		if len(p) >= ihl {
+			l4 = p[ihl:]
+		}
+	case 6:
+		if len(p) < 40 {
+			return Blocked{}, false
+		}
+		proto = p[6]
+		b.From = netip.AddrFrom16([16]byte(p[8:24]))
+		dst = netip.AddrFrom16([16]byte(p[24:40]))
+		l4 = p[40:]
+	default:
+		return Blocked{}, false
+	}
+	var port uint16
+	switch proto {
+	case 6:
+		b.Proto = "tcp"
+	case 17:
+		b.Proto = "udp"
+	case 1, 58:
+		b.Proto = "icmp"
+	default:
+		b.Proto = fmt.Sprint(proto)
+	}
+	if (proto == 6 || proto == 17) && len(l4) >= 4 {
+		port = binary.BigEndian.Uint16(l4[2:4])
+	}
+	b.To = netip.AddrPortFrom(dst, port)
+	return b, true
+}

@@ -1,0 +1,294 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/rules"
+)
+
+// The control socket answers `egressd status`, `explain` and `list` with
+// JSON over HTTP on a unix socket that only root can open.
+
+// Status is the answer to `egressd status`.
+type Status struct {
+	Version      string                    `json:"version"`
+	Healthy      bool                      `json:"healthy"`
+	Ruleset      string                    `json:"ruleset"` // "in place" or what drifted
+	LearnedIPv4  int                       `json:"learned_ipv4"`
+	LearnedIPv6  int                       `json:"learned_ipv6"`
+	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
+	DriftRepairs int                       `json:"drift_repairs"`
+	Started      time.Time                 `json:"started"`
+	LastErrors   []string                  `json:"last_errors"`
+}
+
+// Explanation is the answer to `egressd explain`.
+type Explanation struct {
+	Query   string `json:"query"`
+	Allowed bool   `json:"allowed"`
+	Reason  string `json:"reason"`
+}
+
+func (e Explanation) String() string {
+	if e.Allowed {
+		return "allowed: " + e.Reason
+	}
+	return "blocked: " + e.Reason
+}
+
+// Entry is one line of `egressd list`.
+type Entry struct {
+	Addr      netip.Addr `json:"addr"`
+	Names     []string   `json:"names"`
+	ExpiresIn string     `json:"expires_in"`
+}
+
+// errorLog is a slog.Handler that passes records on and keeps the last
+// warnings and errors for `egressd status`.
+type errorLog struct {
+	slog.Handler
+	mu   *sync.Mutex
+	last *[]string
+}
+
+const keepErrors = 10
+
+func newErrorLog(h slog.Handler) *errorLog {
+	return &errorLog{Handler: h, mu: &sync.Mutex{}, last: &[]string{}}
+}
+
+func (h *errorLog) Handle(ctx context.Context, r slog.Record) error {
+	if r.Level >= slog.LevelWarn {
+		var b strings.Builder
+		fmt.Fprintf(&b, "%s %s %s", r.Time.Format(time.RFC3339), r.Level, r.Message)
+		r.Attrs(func(a slog.Attr) bool {
+			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+			return true
+		})
+		h.mu.Lock()
+		*h.last = append(*h.last, b.String())
+		if len(*h.last) > keepErrors {
+			*h.last = (*h.last)[len(*h.last)-keepErrors:]
+		}
+		h.mu.Unlock()
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *errorLog) WithAttrs(as []slog.Attr) slog.Handler {
+	return &errorLog{Handler: h.Handler.WithAttrs(as), mu: h.mu, last: h.last}
+}
+
+func (h *errorLog) WithGroup(name string) slog.Handler {
+	return &errorLog{Handler: h.Handler.WithGroup(name), mu: h.mu, last: h.last}
+}
+
+func (h *errorLog) recent() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(*h.last)
+}
+
+// serveControl answers on the control socket until ctx ends.
+func (d *daemon) serveControl(ctx context.Context, path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	_ = os.Remove(path) // left by a killed egressd
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("control socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	reply := func(w http.ResponseWriter, v any) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(v)
+	}
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, d.status(r.Context())) })
+	mux.HandleFunc("GET /v1/explain", func(w http.ResponseWriter, r *http.Request) { reply(w, d.explain(r.URL.Query().Get("q"))) })
+	mux.HandleFunc("GET /v1/list", func(w http.ResponseWriter, r *http.Request) { reply(w, d.list()) })
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
+	defer stop()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func (d *daemon) status(ctx context.Context) Status {
+	v4, v6 := d.fw.Counts()
+	s := Status{Version: d.version, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
+		Upstreams: d.proxy.Upstream().Health(), DriftRepairs: int(d.repairs.Load()), Started: d.started,
+		LastErrors: d.errors.recent()}
+	if drift, err := d.fw.Drift(ctx); err != nil {
+		s.Ruleset = "unknown: " + err.Error()
+	} else if drift != "" {
+		s.Ruleset = "drifted: " + drift
+	}
+	s.Healthy = s.Ruleset == "in place" && slices.ContainsFunc(s.Upstreams, dnsresolve.ServerHealth.Healthy)
+	return s
+}
+
+func (d *daemon) explain(q string) Explanation {
+	e := Explanation{Query: q}
+	cfg := d.config()
+	var addr netip.Addr
+	var port uint16
+	if ap, err := netip.ParseAddrPort(q); err == nil {
+		addr, port = ap.Addr(), ap.Port()
+	} else if a, err := netip.ParseAddr(q); err == nil {
+		addr = a
+	}
+	if !addr.IsValid() {
+		if p, ok := d.proxy.Allowed(q); ok {
+			e.Allowed = true
+			e.Reason = fmt.Sprintf("%s matched %s", q, p)
+			if addrs := d.addrsOf(q); len(addrs) > 0 {
+				e.Reason += "; open now: " + strings.Join(addrs, ", ")
+			}
+		} else {
+			e.Reason = q + " matches no allowed domain"
+		}
+		return e
+	}
+	addr = addr.Unmap()
+	portOK := func(ports []int) bool { return port == 0 || slices.Contains(ports, int(port)) }
+	for _, st := range cfg.Allow.Static {
+		ports := cmpOr(st.Ports, cfg.Allow.Ports)
+		if st.Prefix.Contains(addr) && portOK(ports) {
+			e.Allowed = true
+			e.Reason = fmt.Sprintf("%s is in allow.cidrs %s (ports %v)", addr, st.Prefix, ports)
+			return e
+		}
+	}
+	set := rules.SetAllow4
+	if addr.Is6() {
+		set = rules.SetAllow6
+	}
+	if el, live := d.fw.Lookup(addr); live {
+		left := time.Until(el.Expires).Round(time.Second)
+		what := fmt.Sprintf("%s in %s for another %v (answered for %s)", addr, set, left, el.Names)
+		if !portOK(cfg.Allow.Ports) {
+			e.Reason = fmt.Sprintf("port %d is not allowed (allow.ports %v); %s", port, cfg.Allow.Ports, what)
+			return e
+		}
+		e.Allowed = true
+		e.Reason = what
+		return e
+	}
+	switch names, known := d.fw.Names(addr); {
+	case !dnsresolve.Routable(addr):
+		e.Reason = fmt.Sprintf("%s is a private, loopback or otherwise non-public address: never opened from DNS", addr)
+	case known:
+		e.Reason = fmt.Sprintf("%s was answered for %s, but its time is up; a new answer opens it again", addr, names)
+	default:
+		e.Reason = fmt.Sprintf("%s was not answered by egressd (no allowed name resolved to it) and is in no allow.cidrs", addr)
+	}
+	return e
+}
+
+func cmpOr(a, b []int) []int {
+	if len(a) > 0 {
+		return a
+	}
+	return b
+}
+
+// addrsOf returns the live addresses last answered for name.
+func (d *daemon) addrsOf(name string) []string {
+	fq := strings.ToLower(strings.TrimSuffix(name, ".")) + "."
+	learned, _ := d.fw.Learned()
+	var out []string
+	for _, el := range learned {
+		for n := range strings.SplitSeq(el.Names, ",") {
+			if strings.EqualFold(n, fq) {
+				out = append(out, el.Addr.String())
+				break
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (d *daemon) list() []Entry {
+	learned, _ := d.fw.Learned()
+	slices.SortFunc(learned, func(a, b rules.Element) int { return a.Addr.Compare(b.Addr) })
+	out := make([]Entry, 0, len(learned))
+	for _, el := range learned {
+		var names []string
+		if el.Names != "" {
+			names = strings.Split(el.Names, ",")
+		}
+		out = append(out, Entry{Addr: el.Addr, Names: names, ExpiresIn: time.Until(el.Expires).Round(time.Second).String()})
+	}
+	return out
+}
+
+// Client talks to a running egressd over its control socket.
+type Client struct {
+	http *http.Client
+}
+
+// NewClient returns a Client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{http: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", path)
+		},
+	}}}
+}
+
+func (c *Client) get(ctx context.Context, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://egressd"+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("ask egressd (is `egressd run` running?): %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("ask egressd: %s", resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// Status asks for the daemon's status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	return s, c.get(ctx, "/v1/status", &s)
+}
+
+// Explain asks whether a name or address[:port] is allowed, and why.
+func (c *Client) Explain(ctx context.Context, q string) (Explanation, error) {
+	var e Explanation
+	return e, c.get(ctx, "/v1/explain?"+url.Values{"q": {q}}.Encode(), &e)
+}
+
+// List asks for the learned addresses.
+func (c *Client) List(ctx context.Context) ([]Entry, error) {
+	var l []Entry
+	return l, c.get(ctx, "/v1/list", &l)
+}
