@@ -7,10 +7,14 @@ PREFIX      ?= /usr/local
 DESTDIR     ?=
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: build test unit lint bench install clean
+.PHONY: build demo test unit lint bench install clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
+
+# egressd on its embedded default config in a throw-away sandbox; root.
+demo:
+	bash demo/run.sh
 
 # The whole suite: unit tests, fuzz seeds, end-to-end tests in namespaces.
 test:

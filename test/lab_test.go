@@ -95,7 +95,8 @@ type Lab struct {
 	egressdLog      *syncBuffer
 	egressdDone     chan error
 	stopNSD         func()
-	bin             string // egressd binary to run; default egressdBin
+	bin             string   // egressd binary to run; default egressdBin
+	env             []string // for every egressd started
 }
 
 // newLab builds the network and starts NSD; it is torn down when the test
@@ -335,12 +336,13 @@ log:
 // output and error.
 func (l *Lab) runEgressd(args ...string) (string, error) {
 	cmd := exec.Command("ip", append([]string{"netns", "exec", l.Host, egressdBin}, args...)...)
+	cmd.Env = append(os.Environ(), l.env...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
 
 // startDaemon starts `egressd run` in the host namespace and waits until
-// its proxy answers.
+// its proxy answers. An empty cfg runs the embedded default config.
 func (l *Lab) startDaemon(cfg string, env ...string) {
 	l.t.Helper()
 	if l.egressdLog == nil {
@@ -350,8 +352,12 @@ func (l *Lab) startDaemon(cfg string, env ...string) {
 	if l.bin != "" {
 		bin = l.bin
 	}
-	l.egressd = exec.Command("ip", "netns", "exec", l.Host, bin, "run", "--config", cfg)
-	l.egressd.Env = append(os.Environ(), env...)
+	args := []string{"netns", "exec", l.Host, bin, "run"}
+	if cfg != "" {
+		args = append(args, "--config", cfg)
+	}
+	l.egressd = exec.Command("ip", args...)
+	l.egressd.Env = append(append(os.Environ(), l.env...), env...)
 	l.egressd.Stdout = l.egressdLog
 	l.egressd.Stderr = l.egressdLog
 	if err := l.egressd.Start(); err != nil {
