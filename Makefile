@@ -6,8 +6,11 @@ LDFLAGS     := -s -w -X main.version=$(VERSION)
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+NFPM        := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+GOARCH      ?= $(shell $(GO) env GOARCH)
+DEB_VERSION ?= $(shell git describe --tags 2>/dev/null | sed 's/^v//' || true)
 
-.PHONY: build demo test unit lint bench install clean
+.PHONY: build demo test unit lint bench install deb clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -39,5 +42,18 @@ install: build
 	install -D -m 0644 systemd/egressd-apply.service $(DESTDIR)/etc/systemd/system/egressd-apply.service
 	test -e $(DESTDIR)/etc/egressd/config.yaml || install -D -m 0644 config/default.yaml $(DESTDIR)/etc/egressd/config.yaml
 
+# Debian package (nfpm): binary, units (ExecStart /usr/bin/egressd), the
+# commented config as a conffile, man pages and completions.
+deb:
+	rm -rf build && mkdir -p build/completion
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o build/egressd ./cmd/egressd
+	for u in egressd.service egressd-apply.service; do \
+		sed 's#/usr/local/bin/egressd#/usr/bin/egressd#' systemd/$$u >build/$$u; done
+	build/egressd man build/man
+	build/egressd completion bash >build/completion/egressd.bash
+	build/egressd completion zsh >build/completion/_egressd
+	VERSION=$${DEB_VERSION:-0.0.0~$(VERSION)} GOARCH=$(GOARCH) $(GO) run $(NFPM) pkg \
+		--config packaging/nfpm.yaml --packager deb --target build/
+
 clean:
-	rm -f egressd
+	rm -rf egressd build

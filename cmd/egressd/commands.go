@@ -100,6 +100,7 @@ upstreams and opens their addresses. Applying twice gives the same ruleset.`,
 				return agent.Run(cmd.Context(), configPath, version, cfg, newLogger(cfg, cmd.ErrOrStderr()))
 			},
 		},
+		newManCmd(),
 		newStatusCmd(load),
 		newExplainCmd(load),
 		newListCmd(load),
