@@ -51,19 +51,7 @@ func startUpstream(t *testing.T, zone map[string][]string) *upstreamServer {
 		}
 		_ = w.WriteMsg(m)
 	})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, s := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
-		go func() { _ = s.ActivateAndServe() }()
-		t.Cleanup(func() { _ = s.Shutdown() })
-	}
-	u.addr = netip.MustParseAddrPort(pc.LocalAddr().String())
+	u.addr = netip.MustParseAddrPort(serve(t, h))
 	return u
 }
 
@@ -110,8 +98,9 @@ func bigRRset() []string {
 
 func itoa(i int) string { return netip.AddrFrom4([4]byte{0, 0, 0, byte(i)}).String()[6:] }
 
-// serve starts a Proxy on loopback and returns its address.
-func serve(t *testing.T, p *Proxy) string {
+// serve answers DNS with p over UDP and TCP on one loopback port and
+// returns its address.
+func serve(t *testing.T, p dns.Handler) string {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
