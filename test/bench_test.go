@@ -61,7 +61,6 @@ type benchRow struct {
 	freshLost                    int
 	connectP50, connectP99       float64 // ms
 	connectFail                  int
-	extra                        string
 }
 
 // dnsperfResult is what one dnsperf run reports.

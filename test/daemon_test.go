@@ -23,11 +23,6 @@ func (l *Lab) mustResolve(ns, name string, qtype uint16, want string) {
 	}
 }
 
-func (l *Lab) waitReach(ns, addr string, timeout time.Duration) {
-	l.t.Helper()
-	l.waitFor(addr+" reachable", timeout, func() error { return dial(ns, addr, time.Second) })
-}
-
 func (l *Lab) stateHas(addr string) error {
 	data, err := os.ReadFile(filepath.Join(l.Dir, "state", "learned.tsv"))
 	if err != nil {

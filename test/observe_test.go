@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -115,34 +116,21 @@ func TestStatusExplainList(t *testing.T) {
 
 func scrape(t *testing.T, l *Lab, addr string) map[string]float64 {
 	t.Helper()
-	var body []byte
-	err := inNS(l.Host, func() error {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err != nil {
-			return err
-		}
-		c.Close()
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("metrics endpoint: %v", err)
-	}
-	// The HTTP client's dials happen on other threads: dial by hand.
-	tr := &http.Transport{DialContext: nil}
-	tr.Dial = func(network, a string) (net.Conn, error) {
+	// The endpoint listens in the host namespace: dial there.
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
 		var c net.Conn
 		err := inNS(l.Host, func() (err error) {
-			c, err = net.Dial(network, a)
+			c, err = (&net.Dialer{}).DialContext(ctx, network, a)
 			return err
 		})
 		return c, err
-	}
+	}}
 	resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get("http://" + addr + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	body, _ = io.ReadAll(resp.Body)
+	body, _ := io.ReadAll(resp.Body)
 	out := map[string]float64{}
 	for _, line := range strings.Split(string(body), "\n") {
 		if line == "" || line[0] == '#' {
