@@ -254,3 +254,31 @@ func TestProxyRace(t *testing.T) {
 		t.Errorf("%d of %d fresh names could not be connected at once:\n%s", len(failures), names, strings.Join(failures, "\n"))
 	}
 }
+
+func TestProxyTruncationFailoverAndPinnedRefresh(t *testing.T) {
+	l := newLab(t)
+	cfg := strings.Replace(l.baseConfig(), `upstreams: ["`+upstreamDNS+`"]`, `upstreams: ["198.51.100.99", "`+upstreamDNS+`"]`, 1)
+	cfg = strings.Replace(cfg, `names: ["translatoronprem.blob.core.windows.net"]`, `names: ["ttl2.cognitive.microsoft.com"]`, 1)
+	l.startDaemon(l.writeConfig("egressd.yaml", cfg))
+
+	// The first upstream does not answer: egressd fails over.
+	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+
+	// 60 A records do not fit a UDP answer without EDNS0: truncated, and
+	// complete over TCP; every address is open either way.
+	r, err := query(l.Ctr, otherDNS+":53", "big.cognitive.microsoft.com", dns.TypeA, "udp")
+	if err != nil || !r.Truncated {
+		t.Fatalf("big answer over UDP: truncated=%v err=%v", r != nil && r.Truncated, err)
+	}
+	r, err = query(l.Ctr, otherDNS+":53", "big.cognitive.microsoft.com", dns.TypeA, "tcp")
+	if err != nil || r.Truncated || len(addrs(r)) != 60 {
+		t.Fatalf("big answer over TCP: %d addresses, err=%v", len(addrs(r)), err)
+	}
+	l.mustReach(l.Ctr, "203.0.114.60:443")
+
+	// A pinned name with a 2 s TTL (open 4 s) stays open with no client
+	// asking: egressd refreshes it.
+	l.mustReach(l.Ctr, "203.0.113.19:443")
+	time.Sleep(7 * time.Second)
+	l.mustReach(l.Ctr, "203.0.113.19:443")
+}
