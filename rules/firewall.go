@@ -94,8 +94,9 @@ func (f *Firewall) Counts() (v4, v6 int) {
 
 // Install replaces table inet egressd with rs in one transaction. The
 // learned sets are refilled with every element that is still valid: those
-// the kernel holds now, those this Firewall learned, and keep (addresses
-// from a state file); if allowed is not nil, only elements it accepts.
+// this Firewall learned, keep (addresses from a state file), and, on its
+// first Install, those the kernel holds; if allowed is not nil, only
+// elements it accepts.
 func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, allowed func(Element) bool) error {
 	if err := f.acquire(ctx); err != nil {
 		return err
@@ -103,13 +104,20 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	defer f.release()
 
 	now := f.now()
-	kernel, err := f.kernelElements()
-	if err != nil {
-		return err
-	}
 	f.mu.Lock()
 	merged := maps.Clone(f.learned)
+	first := f.rs == nil
 	f.mu.Unlock()
+	// Once this Firewall installed a table, its own record is the truth (and
+	// reading 100 000 elements back from the kernel takes a second); before
+	// that, the kernel's sets hold what an earlier egressd learned.
+	var kernel []Element
+	if first {
+		var err error
+		if kernel, err = f.kernelElements(); err != nil {
+			return err
+		}
+	}
 	for _, e := range slices.Concat(kernel, keep) {
 		old := merged[e.Addr]
 		merged[e.Addr] = learnedAddr{until: max(old.until, e.Expires.UnixMilli()), names: cmp.Or(old.names, e.Names)}
