@@ -57,6 +57,9 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	conn, err := nftables.New(append([]nftables.ConnOption{
 		nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer),
 	}, opts...)...)
+	if errors.Is(err, unix.EPERM) {
+		return nil, fmt.Errorf("nftables: %w (changing the firewall needs root or CAP_NET_ADMIN)", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
