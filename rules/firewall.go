@@ -34,6 +34,7 @@ import (
 // is still valid.
 type Firewall struct {
 	conn    *nftables.Conn
+	opts    []nftables.ConnOption
 	now     func() time.Time
 	metrics *metrics.Metrics
 
@@ -54,9 +55,8 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	// One lasting netlink socket: dialling one per transaction costs more
 	// than a small batch itself. Its send buffer must hold a whole
 	// transaction, which with every learned address can be megabytes.
-	conn, err := nftables.New(append([]nftables.ConnOption{
-		nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer),
-	}, opts...)...)
+	opts = append([]nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer)}, opts...)
+	conn, err := nftables.New(opts...)
 	if errors.Is(err, unix.EPERM) {
 		return nil, fmt.Errorf("nftables: %w (changing the firewall needs root or CAP_NET_ADMIN)", err)
 	}
@@ -65,6 +65,7 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	}
 	return &Firewall{
 		conn:    conn,
+		opts:    opts,
 		now:     time.Now,
 		sem:     make(chan struct{}, 1),
 		learned: map[netip.Addr]learnedAddr{},
@@ -151,10 +152,10 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 			}
 		}
 		if err := c.AddSet(ns, nil); err != nil {
-			return fmt.Errorf("install set %s: %w", s.Name, err)
+			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
 		}
 		if err := addElements(c, ns, elems); err != nil {
-			return fmt.Errorf("install set %s: %w", s.Name, err)
+			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
 		}
 		sets[s.Name] = ns
 	}
@@ -184,6 +185,19 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	f.version++
 	f.mu.Unlock()
 	return nil
+}
+
+// abort drops a transaction that failed before it was sent: the
+// connection buffers messages until Flush, and the next Flush must not send
+// half a table. The caller holds sem.
+func (f *Firewall) abort(err error) error {
+	_ = f.conn.CloseLasting()
+	if conn, cerr := nftables.New(f.opts...); cerr == nil {
+		f.conn = conn
+	} else {
+		err = errors.Join(err, fmt.Errorf("reconnect to nftables: %w", cerr))
+	}
+	return err
 }
 
 func (r Rule) exprs(sets map[string]*nftables.Set) []expr.Any {

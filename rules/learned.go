@@ -159,10 +159,10 @@ func (f *Firewall) commit(batch []*request) error {
 			return errors.New("add learned addresses: ruleset not installed")
 		}
 		if err := addElements(f.conn, sets[SetAllow4], setElements(maps.All(want), false, now)); err != nil {
-			return fmt.Errorf("add to set %s: %w", SetAllow4, err)
+			return f.abort(fmt.Errorf("add to set %s: %w", SetAllow4, err))
 		}
 		if err := addElements(f.conn, sets[SetAllow6], setElements(maps.All(want), true, now)); err != nil {
-			return fmt.Errorf("add to set %s: %w", SetAllow6, err)
+			return f.abort(fmt.Errorf("add to set %s: %w", SetAllow6, err))
 		}
 		start := time.Now()
 		if err := f.conn.Flush(); err != nil {
