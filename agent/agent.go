@@ -33,6 +33,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	if err != nil {
 		return "", err
 	}
+	fw.Limit(cfg.Firewall.MaxLearned)
 	rs := rules.Build(cfg)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return "", err

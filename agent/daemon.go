@@ -76,6 +76,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
+	fw.Limit(cfg.Firewall.MaxLearned)
 	rs := rules.Build(cfg)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
@@ -258,6 +259,7 @@ func (d *daemon) reload(ctx context.Context) {
 		return
 	}
 	forget(cfg, d.log)
+	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
 	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log, d.metrics))
 	d.startPinned(ctx)

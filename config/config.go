@@ -75,6 +75,7 @@ type Firewall struct {
 	Action     string   `mapstructure:"action"`
 	Mark       uint32   `mapstructure:"mark"`
 	NFLOGGroup uint16   `mapstructure:"nflog_group"`
+	MaxLearned int      `mapstructure:"max_learned"`
 }
 
 // Metrics configures the Prometheus endpoint.
@@ -274,6 +275,9 @@ func (c *Config) validate() error {
 	dupes(&errs, "firewall.containers", c.Firewall.Containers, strings.TrimSpace)
 	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
 		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)
+	}
+	if c.Firewall.MaxLearned < 1 {
+		bad("firewall.max_learned: %d must be at least 1", c.Firewall.MaxLearned)
 	}
 	if c.Firewall.Mark == 0 {
 		bad("firewall.mark: 0 cannot mark egressd's sockets; choose a non-zero mark")

@@ -58,9 +58,9 @@ type Proxy struct {
 	log    *slog.Logger
 	now    func() time.Time
 	flight singleflight.Group // one upstream query per name and type at a time
-	// refusals limits "refused" log lines so a noisy client cannot flood the
-	// journal.
-	refusals *rate.Limiter
+	// refusals and failures limit log lines so that a noisy client cannot
+	// flood the journal.
+	refusals, failures *rate.Limiter
 }
 
 // Time budgets for one client query.
@@ -90,6 +90,7 @@ func NewProxy(o Options) *Proxy {
 		log:      o.Logger,
 		now:      time.Now,
 		refusals: rate.NewLimiter(rate.Limit(5), 20),
+		failures: rate.NewLimiter(rate.Limit(5), 20),
 	}
 	p.Update(o)
 	return p
@@ -222,7 +223,9 @@ func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
 	}
 	ans, age, err := p.answer(ctx, conf, q.Name, q.Qtype)
 	if err != nil {
-		p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
+		if p.failures.Allow() {
+			p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
+		}
 		conf.opts.Metrics.Query(metrics.Servfail)
 		m.Rcode = dns.RcodeServerFailure
 		return m

@@ -40,6 +40,8 @@ type Firewall struct {
 
 	// sem serialises transactions; a channel so that waiting honours ctx.
 	sem chan struct{}
+	// limit bounds the learned addresses (0: no bound).
+	limit int
 
 	mu      sync.Mutex
 	rs      *Ruleset
@@ -78,6 +80,16 @@ func table() *nftables.Table {
 
 // Observe makes the Firewall record set updates in m.
 func (f *Firewall) Observe(m *metrics.Metrics) { f.metrics = m }
+
+// Limit bounds the learned addresses: Allow refuses new ones beyond n.
+func (f *Firewall) Limit(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.limit = n
+}
+
+// ErrFull is returned by Allow when the learned addresses reached the limit.
+var ErrFull = errors.New("learned-address limit reached (firewall.max_learned): not opening new addresses")
 
 // Counts returns the number of live learned IPv4 and IPv6 addresses.
 func (f *Firewall) Counts() (v4, v6 int) {

@@ -45,3 +45,23 @@ func TestInstallKeepsManyElements(t *testing.T) {
 		t.Errorf("after a shorter answer: %+v %v", e, ok)
 	}
 }
+
+func TestLimit(t *testing.T) {
+	fw := newTestFirewall(t)
+	fw.Limit(3)
+	ctx := context.Background()
+	until := time.Now().Add(time.Hour)
+	if err := fw.Allow(ctx, "a.", []netip.Addr{addr(1), addr(2), addr(3)}, until); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Allow(ctx, "b.", []netip.Addr{addr(4)}, until); err != ErrFull {
+		t.Errorf("a fourth address: %v, want ErrFull", err)
+	}
+	if _, ok := fw.Lookup(addr(4)); ok {
+		t.Error("the refused address was learned")
+	}
+	// Known addresses may still be extended.
+	if err := fw.Allow(ctx, "a.", []netip.Addr{addr(2)}, until.Add(time.Hour)); err != nil {
+		t.Errorf("extending a known address: %v", err)
+	}
+}

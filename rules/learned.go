@@ -133,6 +133,23 @@ func (f *Firewall) covered(name string, addrs []netip.Addr, until time.Time) boo
 	return true
 }
 
+// fits reports whether the learned addresses stay within the limit with
+// the addresses of want added.
+func (f *Firewall) fits(want map[netip.Addr]int64) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.limit == 0 {
+		return true
+	}
+	n := len(f.learned)
+	for a := range want {
+		if _, ok := f.learned[a]; !ok {
+			n++
+		}
+	}
+	return n <= f.limit
+}
+
 // headroom is how much longer than asked an extended life lasts.
 func headroom(now, until time.Time) time.Duration {
 	return until.Sub(now) / 8
@@ -154,6 +171,12 @@ func (f *Firewall) commit(batch []*request) error {
 		}
 	}
 	f.mu.Unlock()
+	if !f.fits(want) {
+		f.Learned() // prunes expired addresses, which may make room
+		if !f.fits(want) {
+			return ErrFull
+		}
+	}
 	if len(want) > 0 {
 		if sets == nil {
 			return errors.New("add learned addresses: ruleset not installed")
