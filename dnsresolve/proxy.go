@@ -144,7 +144,9 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 	}
 	if len(ans.Chain.Blocked) > 0 {
 		o.Metrics.Query(metrics.Rebinding)
-		p.log.Warn("rebinding guard removed answers", "name", name, "type", dns.TypeToString[qtype], "addresses", ans.Chain.Blocked)
+		if p.failures.Allow() {
+			p.log.Warn("rebinding guard removed answers", "name", name, "type", dns.TypeToString[qtype], "addresses", ans.Chain.Blocked)
+		}
 	}
 	addrs, ttl := ans.Chain.Addresses()
 	if len(addrs) == 0 {
