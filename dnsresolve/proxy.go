@@ -103,9 +103,13 @@ func (p *Proxy) Upstream() *Upstream { return p.conf.Load().opts.Upstream }
 func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().matcher.Pattern(name) }
 
 // Update replaces the options; queries already being answered finish with
-// the old ones. The logger is not replaced.
+// the old ones, and the old upstream's idle sockets are closed. The logger
+// is not replaced.
 func (p *Proxy) Update(o Options) {
-	p.conf.Store(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache()})
+	old := p.conf.Swap(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache()})
+	if old != nil && old.opts.Upstream != o.Upstream {
+		old.opts.Upstream.Close()
+	}
 }
 
 // Answer is the result of resolving one allowed name.
@@ -179,9 +183,7 @@ func soa(ns []dns.RR) []dns.RR {
 
 // ServeDNS answers one client query.
 func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
-	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
-	defer cancel()
-	m := p.reply(ctx, r)
+	m := p.reply(r)
 	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
 		size := dns.MinMsgSize
 		if opt := r.IsEdns0(); opt != nil {
@@ -194,7 +196,7 @@ func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	}
 }
 
-func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
+func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.RecursionAvailable = true
@@ -223,6 +225,10 @@ func (p *Proxy) reply(ctx context.Context, r *dns.Msg) *dns.Msg {
 		conf.opts.Metrics.Query(metrics.Allowed)
 		return m // NODATA, see Proxy
 	}
+	// Only now a deadline: refusals, the bulk of a noisy client's queries,
+	// need none.
+	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
+	defer cancel()
 	ans, age, err := p.answer(ctx, conf, q.Name, q.Qtype)
 	if err != nil {
 		if p.failures.Allow() {

@@ -32,6 +32,26 @@ type Upstream struct {
 
 	mu     sync.Mutex
 	health map[string]*ServerHealth
+	closed bool // no more idle sockets are kept
+}
+
+// Close closes the idle sockets; queries under way finish, and their
+// sockets are closed after them.
+func (u *Upstream) Close() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.closed = true
+	for _, idle := range u.idle {
+		for {
+			select {
+			case c := <-idle:
+				c.Close()
+				continue
+			default:
+			}
+			break
+		}
+	}
 }
 
 // ServerHealth is what an Upstream knows about one server.
@@ -141,6 +161,21 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
 }
 
+// release keeps conn for the next query, unless the Upstream is closed or
+// enough are idle.
+func (u *Upstream) release(server string, conn *dns.Conn) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !u.closed {
+		select {
+		case u.idle[server] <- conn:
+			return
+		default:
+		}
+	}
+	conn.Close()
+}
+
 // idlePerServer bounds the idle UDP sockets kept per upstream.
 const idlePerServer = 64
 
@@ -163,11 +198,7 @@ func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (
 		conn.Close() // may still receive the late answer
 		return nil, err
 	}
-	select {
-	case u.idle[server] <- conn:
-	default:
-		conn.Close()
-	}
+	u.release(server, conn)
 	if resp.Truncated {
 		q.Id = dns.Id()
 		resp, _, err = u.tcp.ExchangeContext(ctx, q, server)
