@@ -31,6 +31,12 @@ type Allower interface {
 	Allow(ctx context.Context, name string, addrs []netip.Addr, until time.Time) error
 }
 
+// coverer is implemented by Allowers that can tell without waiting that
+// addresses are open long enough already (rules.Firewall).
+type coverer interface {
+	Covered(name string, addrs []netip.Addr, until time.Time) bool
+}
+
 // Options configure a Proxy.
 type Options struct {
 	Domains  []string  // allow-list patterns, see Matcher
@@ -225,11 +231,7 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 		conf.opts.Metrics.Query(metrics.Allowed)
 		return m // NODATA, see Proxy
 	}
-	// Only now a deadline: refusals, the bulk of a noisy client's queries,
-	// need none.
-	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
-	defer cancel()
-	ans, age, err := p.answer(ctx, conf, q.Name, q.Qtype)
+	ans, age, err := p.answer(conf, q.Name, q.Qtype)
 	if err != nil {
 		if p.failures.Allow() {
 			p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
@@ -249,20 +251,26 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 
 // answer returns the answer for an allowed name from the cache or the
 // upstream, with its addresses open in the firewall, and its age in seconds.
-func (p *Proxy) answer(ctx context.Context, conf *proxyConf, name string, qtype uint16) (*Answer, uint32, error) {
+// Deadlines are made only where waiting may happen: most cache hits find
+// their addresses open long enough and need none.
+func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uint32, error) {
 	k := key(name, qtype)
 	if e, age := conf.cache.get(k, p.now()); e != nil {
 		if len(e.addrs) > 0 {
 			until := p.now().Add(Lifetime(e.ttl-min(age, e.ttl), conf.opts.MinTTL, conf.opts.Grace))
-			actx, cancel := context.WithTimeout(ctx, allowTimeout)
-			defer cancel()
-			if err := conf.opts.Allower.Allow(actx, k.name, e.addrs, until); err != nil {
-				return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
+			if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(k.name, e.addrs, until) {
+				ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
+				defer cancel()
+				if err := conf.opts.Allower.Allow(ctx, k.name, e.addrs, until); err != nil {
+					return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
+				}
 			}
 		}
 		return e.ans, age, nil
 	}
-	v, err, _ := p.flight.Do(fmt.Sprint(k), func() (any, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
+	defer cancel()
+	v, err, _ := p.flight.Do(k.name+dns.TypeToString[qtype], func() (any, error) {
 		ans, err := p.resolve(ctx, conf.opts, k.name, qtype)
 		if err == nil {
 			conf.cache.put(k, ans, p.now())

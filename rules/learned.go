@@ -79,7 +79,7 @@ type request struct {
 // asked for, see headroom), so that the repeated answers of a busy name do
 // not each cost a kernel update.
 func (f *Firewall) Allow(ctx context.Context, name string, addrs []netip.Addr, until time.Time) error {
-	if f.covered(name, addrs, until) {
+	if f.Covered(name, addrs, until) {
 		return nil
 	}
 	req := &request{name: name, addrs: addrs, until: until, done: make(chan error, 1)}
@@ -111,9 +111,9 @@ func (f *Firewall) Allow(ctx context.Context, name string, addrs []netip.Addr, u
 	}
 }
 
-// covered reports whether every address already lives until until; if so,
-// it records name for them.
-func (f *Firewall) covered(name string, addrs []netip.Addr, until time.Time) bool {
+// Covered reports, without waiting, whether every address already lives
+// until until; if so, it records name for them.
+func (f *Firewall) Covered(name string, addrs []netip.Addr, until time.Time) bool {
 	u := until.UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
