@@ -162,10 +162,19 @@ func TestProxy(t *testing.T) {
 		refused(l.Host, "www.example.com", dns.TypeA)
 		l.mustNotReach(l.Host, "203.0.113.50:443")
 		l.mustNotReach(l.Host, "203.0.113.10:80")
-		r, err := query(l.Host, upstreamDNS+":53", "www.example.com", dns.TypeA, "tcp")
-		if err != nil || r.Rcode != dns.RcodeRefused {
-			t.Errorf("host DNS over TCP to the upstream: %v %v", r, err)
+		for _, server := range []string{upstreamDNS + ":53", "[2001:db8:53::53]:53"} {
+			for _, network := range []string{"udp", "tcp"} {
+				r, err := query(l.Host, server, "www.example.com", dns.TypeA, network)
+				if err != nil || r.Rcode != dns.RcodeRefused {
+					t.Errorf("host DNS over %s to %s: %v %v", network, server, r, err)
+				}
+			}
 		}
+		r, err := query(l.Host, "[2001:db8:53::53]:53", "dual.cognitive.microsoft.com", dns.TypeAAAA, "udp")
+		if err != nil || !slices.Equal(addrs(r), []string{"2001:db8:100::16"}) {
+			t.Fatalf("host AAAA over IPv6: %v %v", r, err)
+		}
+		l.mustReach(l.Host, "[2001:db8:100::16]:443")
 	})
 	t.Run("the proxy is not an open resolver", func(t *testing.T) {
 		for _, network := range []string{"udp", "tcp"} {
