@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 
 need=()
-for cmd in nft:nftables ip:iproute2 nsd:nsd dnsperf:dnsperf dnsmasq:dnsmasq-base; do
+for cmd in nft:nftables ip:iproute2 sysctl:procps nsd:nsd dnsperf:dnsperf dnsmasq:dnsmasq-base; do
 	command -v "${cmd%%:*}" >/dev/null || need+=("${cmd#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

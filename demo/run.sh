@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 need=()
-for cmd in nft:nftables ip:iproute2 nsd:nsd; do
+for cmd in nft:nftables ip:iproute2 sysctl:procps nsd:nsd; do
 	command -v "${cmd%%:*}" >/dev/null || need+=("${cmd#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -76,9 +76,9 @@ func labUnavailable() string {
 	if os.Geteuid() != 0 {
 		return "they need root (network namespaces and nftables)"
 	}
-	for _, tool := range []string{"ip", "nft", "nsd"} {
+	for _, tool := range []string{"ip", "nft", "nsd", "sysctl"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			return tool + " is not installed (apt-get install iproute2 nftables nsd)"
+			return tool + " is not installed (apt-get install iproute2 nftables nsd procps)"
 		}
 	}
 	return ""
