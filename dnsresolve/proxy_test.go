@@ -239,3 +239,24 @@ func TestProxyMalformed(t *testing.T) {
 		t.Errorf("after junk: %v", r)
 	}
 }
+
+// A cached answer is served without asking upstream, and still reopens its
+// addresses: the firewall must never expire an address a client was just
+// given.
+func TestProxyCacheHitReopens(t *testing.T) {
+	rec := &recorder{}
+	_, up, addr := newTestProxy(t, rec)
+	for range 3 {
+		r := ask(t, addr, "myres.cognitiveservices.azure.com.", dns.TypeA, "udp", false)
+		if len(r.Answer) != 2 {
+			t.Fatalf("answer: %v", r)
+		}
+	}
+	// One question upstream for the chain, one for its incomplete end.
+	if n := up.queries.Load(); n != 2 {
+		t.Errorf("upstream asked %d times for three identical questions, want 2", n)
+	}
+	if got := rec.opened(); len(got) != 3 {
+		t.Errorf("addresses opened %d times, want once per answer (3)", len(got))
+	}
+}
