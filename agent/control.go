@@ -126,7 +126,23 @@ func (d *daemon) serveControl(ctx context.Context, path string) error {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, d.status(r.Context())) })
 	mux.HandleFunc("GET /v1/explain", func(w http.ResponseWriter, r *http.Request) { reply(w, d.explain(r.URL.Query().Get("q"))) })
 	mux.HandleFunc("GET /v1/list", func(w http.ResponseWriter, r *http.Request) { reply(w, d.list()) })
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return serveHTTP(ctx, ln, mux)
+}
+
+// serveMetrics exposes /metrics on addr until ctx ends.
+func (d *daemon) serveMetrics(ctx context.Context, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", d.metrics.Handler())
+	return serveHTTP(ctx, ln, mux)
+}
+
+// serveHTTP serves h on ln until ctx ends.
+func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()
 	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {

@@ -102,7 +102,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 
 	go d.background(ctx, "control socket", func() error { return d.serveControl(ctx, cfg.Control.Socket) })
 	if cfg.Metrics.Listen != "" {
-		go d.background(ctx, "metrics", func() error { return d.metrics.Serve(ctx, cfg.Metrics.Listen) })
+		go d.background(ctx, "metrics", func() error { return d.serveMetrics(ctx, cfg.Metrics.Listen) })
 	}
 	if cfg.Firewall.NFLOGGroup != 0 {
 		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)

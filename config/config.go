@@ -217,10 +217,11 @@ func (c *Config) validate() error {
 		}
 	}
 	dupes(&errs, "allow.ports", c.Allow.Ports, strconv.Itoa)
+	allowed := dnsresolve.NewMatcher(c.Allow.Domains)
 	for i, n := range c.Allow.Names {
 		if err := checkDomain(n, false); err != nil {
 			bad("allow.names[%d]: %q %v", i, n, err)
-		} else if !c.allowsName(n) {
+		} else if !allowed.Match(n) {
 			bad("allow.names[%d]: %q is not allowed by allow.domains", i, n)
 		}
 	}
@@ -302,10 +303,6 @@ func (c *Config) validate() error {
 		bad("log.format: %q must be \"text\" or \"json\"", c.Log.Format)
 	}
 	return errors.Join(errs...)
-}
-
-func (c *Config) allowsName(n string) bool {
-	return dnsresolve.NewMatcher(c.Allow.Domains).Match(n)
 }
 
 func dupes[T any](errs *[]error, field string, items []T, key func(T) string) {

@@ -70,11 +70,10 @@ func Build(cfg *config.Config) *Ruleset {
 			Rule{Stmts: logged(fw.NFLOGGroup, LogBlocked, RejectAdmin{})})
 	}
 
-	fromContainers := func(comment string, target string) []Rule {
+	fromContainers := func(target string) []Rule {
 		var rs []Rule
 		for _, c := range fw.Containers {
-			rs = append(rs, Rule{Comment: comment, Stmts: []Stmt{IfName{Pattern: c}, Jump(target)}})
-			comment = ""
+			rs = append(rs, Rule{Stmts: []Stmt{IfName{Pattern: c}, Jump(target)}})
 		}
 		return rs
 	}
@@ -91,7 +90,7 @@ func Build(cfg *config.Config) *Ruleset {
 
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
 		Comment: "containers: inbound and published ports are not touched",
-		Rules:   fromContainers("", "container_egress")}
+		Rules:   fromContainers("container_egress")}
 
 	proxyIn := Chain{Name: "dns_proxy_in", Comment: "the proxy answers the host and containers only, never the outside",
 		Rules: []Rule{{Stmts: []Stmt{IfName{Pattern: "lo"}, Accept}}}}
@@ -112,7 +111,7 @@ func Build(cfg *config.Config) *Ruleset {
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}},
 		}}
 	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityDstNAT},
-		Rules: fromContainers("", "dns_redirect")}
+		Rules: fromContainers("dns_redirect")}
 
 	rs.Chains = []Chain{egress, containerEgress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
 
