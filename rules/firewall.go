@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -33,8 +34,9 @@ import (
 // never shortens an address's life and an Install keeps every address that
 // is still valid.
 type Firewall struct {
-	conn    *nftables.Conn
-	opts    []nftables.ConnOption
+	conn     *nftables.Conn
+	opts     []nftables.ConnOption
+	dumpOpts []nftables.ConnOption // a short-lived connection for reading
 	now     func() time.Time
 	metrics *metrics.Metrics
 
@@ -49,6 +51,10 @@ type Firewall struct {
 	learned map[netip.Addr]learnedAddr
 	version uint64 // counts changes of learned, for savers
 	queue   []*request
+	// touched collects the addresses committed while an audit reads the
+	// kernel (nil otherwise); installs counts Installs.
+	touched  map[netip.Addr]bool
+	installs atomic.Uint64
 }
 
 // NewFirewall returns a Firewall that talks to the kernel through a new
@@ -57,6 +63,7 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 	// One lasting netlink socket: dialling one per transaction costs more
 	// than a small batch itself. Its send buffer must hold a whole
 	// transaction, which with every learned address can be megabytes.
+	dumpOpts := opts
 	opts = append([]nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer)}, opts...)
 	conn, err := nftables.New(opts...)
 	if errors.Is(err, unix.EPERM) {
@@ -66,8 +73,9 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
 	return &Firewall{
-		conn:    conn,
-		opts:    opts,
+		conn:     conn,
+		opts:     opts,
+		dumpOpts: dumpOpts,
 		now:     time.Now,
 		sem:     make(chan struct{}, 1),
 		learned: map[netip.Addr]learnedAddr{},
@@ -129,9 +137,14 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	// that, the kernel's sets hold what an earlier egressd learned.
 	var kernel []Element
 	if first {
-		var err error
-		if kernel, err = f.kernelElements(); err != nil {
+		elems, err := f.readLearnedSets()
+		if err != nil {
 			return err
+		}
+		for _, k := range elems {
+			if k.expires != 0 {
+				kernel = append(kernel, Element{Addr: k.addr, Expires: time.UnixMilli(k.expires)})
+			}
 		}
 	}
 	for _, e := range slices.Concat(kernel, keep) {
@@ -195,6 +208,7 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	f.mu.Lock()
 	f.rs, f.sets, f.learned = rs, sets, merged
 	f.version++
+	f.installs.Add(1)
 	f.mu.Unlock()
 	return nil
 }
@@ -229,6 +243,48 @@ const maxElementsPerMessage = 1000
 func addElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
 	for chunk := range slices.Chunk(elems, maxElementsPerMessage) {
 		if err := c.SetAddElements(s, chunk); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setLives queues, for the next Flush, that each address of lives lives
+// in its set until its until (Unix ms). The caller holds sem.
+//
+// Addresses the kernel may hold already are replaced (replace), not
+// re-added: re-adding an existing element changes neither its timeout nor
+// its expiry before Linux 6.12, and from 6.12 only if the new timeout
+// differs from the old one. Add, delete, add of the same key in one
+// transaction resets the expiry on every kernel; the first add makes the
+// delete safe when the element is absent (expired a moment ago), which
+// would otherwise fail the whole transaction with ENOENT.
+func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]int64, replace bool, now time.Time) error {
+	for _, v6 := range []bool{false, true} {
+		name := SetAllow4
+		if v6 {
+			name = SetAllow6
+		}
+		elems := setElements(maps.All(lives), v6, now)
+		if len(elems) == 0 {
+			continue
+		}
+		s := sets[name]
+		err := addElements(f.conn, s, elems)
+		if replace {
+			err = errors.Join(err, delElements(f.conn, s, elems), addElements(f.conn, s, elems))
+		}
+		if err != nil {
+			return f.abort(fmt.Errorf("set lifetimes in set %s: %w", name, err))
+		}
+	}
+	return nil
+}
+
+// delElements queues the deletion of elems (by key) like addElements.
+func delElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
+	for chunk := range slices.Chunk(elems, maxElementsPerMessage) {
+		if err := c.SetDeleteElements(s, chunk); err != nil {
 			return err
 		}
 	}
@@ -299,34 +355,6 @@ func setElements(untils iter.Seq2[netip.Addr, int64], v6 bool, now time.Time) []
 func timeout(until int64, now time.Time) time.Duration {
 	d := time.UnixMilli(until).Sub(now)
 	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
-}
-
-// kernelElements reads the learned sets of the installed table. A missing
-// table or set is not an error: there is nothing to keep.
-func (f *Firewall) kernelElements() ([]Element, error) {
-	now := f.now()
-	var out []Element
-	for _, name := range []string{SetAllow4, SetAllow6} {
-		s, err := f.conn.GetSetByName(table(), name)
-		if err != nil {
-			if errors.Is(err, unix.ENOENT) {
-				continue
-			}
-			return nil, fmt.Errorf("read set %s: %w", name, err)
-		}
-		elems, err := f.conn.GetSetElements(s)
-		if err != nil {
-			return nil, fmt.Errorf("read set %s: %w", name, err)
-		}
-		for _, e := range elems {
-			a, ok := netip.AddrFromSlice(e.Key)
-			if !ok || e.Expires <= 0 {
-				continue
-			}
-			out = append(out, Element{Addr: a, Expires: now.Add(e.Expires)})
-		}
-	}
-	return out, nil
 }
 
 // Remove deletes table inet egressd. It reports whether the table existed.

@@ -25,7 +25,7 @@ func TestInstallKeepsManyElements(t *testing.T) {
 	if err := fw.Install(ctx, Build(loadConfig(t, "")), nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	kernel, err := fw.kernelElements()
+	kernel, err := fw.readLearnedSets()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,8 +33,8 @@ func TestInstallKeepsManyElements(t *testing.T) {
 		t.Fatalf("kernel holds %d elements after reinstall, want %d", len(kernel), n+1)
 	}
 	for _, e := range kernel {
-		if e.Expires.Before(until.Add(-time.Second)) {
-			t.Fatalf("%v expires at %v, before %v", e.Addr, e.Expires, until)
+		if time.UnixMilli(e.expires).Before(until.Add(-time.Second)) {
+			t.Fatalf("%v expires at %v, before %v", e.addr, time.UnixMilli(e.expires), until)
 		}
 	}
 	// A shorter answer later does not shorten it.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"iter"
-	"maps"
 	"net/netip"
 	"strings"
 	"time"
@@ -170,6 +169,17 @@ func (f *Firewall) commit(batch []*request) error {
 			}
 		}
 	}
+	// Addresses the kernel may still hold are replaced, the others only
+	// added (see setLives); the kernel's clock may run a jiffy behind.
+	fresh, extend := map[netip.Addr]int64{}, map[netip.Addr]int64{}
+	held := now.Add(-time.Second).UnixMilli()
+	for a, u := range want {
+		if f.learned[a].until > held {
+			extend[a] = u
+		} else {
+			fresh[a] = u
+		}
+	}
 	f.mu.Unlock()
 	if !f.fits(want) {
 		f.Learned() // prunes expired addresses, which may make room
@@ -181,11 +191,11 @@ func (f *Firewall) commit(batch []*request) error {
 		if sets == nil {
 			return errors.New("add learned addresses: ruleset not installed")
 		}
-		if err := addElements(f.conn, sets[SetAllow4], setElements(maps.All(want), false, now)); err != nil {
-			return f.abort(fmt.Errorf("add to set %s: %w", SetAllow4, err))
+		if err := f.setLives(sets, fresh, false, now); err != nil {
+			return err
 		}
-		if err := addElements(f.conn, sets[SetAllow6], setElements(maps.All(want), true, now)); err != nil {
-			return f.abort(fmt.Errorf("add to set %s: %w", SetAllow6, err))
+		if err := f.setLives(sets, extend, true, now); err != nil {
+			return err
 		}
 		start := time.Now()
 		if err := f.conn.Flush(); err != nil {
@@ -201,6 +211,9 @@ func (f *Firewall) commit(batch []*request) error {
 			l.until = max(l.until, want[a])
 			l.names = withName(l.names, r.name)
 			f.learned[a] = l
+			if f.touched != nil {
+				f.touched[a] = true
+			}
 		}
 	}
 	f.version++
