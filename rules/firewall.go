@@ -37,8 +37,8 @@ type Firewall struct {
 	conn     *nftables.Conn
 	opts     []nftables.ConnOption
 	dumpOpts []nftables.ConnOption // a short-lived connection for reading
-	now     func() time.Time
-	metrics *metrics.Metrics
+	now      func() time.Time
+	metrics  *metrics.Metrics
 
 	// sem serialises transactions; a channel so that waiting honours ctx.
 	sem chan struct{}
@@ -76,9 +76,9 @@ func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
 		conn:     conn,
 		opts:     opts,
 		dumpOpts: dumpOpts,
-		now:     time.Now,
-		sem:     make(chan struct{}, 1),
-		learned: map[netip.Addr]learnedAddr{},
+		now:      time.Now,
+		sem:      make(chan struct{}, 1),
+		learned:  map[netip.Addr]learnedAddr{},
 	}, nil
 }
 
