@@ -16,6 +16,12 @@ import (
 // newTestFirewall installs the default ruleset in a fresh network
 // namespace (root only) and returns a Firewall bound to it.
 func newTestFirewall(tb testing.TB) *Firewall {
+	fw, _ := newTestFirewallNS(tb)
+	return fw
+}
+
+// newTestFirewallNS is newTestFirewall that also returns the namespace.
+func newTestFirewallNS(tb testing.TB) (*Firewall, netns.NsHandle) {
 	tb.Helper()
 	if os.Geteuid() != 0 {
 		tb.Skip("needs root for a network namespace")
@@ -41,7 +47,7 @@ func newTestFirewall(tb testing.TB) *Firewall {
 	if err := fw.Install(context.Background(), Build(loadConfig(tb, "")), nil, nil); err != nil {
 		tb.Fatal(err)
 	}
-	return fw
+	return fw, ns
 }
 
 func addr(i uint32) netip.Addr {
