@@ -33,8 +33,19 @@ type Status struct {
 	LearnedIPv6  int                       `json:"learned_ipv6"`
 	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
 	DriftRepairs int                       `json:"drift_repairs"`
+	Audit        *AuditStatus              `json:"audit,omitempty"` // the last audit of the learned sets
 	Started      time.Time                 `json:"started"`
 	LastErrors   []string                  `json:"last_errors"`
+}
+
+// AuditStatus is the last comparison of the kernel's learned sets with
+// what egressd answered.
+type AuditStatus struct {
+	At       time.Time      `json:"at"`
+	Took     string         `json:"took"`
+	Elements int            `json:"elements"`
+	Repaired map[string]int `json:"repaired,omitempty"`
+	Error    string         `json:"error,omitempty"`
 }
 
 // Explanation is the answer to `egressd explain`.
@@ -161,7 +172,20 @@ func (d *daemon) status(ctx context.Context) Status {
 	} else if drift != "" {
 		s.Ruleset = "drifted: " + drift
 	}
-	s.Healthy = s.Ruleset == "in place" && slices.ContainsFunc(s.Upstreams, dnsresolve.ServerHealth.Healthy)
+	if a := d.lastAudit.Load(); a != nil {
+		s.Audit = &AuditStatus{At: a.At, Took: a.Took.Round(time.Millisecond).String(), Elements: a.Elements}
+		for k, n := range a.Repaired {
+			if s.Audit.Repaired == nil {
+				s.Audit.Repaired = map[string]int{}
+			}
+			s.Audit.Repaired[string(k)] = n
+		}
+		if a.Err != nil {
+			s.Audit.Error = a.Err.Error()
+		}
+	}
+	s.Healthy = s.Ruleset == "in place" && slices.ContainsFunc(s.Upstreams, dnsresolve.ServerHealth.Healthy) &&
+		(s.Audit == nil || s.Audit.Error == "")
 	return s
 }
 

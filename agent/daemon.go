@@ -26,6 +26,10 @@ const (
 	saveInterval   = time.Second     // learned addresses to state_dir, if any were learned
 	statusInterval = 5 * time.Second // systemd status line
 	driftInterval  = 2 * time.Second // backstop for missed nftables events
+	// The learned sets are read back and compared at least this often,
+	// and at most 5% of the time (reading 100 000 elements takes seconds:
+	// the kernel walks its hash for every dump message).
+	auditInterval = 30 * time.Second
 )
 
 type daemon struct {
@@ -39,8 +43,10 @@ type daemon struct {
 	proxy   *dnsresolve.Proxy
 	// cfg is replaced by reload while the control socket and watchers
 	// read it.
-	cfg     atomic.Pointer[config.Config]
-	repairs atomic.Int64
+	cfg       atomic.Pointer[config.Config]
+	repairs   atomic.Int64
+	lastAudit atomic.Pointer[auditResult]
+	audit     chan struct{} // asks for an audit now
 
 	// Owned by the main loop.
 	stopPinned context.CancelFunc // ends the goroutines of the pinned names
@@ -72,6 +78,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	errs := newErrorLog(log.Handler())
 	log = slog.New(errs)
 	d := &daemon{path: path, version: version, started: time.Now(), log: log, errors: errs, fw: fw,
+		audit:     make(chan struct{}, 1),
 		metrics:   metrics.New(version, fw.Counts),
 		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
 	d.cfg.Store(cfg)
@@ -108,6 +115,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
 	}
 	go watchLinks(ctx, func() []string { return d.config().Firewall.Containers }, log)
+	go d.auditSets(ctx)
 	changed := make(chan string, 1)
 	go fw.Watch(ctx, func(reason string) {
 		select {
@@ -199,15 +207,19 @@ func (d *daemon) save() {
 }
 
 // repair reinstalls the ruleset if it drifted. reason is the event that
-// prompted the check ("" for the periodic one); deleted elements are not
-// visible to Drift, so that reason reinstalls whatever Drift says.
+// prompted the check ("" for the periodic one); changed elements are not
+// visible to Drift, so an event also asks for an audit of the sets unless
+// the reinstall rewrote them anyway.
 func (d *daemon) repair(ctx context.Context, reason string) {
 	drift, err := d.fw.Drift(ctx)
 	if err != nil {
 		d.log.Error("drift check failed", "err", err)
 		return
 	}
-	if drift == "" && reason != rules.ReasonElementsDeleted {
+	if drift == "" {
+		if reason != "" {
+			d.auditNow()
+		}
 		return
 	}
 	cfg := d.config()
@@ -308,5 +320,53 @@ func keepPinned(ctx context.Context, p *dnsresolve.Proxy, name string, log *slog
 			return
 		case <-time.After(wait):
 		}
+	}
+}
+
+// auditResult is the last audit of the learned sets, for status.
+type auditResult struct {
+	rules.Audit
+	Err error
+}
+
+func (d *daemon) auditNow() {
+	select {
+	case d.audit <- struct{}{}:
+	default: // one is due already
+	}
+}
+
+// auditSets compares the kernel's learned sets with what egressd answered
+// and repairs the differences (rules.Firewall.Audit): when asked, and
+// periodically as the backstop for lost events.
+func (d *daemon) auditSets(ctx context.Context) {
+	limit := rate.NewLimiter(rate.Every(time.Second), 5)
+	wait := time.NewTimer(auditInterval)
+	defer wait.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.audit:
+		case <-wait.C:
+		}
+		a, err := d.fw.Audit(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		d.lastAudit.Store(&auditResult{Audit: a, Err: err})
+		if err != nil {
+			d.log.Error("audit of the learned sets failed", "err", err)
+		} else {
+			repairs := map[string]int{}
+			for k, n := range a.Repaired {
+				repairs[string(k)] = n
+			}
+			d.metrics.Audited(a.Took, repairs)
+			if len(repairs) > 0 && limit.Allow() {
+				d.log.Warn("learned sets repaired: the kernel differed from what egressd answered", "repairs", repairs, "elements", a.Elements, "took", a.Took)
+			}
+		}
+		wait.Reset(max(auditInterval, 20*a.Took))
 	}
 }

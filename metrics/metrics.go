@@ -28,6 +28,8 @@ type Metrics struct {
 	batchSize    prometheus.Histogram
 	blocked      *prometheus.CounterVec
 	driftRepairs prometheus.Counter
+	setRepairs   *prometheus.CounterVec
+	audit        prometheus.Histogram
 	saveErrors   prometheus.Counter
 }
 
@@ -63,6 +65,15 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			Name: "egressd_drift_repairs_total",
 			Help: "Times the ruleset was reinstalled because another process changed it.",
 		}),
+		setRepairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_set_repairs_total",
+			Help: "Learned-set elements an audit found differing from what egressd answered, and repaired, by kind: missing, early, late, foreign, expired.",
+		}, []string{"kind"}),
+		audit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressd_set_audit_duration_seconds",
+			Help:    "Time for one audit of the learned sets (read back from the kernel and compared).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
 		saveErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "egressd_state_save_errors_total",
 			Help: "Failed saves of the learned addresses to state_dir.",
@@ -86,7 +97,7 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			return float64(v4n)
 		}
 	}
-	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.driftRepairs, m.saveErrors, info,
+	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, info,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
 			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
@@ -130,6 +141,17 @@ func (m *Metrics) Blocked(source, reason string) {
 func (m *Metrics) DriftRepaired() {
 	if m != nil {
 		m.driftRepairs.Inc()
+	}
+}
+
+// Audited records one audit of the learned sets and the repairs it made,
+// by kind.
+func (m *Metrics) Audited(d time.Duration, repairs map[string]int) {
+	if m != nil {
+		m.audit.Observe(d.Seconds())
+		for kind, n := range repairs {
+			m.setRepairs.WithLabelValues(kind).Add(float64(n))
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -57,41 +58,45 @@ type kernelElement struct {
 // auditPlan compares the kernel's elements with the record at now (Unix
 // ms) and returns the lives to set (address → until) and the addresses to
 // delete, with what was found. Addresses in skip changed while the kernel
-// was read and are left to the next audit.
-func auditPlan(now int64, record map[netip.Addr]learnedAddr, kernel []kernelElement, skip map[netip.Addr]bool) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
+// was read and are left to the next audit. The kernel's expiries were read
+// over read (the dump's duration), so they may seem that much earlier than
+// they are.
+func auditPlan(now int64, record map[netip.Addr]learnedAddr, kernel []kernelElement, skip map[netip.Addr]bool, read time.Duration) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
 	slack := auditSlack.Milliseconds()
+	early := slack + read.Milliseconds()
 	set, found = map[netip.Addr]int64{}, map[RepairKind]int{}
-	inKernel := make(map[netip.Addr]bool, len(kernel))
+	inKernel := make(map[netip.Addr]int64, len(kernel))
 	for _, k := range kernel {
-		inKernel[k.addr] = true
-		if skip[k.addr] {
+		inKernel[k.addr] = k.expires // a later read of an address wins
+	}
+	for a, expires := range inKernel {
+		if skip[a] {
 			continue
 		}
-		expires := k.expires
 		if expires == 0 {
 			expires = 1<<63 - 1
 		}
-		l, ok := record[k.addr]
+		l, ok := record[a]
 		switch {
 		case !ok && expires <= now+slack:
 			// Expiring anyway; most likely one the record just pruned.
 		case !ok:
 			found[RepairForeign]++
-			del = append(del, k.addr)
+			del = append(del, a)
 		case l.until <= now && expires > now+slack:
 			found[RepairExpired]++
-			del = append(del, k.addr)
+			del = append(del, a)
 		case l.until <= now:
-		case expires < l.until-slack:
+		case expires < l.until-early:
 			found[RepairEarly]++
-			set[k.addr] = l.until
+			set[a] = l.until
 		case expires > l.until+slack:
 			found[RepairLate]++
-			set[k.addr] = l.until
+			set[a] = l.until
 		}
 	}
 	for a, l := range record {
-		if !inKernel[a] && !skip[a] && l.until > now+slack {
+		if _, in := inKernel[a]; !in && !skip[a] && l.until > now+slack {
 			found[RepairMissing]++
 			set[a] = l.until
 		}
@@ -124,6 +129,7 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	if err != nil {
 		return Audit{}, err
 	}
+	read := f.now().Sub(start)
 	if err := f.acquire(ctx); err != nil {
 		return Audit{}, err
 	}
@@ -133,7 +139,21 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	}
 	now := f.now()
 	f.mu.Lock()
-	set, del, found := auditPlan(now.UnixMilli(), f.learned, kernel, f.touched)
+	set, del, found := auditPlan(now.UnixMilli(), f.learned, kernel, f.touched, read)
+	f.mu.Unlock()
+	if found[RepairMissing] > 0 {
+		// A dump of a hash set that the kernel is resizing may skip
+		// elements: only what two dumps miss is missing.
+		again, err := f.readLearnedSets()
+		if err != nil {
+			return Audit{}, err
+		}
+		now = f.now()
+		f.mu.Lock()
+		set, del, found = auditPlan(now.UnixMilli(), f.learned, slices.Concat(kernel, again), f.touched, now.Sub(start))
+		f.mu.Unlock()
+	}
+	f.mu.Lock()
 	sets := f.sets
 	f.mu.Unlock()
 	a := Audit{At: start, Elements: len(kernel), Repaired: found}

@@ -78,7 +78,7 @@ func TestAuditPlan(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			set, del, found := auditPlan(now, tt.record, tt.kernel, tt.skip)
+			set, del, found := auditPlan(now, tt.record, tt.kernel, tt.skip, 0)
 			if !maps.Equal(set, tt.wantSet) && len(set)+len(tt.wantSet) > 0 {
 				t.Errorf("set = %v, want %v", set, tt.wantSet)
 			}

@@ -181,23 +181,23 @@ func declared(rs *Ruleset) map[string]*nftables.Set {
 
 // Watch calls changed with a reason whenever another process changes
 // nftables in a way that may affect table inet egressd: any change of that
-// table (`nft flush ruleset` deletes every table) or deleted elements of its
-// sets. Changes egressd makes itself are ignored. Watch returns when ctx
-// ends; if it loses events or its socket fails, it says so through changed
-// and carries on, and the caller's periodic Drift check covers the gap.
+// table (`nft flush ruleset` deletes every table) or of its sets'
+// elements. Changes egressd makes itself are ignored. Watch returns when
+// ctx ends; if it loses events (ENOBUFS) or its socket fails, it says so
+// through changed (ReasonEventsLost) and carries on: the caller must then
+// check everything, rules and elements.
 //
 // It reads the nftables netlink group itself instead of using
 // nftables.Monitor: the group carries a message for every element egressd
 // adds, and decoding each of them more than doubled the cost of an answer.
 // Here a message is dropped on its type alone unless it can matter.
 func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
-	self := uint32(os.Getpid())
 	for ctx.Err() == nil {
-		err := f.watch(ctx, self, changed)
+		err := f.watch(ctx, changed)
 		if ctx.Err() != nil {
 			return
 		}
-		changed("nftables events lost: " + err.Error())
+		changed(ReasonEventsLost + ": " + err.Error())
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Second):
@@ -205,7 +205,7 @@ func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
 	}
 }
 
-func (f *Firewall) watch(ctx context.Context, self uint32, changed func(string)) error {
+func (f *Firewall) watch(ctx context.Context, changed func(string)) error {
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
 	if err != nil {
 		return err
@@ -229,16 +229,17 @@ func (f *Firewall) watch(ctx context.Context, self uint32, changed func(string))
 			}
 			switch t := int(m.Header.Type & 0xff); t {
 			case unix.NFT_MSG_NEWGEN:
-				if reason != "" && genPID(m.Data) != self {
+				if reason != "" && !ours(genPID(m.Data)) {
 					changed(reason)
 				}
 				reason = ""
 			case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
-				unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET, unix.NFT_MSG_DELSETELEM:
+				unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
+				unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
 				if reason == "" && ourTable(m.Data) {
 					reason = fmt.Sprintf("another process changed table inet %s (message %d)", TableName, t)
-					if t == unix.NFT_MSG_DELSETELEM {
-						reason = ReasonElementsDeleted
+					if t == unix.NFT_MSG_NEWSETELEM || t == unix.NFT_MSG_DELSETELEM {
+						reason = ReasonElementsChanged
 					}
 				}
 			}
@@ -283,6 +284,23 @@ func genPID(data []byte) uint32 {
 	return 0
 }
 
-// ReasonElementsDeleted is the reason Watch gives when another process
-// deleted set elements: Drift cannot see it, so the caller must reinstall.
-const ReasonElementsDeleted = "set elements deleted by another process"
+// ours reports whether the process that made a ruleset generation is
+// this one. The kernel reports the committing thread's id, which for a Go
+// program is any of its threads.
+func ours(tid uint32) bool {
+	if tid == uint32(os.Getpid()) {
+		return true
+	}
+	_, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid))
+	return err == nil
+}
+
+// Reasons Watch gives besides rule changes.
+const (
+	// ReasonElementsChanged: another process added or deleted elements of
+	// egressd's sets. Drift cannot see it; Audit repairs it.
+	ReasonElementsChanged = "set elements changed by another process"
+	// ReasonEventsLost: the event socket overflowed or failed; anything may
+	// have changed meanwhile.
+	ReasonEventsLost = "nftables events lost"
+)

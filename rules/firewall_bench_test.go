@@ -169,3 +169,47 @@ func BenchmarkAllow100kFresh(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkAudit100k: one audit (both sets read back and compared) with
+// 100 000 live learned addresses and nothing to repair.
+func BenchmarkAudit100k(b *testing.B) {
+	fw := newTestFirewall(b)
+	ctx := context.Background()
+	until := time.Now().Add(time.Hour)
+	batch := make([]netip.Addr, 0, 1000)
+	for i := uint32(1); i <= 100000; i++ {
+		batch = append(batch, addr(i))
+		if len(batch) == cap(batch) {
+			if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
+				b.Fatal(err)
+			}
+			batch = make([]netip.Addr, 0, 1000)
+		}
+	}
+	time.Sleep(3 * time.Second)
+	b.ReportAllocs()
+	for b.Loop() {
+		a, err := fw.Audit(ctx)
+		if err != nil || len(a.Repaired) != 0 || a.Elements != 100000 {
+			b.Fatalf("%+v %v", a, err)
+		}
+	}
+}
+
+// BenchmarkAllowExtend: an address whose life is extended on every call
+// (a busy name answered again after its headroom ran out): the element is
+// replaced in the kernel.
+func BenchmarkAllowExtend(b *testing.B) {
+	fw := newTestFirewall(b)
+	ctx := context.Background()
+	a := []netip.Addr{addr(1)}
+	for b.Loop() {
+		until := time.Now().Add(time.Hour)
+		if e, ok := fw.Lookup(a[0]); ok {
+			until = e.Expires.Add(time.Hour)
+		}
+		if err := fw.Allow(ctx, "bench.", a, until); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

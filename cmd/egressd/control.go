@@ -56,6 +56,15 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 				fmt.Fprintf(w, "egressd %s: %s, running since %s\n", s.Version, health, s.Started.Format(time.RFC3339))
 				fmt.Fprintf(w, "ruleset:   %s (%d drift repairs)\n", s.Ruleset, s.DriftRepairs)
 				fmt.Fprintf(w, "learned:   %d IPv4, %d IPv6 addresses\n", s.LearnedIPv4, s.LearnedIPv6)
+				if a := s.Audit; a != nil {
+					result := fmt.Sprintf("%d elements match", a.Elements)
+					if a.Error != "" {
+						result = "failed: " + a.Error
+					} else if len(a.Repaired) > 0 {
+						result = fmt.Sprintf("%d elements, repaired %v", a.Elements, a.Repaired)
+					}
+					fmt.Fprintf(w, "audit:     %s, %s (took %s)\n", a.At.Format(time.TimeOnly), result, a.Took)
+				}
 				for _, u := range s.Upstreams {
 					state := "ok"
 					if !u.Healthy() {
