@@ -60,11 +60,18 @@ type Firewall struct {
 // NewFirewall returns a Firewall that talks to the kernel through a new
 // nftables connection made with opts.
 func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
+	// The send buffer must hold a whole transaction, which with every
+	// learned address can be megabytes.
+	return newFirewall(opts, nftables.WithSockOptions(bigSendBuffer))
+}
+
+// newFirewall is NewFirewall with extra options for the transaction
+// socket only (a test connection has no socket buffer to size).
+func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Firewall, error) {
 	// One lasting netlink socket: dialling one per transaction costs more
-	// than a small batch itself. Its send buffer must hold a whole
-	// transaction, which with every learned address can be megabytes.
+	// than a small batch itself.
 	dumpOpts := opts
-	opts = append([]nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer)}, opts...)
+	opts = slices.Concat([]nftables.ConnOption{nftables.AsLasting()}, txOpts, opts)
 	conn, err := nftables.New(opts...)
 	if errors.Is(err, unix.EPERM) {
 		return nil, fmt.Errorf("nftables: %w (changing the firewall needs root or CAP_NET_ADMIN)", err)
