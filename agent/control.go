@@ -34,6 +34,7 @@ type Status struct {
 	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
 	DriftRepairs int                       `json:"drift_repairs"`
 	Audit        *AuditStatus              `json:"audit,omitempty"` // the last audit of the learned sets
+	Kernel       string                    `json:"kernel"`          // how the kernel treats extended lifetimes
 	Started      time.Time                 `json:"started"`
 	LastErrors   []string                  `json:"last_errors"`
 }
@@ -166,7 +167,7 @@ func (d *daemon) status(ctx context.Context) Status {
 	v4, v6 := d.fw.Counts()
 	s := Status{Version: d.version, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
 		Upstreams: d.proxy.Upstream().Health(), DriftRepairs: int(d.repairs.Load()), Started: d.started,
-		LastErrors: d.errors.recent()}
+		LastErrors: d.errors.recent(), Kernel: d.kernel}
 	if drift, err := d.fw.Drift(ctx); err != nil {
 		s.Ruleset = "unknown: " + err.Error()
 	} else if drift != "" {
@@ -185,7 +186,7 @@ func (d *daemon) status(ctx context.Context) Status {
 		}
 	}
 	s.Healthy = s.Ruleset == "in place" && slices.ContainsFunc(s.Upstreams, dnsresolve.ServerHealth.Healthy) &&
-		(s.Audit == nil || s.Audit.Error == "")
+		(s.Audit == nil || s.Audit.Error == "") && !strings.HasPrefix(s.Kernel, "probe failed")
 	return s
 }
 

@@ -47,6 +47,7 @@ type daemon struct {
 	repairs   atomic.Int64
 	lastAudit atomic.Pointer[auditResult]
 	audit     chan struct{} // asks for an audit now
+	kernel    string        // what ProbeLifetimes found
 
 	// Owned by the main loop.
 	stopPinned context.CancelFunc // ends the goroutines of the pinned names
@@ -89,6 +90,13 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		return err
 	}
 	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups)
+	if l, err := fw.ProbeLifetimes(); err != nil {
+		log.Error("set element lifetimes", "err", err)
+		d.kernel = "probe failed: " + err.Error()
+	} else {
+		log.Info("set element lifetimes", "kernel", l)
+		d.kernel = l.String()
+	}
 
 	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)

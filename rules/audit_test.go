@@ -192,3 +192,17 @@ func TestAuditRepairsTheKernel(t *testing.T) {
 		t.Errorf("second audit: %+v, %v", a, err)
 	}
 }
+
+// The kernel renews a replaced element, whatever its version; the probe
+// leaves nothing behind.
+func TestProbeLifetimes(t *testing.T) {
+	fw := newTestFirewall(t)
+	l, err := fw.ProbeLifetimes()
+	if err != nil || !l.ReplaceResets {
+		t.Fatalf("probe: %v, %v", l, err)
+	}
+	t.Logf("this kernel: %v", l)
+	if _, err := fw.conn.ListTableOfFamily(probeTable, nftables.TableFamilyINet); err == nil {
+		t.Errorf("table %s left behind", probeTable)
+	}
+}

@@ -65,6 +65,7 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 					}
 					fmt.Fprintf(w, "audit:     %s, %s (took %s)\n", a.At.Format(time.TimeOnly), result, a.Took)
 				}
+				fmt.Fprintf(w, "kernel:    %s\n", s.Kernel)
 				for _, u := range s.Upstreams {
 					state := "ok"
 					if !u.Healthy() {
