@@ -4,10 +4,12 @@
 package dnsresolve
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"runtime"
@@ -42,8 +44,14 @@ type Options struct {
 	Domains  []string  // allow-list patterns, see Matcher
 	Upstream *Upstream // where allowed names are resolved
 	Allower  Allower
-	// An answered address stays open for max(TTL, MinTTL) + Grace.
-	MinTTL, Grace time.Duration
+	// An answered address stays open for max(TTL, MinTTL) + Grace, where
+	// TTL is at most MaxTTL (0: DefaultMaxTTL). The capped TTL is also the
+	// one cached and sent to the client, so that no client keeps an
+	// address longer than the firewall keeps it open.
+	MinTTL, MaxTTL, Grace time.Duration
+	// Guard removes addresses that are not globally reachable; nil
+	// exempts nothing.
+	Guard *Guard
 	// RefuseRcode answers names that are not allowed (dns.RcodeRefused or
 	// dns.RcodeNameError).
 	RefuseRcode int
@@ -76,6 +84,9 @@ const (
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232
+	// DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL
+	// of 2^31 s would otherwise open an address for decades.
+	DefaultMaxTTL = 24 * time.Hour
 	// maxQuerySize is the read buffer per UDP query; real queries are far
 	// smaller, and every query in flight holds one.
 	maxQuerySize = 4096
@@ -147,11 +158,14 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 		}
 		ans.Rcode = resp.Rcode
 		ans.SOA = soa(resp.Ns)
-		if !ans.Chain.extract(resp.Answer, target, qtype) || hop == 3 {
+		if !ans.Chain.extract(resp.Answer, target, qtype, o.Guard) || hop == 3 {
 			break
 		}
 		target = ans.Chain.Target
 	}
+	maxTTL := uint32(min(cmp.Or(o.MaxTTL, DefaultMaxTTL)/time.Second, math.MaxUint32))
+	ans.Chain.capTTL(maxTTL)
+	ans.SOA = capTTL(ans.SOA, maxTTL)
 	if len(ans.Chain.Blocked) > 0 {
 		o.Metrics.Query(metrics.Rebinding)
 		if p.failures.Allow() {

@@ -86,6 +86,7 @@ var testZone = map[string][]string{
 	"edge.azurefd.test.":                 {"edge.azurefd.test. 60 A 203.0.113.20", "edge.azurefd.test. 60 AAAA 2001:db8::20"},
 	"mixed.cognitive.microsoft.com.":     {"mixed.cognitive.microsoft.com. 60 A 10.0.0.1", "mixed.cognitive.microsoft.com. 60 A 203.0.113.2"},
 	"big.cognitive.microsoft.com.":       bigRRset(),
+	"long.cognitive.microsoft.com.":      {"long.cognitive.microsoft.com. 2147483647 CNAME far.azurefd.test.", "far.azurefd.test. 2147483647 A 203.0.113.3"},
 }
 
 func bigRRset() []string {
@@ -123,6 +124,7 @@ func newTestProxy(t *testing.T, allow *recorder) (*Proxy, *upstreamServer, strin
 		Domains:     []string{"*.cognitive.microsoft.com", "*.cognitiveservices.azure.com"},
 		Upstream:    NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
 		Allower:     allow,
+		Guard:       docGuard,
 		MinTTL:      time.Second,
 		Grace:       2 * time.Second,
 		RefuseRcode: dns.RcodeRefused,
@@ -258,5 +260,45 @@ func TestProxyCacheHitReopens(t *testing.T) {
 	}
 	if got := rec.opened(); len(got) != 3 {
 		t.Errorf("addresses opened %d times, want once per answer (3)", len(got))
+	}
+}
+
+// TTLs are capped: in the answer, in the cache and in the firewall, so no
+// client keeps an address longer than the firewall keeps it open.
+func TestProxyCapsTTL(t *testing.T) {
+	for _, tt := range []struct {
+		maxTTL time.Duration
+		want   uint32
+	}{{100 * time.Second, 100}, {0, uint32(DefaultMaxTTL / time.Second)}} {
+		rec := &recorder{}
+		up := startUpstream(t, testZone)
+		p := NewProxy(Options{
+			Domains:  []string{"*.cognitive.microsoft.com"},
+			Upstream: NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
+			Allower:  rec,
+			Guard:    docGuard,
+			MinTTL:   time.Second,
+			MaxTTL:   tt.maxTTL,
+			Grace:    2 * time.Second,
+		})
+		addr := serve(t, p)
+		for i := range 2 { // the second answer comes from the cache
+			r := ask(t, addr, "long.cognitive.microsoft.com.", dns.TypeA, "udp", false)
+			if len(r.Answer) != 2 {
+				t.Fatalf("answer: %v", r)
+			}
+			for _, rr := range r.Answer {
+				if ttl := rr.Header().Ttl; ttl > tt.want || ttl < tt.want-2 {
+					t.Errorf("max %v, answer %d: %s has TTL %d, want %d", tt.maxTTL, i, rr.Header().Name, ttl, tt.want)
+				}
+			}
+			life := time.Until(rec.until)
+			if max := time.Duration(tt.want)*time.Second + 2*time.Second; life > max || life < max-3*time.Second {
+				t.Errorf("max %v, answer %d: opened for %v, want %v", tt.maxTTL, i, life, max)
+			}
+		}
+		if n := up.queries.Load(); n != 1 {
+			t.Errorf("upstream asked %d times, want 1 (cached)", n)
+		}
 	}
 }
