@@ -59,14 +59,17 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	return strings.Join(sum, "\n"), nil
 }
 
-// install loads the state file and installs rs keeping every valid learned
-// address. A corrupt state file is reported and ignored.
+// install loads the state file and installs rs keeping the learned
+// addresses, from the state file and from the kernel, that cfg still
+// allows (see learnedAllowed). A corrupt state file is reported and
+// ignored.
 func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, rs *rules.Ruleset, log *slog.Logger) error {
-	keep, err := loadState(cfg.StateDir, time.Now())
+	now := time.Now()
+	keep, err := loadState(cfg.StateDir, now)
 	if err != nil {
 		log.Warn("ignoring state file", "err", err)
 	}
-	if err := fw.Install(ctx, rs, keep, nil); err != nil {
+	if err := fw.Install(ctx, rs, keep, learnedAllowed(cfg, now)); err != nil {
 		return err
 	}
 	forget(cfg, log)
@@ -103,7 +106,9 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 		Upstream:    dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout),
 		Allower:     allower,
 		MinTTL:      cfg.DNS.MinTTL,
+		MaxTTL:      cfg.DNS.MaxTTL,
 		Grace:       cfg.DNS.Grace,
+		Guard:       guard(cfg),
 		RefuseRcode: refuse,
 		Logger:      log,
 		Metrics:     m,

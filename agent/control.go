@@ -238,7 +238,7 @@ func (d *daemon) explain(q string) Explanation {
 		return e
 	}
 	switch names, known := d.fw.Names(addr); {
-	case !dnsresolve.Routable(addr):
+	case !guard(cfg).Allows(addr):
 		e.Reason = fmt.Sprintf("%s is a private, loopback or otherwise non-public address: never opened from DNS", addr)
 	case known:
 		e.Reason = fmt.Sprintf("%s was answered for %s, but its time is up; a new answer opens it again", addr, names)

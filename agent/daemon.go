@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -261,18 +260,7 @@ func (d *daemon) reload(ctx context.Context) {
 		d.log.Error("reload failed; the old config stays in force", "err", err)
 		return
 	}
-	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
-	stillAllowed := func(e rules.Element) bool {
-		if e.Names == "" {
-			return true // learned by an earlier egressd, names unknown; expires on its own
-		}
-		for n := range strings.SplitSeq(e.Names, ",") {
-			if m.Match(n) {
-				return true
-			}
-		}
-		return false
-	}
+	stillAllowed := learnedAllowed(cfg, time.Now())
 	rs := rules.Build(cfg)
 	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)

@@ -62,8 +62,13 @@ type DNS struct {
 	Upstreams  []string      `mapstructure:"upstreams"`
 	Timeout    time.Duration `mapstructure:"timeout"`
 	MinTTL     time.Duration `mapstructure:"min_ttl"`
+	MaxTTL     time.Duration `mapstructure:"max_ttl"`
 	Grace      time.Duration `mapstructure:"grace"`
 	RefuseWith string        `mapstructure:"refuse_with"`
+	// RebindingExempt are raw prefixes that answers may point into although
+	// they are not globally reachable; Exempt holds them parsed.
+	RebindingExempt []string       `mapstructure:"rebinding_exempt"`
+	Exempt          []netip.Prefix `mapstructure:"-"`
 	// UpstreamAddrs holds Upstreams parsed, with port 53 where none was given.
 	UpstreamAddrs []netip.AddrPort `mapstructure:"-"`
 }
@@ -258,6 +263,21 @@ func (c *Config) validate() error {
 	if c.DNS.MinTTL < 0 {
 		bad("dns.min_ttl: %v must not be negative", c.DNS.MinTTL)
 	}
+	if c.DNS.MaxTTL < time.Second {
+		bad("dns.max_ttl: %v must be at least 1s (TTLs are whole seconds)", c.DNS.MaxTTL)
+	} else if c.DNS.MaxTTL < c.DNS.MinTTL {
+		bad("dns.max_ttl: %v is less than dns.min_ttl (%v)", c.DNS.MaxTTL, c.DNS.MinTTL)
+	}
+	c.DNS.Exempt = nil
+	for i, s := range c.DNS.RebindingExempt {
+		p, err := parseExempt(s)
+		if err != nil {
+			bad("dns.rebinding_exempt[%d]: %q %v", i, s, err)
+			continue
+		}
+		c.DNS.Exempt = append(c.DNS.Exempt, p)
+	}
+	dupes(&errs, "dns.rebinding_exempt", c.DNS.RebindingExempt, strings.TrimSpace)
 	if c.DNS.Grace < 0 {
 		bad("dns.grace: %v must not be negative", c.DNS.Grace)
 	}
@@ -394,6 +414,44 @@ func parseStatic(s string) (Static, error) {
 		st.Ports = slices.Compact(st.Ports)
 	}
 	return st, nil
+}
+
+// neverExempt are destinations no DNS answer may open, whatever the
+// operator exempts: the host itself and link-local neighbours (cloud
+// metadata at 169.254.169.254), multicast and broadcast.
+var neverExempt = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("255.255.255.255/32"),
+	netip.MustParsePrefix("::/127"),      // unspecified and loopback
+	netip.MustParsePrefix("fe80::/10"),
+	netip.MustParsePrefix("ff00::/8"),
+}
+
+// parseExempt parses a rebinding_exempt entry: an address or a prefix.
+func parseExempt(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	p, err := netip.ParsePrefix(s)
+	if !strings.Contains(s, "/") {
+		var a netip.Addr
+		if a, err = netip.ParseAddr(s); err == nil {
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+	}
+	if err != nil || p.Addr().Zone() != "" || p.Addr().Is4In6() {
+		return p, errors.New("is not a plain IPv4 or IPv6 address or prefix")
+	}
+	if p != p.Masked() {
+		return p, fmt.Errorf("has host bits set (did you mean %s?)", p.Masked())
+	}
+	for _, n := range neverExempt {
+		if p.Overlaps(n) {
+			return p, fmt.Errorf("overlaps %s, which no answer may open", n)
+		}
+	}
+	return p, nil
 }
 
 // ParseUpstream parses "ip" or "ip:port" ("[v6]:port" for IPv6 with a port).

@@ -28,6 +28,9 @@ func TestDefault(t *testing.T) {
 	if len(c.Allow.Domains) != 3 || c.Allow.Ports[0] != 443 || c.DNS.MinTTL != 120*time.Second {
 		t.Errorf("unexpected default config: %+v", c)
 	}
+	if c.DNS.MaxTTL != 24*time.Hour || len(c.DNS.Exempt) != 0 {
+		t.Errorf("dns.max_ttl = %v, dns.rebinding_exempt = %v; want 24h and none", c.DNS.MaxTTL, c.DNS.Exempt)
+	}
 	if c.Firewall.Mark != 0x1e55 {
 		t.Errorf("mark = %#x", c.Firewall.Mark)
 	}
@@ -43,10 +46,12 @@ allow:
 dns:
   upstreams: ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53"]
   min_ttl: 1s
+  max_ttl: 1h
   grace: 2s
+  rebinding_exempt: ["10.20.0.0/16", "fd00:1::/64"]
 firewall:
   containers: ["docker0", "br-*"]
-`, "EGRESSD_DNS_GRACE=5s", "EGRESSD_ALLOW_PORTS=443,9443")
+`, "EGRESSD_DNS_GRACE=5s", "EGRESSD_ALLOW_PORTS=443,9443", "EGRESSD_DNS_MAX_TTL=90m", "EGRESSD_DNS_REBINDING_EXEMPT=10.20.0.0/16, 192.168.7.9")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +60,12 @@ firewall:
 	}
 	if len(c.Allow.Ports) != 2 || c.Allow.Ports[1] != 9443 {
 		t.Errorf("env override of allow.ports: got %v", c.Allow.Ports)
+	}
+	if c.DNS.MaxTTL != 90*time.Minute {
+		t.Errorf("env override of dns.max_ttl: got %v", c.DNS.MaxTTL)
+	}
+	if len(c.DNS.Exempt) != 2 || c.DNS.Exempt[1].String() != "192.168.7.9/32" {
+		t.Errorf("env override of dns.rebinding_exempt: got %v", c.DNS.Exempt)
 	}
 	if got := c.DNS.UpstreamAddrs[1].String(); got != "192.0.2.54:5353" {
 		t.Errorf("upstream 1 = %s", got)
@@ -91,6 +102,18 @@ func TestInvalid(t *testing.T) {
 		{"pinned wildcard", "allow:\n  names: [\"*.cognitive.microsoft.com\"]\n", nil, "must be a name, not a wildcard"},
 		{"bad duration", "dns:\n  min_ttl: soon\n", nil, "dns.min_ttl"},
 		{"negative grace", "dns:\n  grace: -1s\n", nil, "dns.grace: -1s must not be negative"},
+		{"max_ttl zero", "dns:\n  max_ttl: 0s\n", nil, "dns.max_ttl: 0s must be at least 1s"},
+		{"max_ttl negative", "dns:\n  max_ttl: -1h\n", nil, "dns.max_ttl: -1h0m0s must be at least 1s"},
+		{"max_ttl below min_ttl", "dns:\n  min_ttl: 120s\n  max_ttl: 60s\n", nil, "dns.max_ttl: 1m0s is less than dns.min_ttl (2m0s)"},
+		{"max_ttl not a duration", "dns:\n  max_ttl: forever\n", nil, `dns.max_ttl: "forever" is not a duration`},
+		{"env max_ttl", "", []string{"EGRESSD_DNS_MAX_TTL=500ms"}, "dns.max_ttl: 500ms must be at least 1s"},
+		{"exempt loopback", "dns:\n  rebinding_exempt: [\"127.0.0.0/16\"]\n", nil, `dns.rebinding_exempt[0]: "127.0.0.0/16" overlaps 127.0.0.0/8`},
+		{"exempt everything", "dns:\n  rebinding_exempt: [\"0.0.0.0/0\"]\n", nil, `dns.rebinding_exempt[0]: "0.0.0.0/0" overlaps`},
+		{"exempt metadata", "dns:\n  rebinding_exempt: [\"169.254.169.254\"]\n", nil, "overlaps 169.254.0.0/16"},
+		{"exempt v6 link-local", "dns:\n  rebinding_exempt: [\"fe80::/64\"]\n", nil, "overlaps fe80::/10"},
+		{"exempt host bits", "dns:\n  rebinding_exempt: [\"10.1.2.3/8\"]\n", nil, "did you mean 10.0.0.0/8"},
+		{"exempt not a prefix", "dns:\n  rebinding_exempt: [\"corp\"]\n", nil, `dns.rebinding_exempt[0]: "corp" is not a plain IPv4 or IPv6 address or prefix`},
+		{"exempt duplicate", "dns:\n  rebinding_exempt: [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n", nil, `dns.rebinding_exempt[1]: "10.0.0.0/8" repeats`},
 		{"bad upstream", "dns:\n  upstreams: [\"resolver.example\"]\n", nil, `dns.upstreams[0]: "resolver.example" is not "ip" or "ip:port"`},
 		{"loopback upstream", "dns:\n  upstreams: [\"127.0.0.53\"]\n", nil, `dns.upstreams[0]: "127.0.0.53" is a loopback`},
 		{"bad cidr", "allow:\n  cidrs: [\"300.1.1.0/24\"]\n", nil, `allow.cidrs[0]: "300.1.1.0/24" is not an address or prefix`},

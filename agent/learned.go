@@ -1,0 +1,58 @@
+package agent
+
+import (
+	"strings"
+	"time"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/rules"
+)
+
+// expirySlack absorbs the rounding of expiries read back from the kernel
+// (jiffies) and the time between an answer and the check.
+const expirySlack = 5 * time.Second
+
+// guard returns the rebinding guard of cfg.
+func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cfg.DNS.Exempt) }
+
+// learnedAllowed returns the test a learned address must pass to stay
+// open under cfg: at start (addresses from the state file and from the
+// kernel) and on reload. Under cfg, a DNS answer could have opened it:
+//
+//   - the rebinding guard accepts it (an earlier egressd may have had a
+//     laxer guard, or the state file may have been edited);
+//   - it expires within dns.max_ttl + dns.grace from now, the longest any
+//     answer opens an address for (an earlier egressd may have had no cap,
+//     or a larger one); the name is asked again and opened with a capped
+//     lifetime;
+//   - one of its names is allowed by allow.domains.
+//
+// An address whose names are unknown (Names == "": read from the kernel
+// without a state file entry, e.g. answered in the second before a crash,
+// or saved so by an earlier egressd) is kept if it passes the first two
+// tests. Only egressd writes into its sets (whoever else can has
+// CAP_NET_ADMIN and could rewrite the whole ruleset), so the address was
+// answered for a name that an earlier config allowed; keeping it costs at
+// most one capped lifetime of an address that the new config may no longer
+// want, while dropping it would cut clients that resolved it moments
+// before the restart and cache the answer.
+func learnedAllowed(cfg *config.Config, now time.Time) func(rules.Element) bool {
+	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
+	g := guard(cfg)
+	latest := now.Add(cfg.DNS.MaxTTL + cfg.DNS.Grace + expirySlack)
+	return func(e rules.Element) bool {
+		if !g.Allows(e.Addr) || e.Expires.After(latest) {
+			return false
+		}
+		if e.Names == "" {
+			return true
+		}
+		for n := range strings.SplitSeq(e.Names, ",") {
+			if m.Match(n) {
+				return true
+			}
+		}
+		return false
+	}
+}
