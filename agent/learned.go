@@ -22,10 +22,12 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 //
 //   - the rebinding guard accepts it (an earlier egressd may have had a
 //     laxer guard, or the state file may have been edited);
-//   - it expires within dns.max_ttl + dns.grace from now, the longest any
-//     answer opens an address for (an earlier egressd may have had no cap,
-//     or a larger one); the name is asked again and opened with a capped
-//     lifetime;
+//   - it expires within twice dns.max_ttl + dns.grace from now. An answer
+//     opens an address for at most max_ttl + grace, and the firewall
+//     extends lives by a fraction of that (rules.Firewall.Allow batches
+//     updates so); a longer life comes from an egressd without a cap or
+//     with a larger one. Such an address is dropped, and opened again with
+//     a capped life when its name is asked again;
 //   - one of its names is allowed by allow.domains.
 //
 // An address whose names are unknown (Names == "": read from the kernel
@@ -40,7 +42,7 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 func learnedAllowed(cfg *config.Config, now time.Time) func(rules.Element) bool {
 	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
 	g := guard(cfg)
-	latest := now.Add(cfg.DNS.MaxTTL + cfg.DNS.Grace + expirySlack)
+	latest := now.Add(2*(cfg.DNS.MaxTTL+cfg.DNS.Grace) + expirySlack)
 	return func(e rules.Element) bool {
 		if !g.Allows(e.Addr) || e.Expires.After(latest) {
 			return false

@@ -32,7 +32,9 @@ func TestLearnedAllowed(t *testing.T) {
 		{"allowed name, reserved", "240.0.0.1", soon, []string{"westus.api.cognitive.microsoft.com."}, false},
 		{"allowed name, exempted private", "10.20.1.1", soon, []string{"westus.api.cognitive.microsoft.com."}, true},
 		{"expires within max_ttl + grace", "8.8.8.8", now.Add(time.Hour + 10*time.Second), nil, true},
-		{"expires after max_ttl + grace (opened without a cap)", "8.8.8.8", now.Add(30 * 24 * time.Hour), []string{"westus.api.cognitive.microsoft.com."}, false},
+		{"expires within max_ttl + grace + headroom", "8.8.8.8", now.Add(time.Hour + 30*time.Minute), nil, true},
+		{"expires after twice max_ttl + grace", "8.8.8.8", now.Add(2*time.Hour + time.Minute), nil, false},
+		{"opened without a cap", "8.8.8.8", now.Add(30 * 24 * time.Hour), []string{"westus.api.cognitive.microsoft.com."}, false},
 	}
 	allowed := learnedAllowed(cfg, now)
 	for _, tt := range tests {
