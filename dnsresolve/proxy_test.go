@@ -292,7 +292,9 @@ func TestProxyCapsTTL(t *testing.T) {
 					t.Errorf("max %v, answer %d: %s has TTL %d, want %d", tt.maxTTL, i, rr.Header().Name, ttl, tt.want)
 				}
 			}
+			rec.mu.Lock()
 			life := time.Until(rec.until)
+			rec.mu.Unlock()
 			if max := time.Duration(tt.want)*time.Second + 2*time.Second; life > max || life < max-3*time.Second {
 				t.Errorf("max %v, answer %d: opened for %v, want %v", tt.maxTTL, i, life, max)
 			}
