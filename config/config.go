@@ -425,7 +425,7 @@ var neverExempt = []netip.Prefix{
 	netip.MustParsePrefix("169.254.0.0/16"),
 	netip.MustParsePrefix("224.0.0.0/4"),
 	netip.MustParsePrefix("255.255.255.255/32"),
-	netip.MustParsePrefix("::/127"),      // unspecified and loopback
+	netip.MustParsePrefix("::/127"), // unspecified and loopback
 	netip.MustParsePrefix("fe80::/10"),
 	netip.MustParsePrefix("ff00::/8"),
 }
