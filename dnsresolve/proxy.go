@@ -59,6 +59,10 @@ type Options struct {
 	Metrics     *metrics.Metrics // may be nil
 }
 
+// DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL of
+// 2^31 s would otherwise open an address for decades.
+const DefaultMaxTTL = 24 * time.Hour
+
 // Proxy is the DNS handler.
 //
 // Only A and AAAA questions for allowed names are resolved. Every other type
@@ -84,9 +88,6 @@ const (
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232
-	// DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL
-	// of 2^31 s would otherwise open an address for decades.
-	DefaultMaxTTL = 24 * time.Hour
 	// maxQuerySize is the read buffer per UDP query; real queries are far
 	// smaller, and every query in flight holds one.
 	maxQuerySize = 4096
