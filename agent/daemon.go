@@ -157,6 +157,11 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			return nil
 		case err := <-served:
 			d.save()
+			if ctx.Err() != nil {
+				// Stopping: the proxy ended first.
+				log.Info("stopped; the firewall stays in place (egressd remove opens it)")
+				return nil
+			}
 			return fmt.Errorf("DNS proxy stopped: %w", err)
 		case <-hup:
 			_, _ = sd.SdNotify(false, sd.SdNotifyReloading)
