@@ -151,17 +151,12 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	for {
 		select {
 		case <-ctx.Done():
-			_, _ = sd.SdNotify(false, sd.SdNotifyStopping)
-			d.save()
-			log.Info("stopped; the firewall stays in place (egressd remove opens it)")
-			return nil
+			return d.stop()
 		case err := <-served:
-			d.save()
 			if ctx.Err() != nil {
-				// Stopping: the proxy ended first.
-				log.Info("stopped; the firewall stays in place (egressd remove opens it)")
-				return nil
+				return d.stop() // stopping, and the proxy ended first
 			}
+			d.save()
 			return fmt.Errorf("DNS proxy stopped: %w", err)
 		case <-hup:
 			_, _ = sd.SdNotify(false, sd.SdNotifyReloading)
@@ -183,6 +178,13 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			_, _ = sd.SdNotify(false, sd.SdNotifyWatchdog)
 		}
 	}
+}
+
+func (d *daemon) stop() error {
+	_, _ = sd.SdNotify(false, sd.SdNotifyStopping)
+	d.save()
+	d.log.Info("stopped; the firewall stays in place (egressd remove opens it)")
+	return nil
 }
 
 // background runs f and logs its failure; egressd keeps enforcing without
