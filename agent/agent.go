@@ -20,25 +20,35 @@ import (
 	"github.com/egressd/egressd/rules"
 )
 
+// ErrPinnedPending is wrapped by Apply's error when the ruleset was
+// installed (closed) but pinned names could not be opened yet, typically
+// because no resolver is usable this early in boot.
+var ErrPinnedPending = errors.New("ruleset installed (closed), pinned names pending")
+
 // Apply installs the ruleset of cfg, keeping valid learned addresses (from
 // the kernel and the state file), and opens the pinned names. It returns a
-// summary for humans. If a pinned name cannot be opened, the ruleset stays
-// installed (closed) and Apply returns an error.
+// summary for humans. The ruleset goes in first, whatever the network
+// does: if no upstream is usable or a pinned name cannot be opened, it
+// stays installed (closed) and Apply returns an error wrapping
+// ErrPinnedPending.
 func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, error) {
-	ups, err := upstreams(cfg)
-	if err != nil && len(cfg.Allow.Names) > 0 {
-		return "", err // before touching the host
-	}
+	ups, upErr := upstreams(cfg)
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return "", err
 	}
 	fw.Limit(cfg.Firewall.MaxLearned)
-	rs := rules.Build(cfg)
+	rs := rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: ownCgroup(log)})
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return "", err
 	}
 	sum := []string{"installed " + rs.Summary()}
+	if upErr != nil {
+		if len(cfg.Allow.Names) > 0 {
+			return "", fmt.Errorf("%w: %v", ErrPinnedPending, upErr)
+		}
+		sum = append(sum, "no usable upstream yet: "+upErr.Error())
+	}
 	p := dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
@@ -54,7 +64,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		log.Warn("learned addresses not saved", "err", err)
 	}
 	if len(errs) > 0 {
-		return "", fmt.Errorf("ruleset installed (closed), but not every pinned name could be opened: %w", errors.Join(errs...))
+		return "", fmt.Errorf("%w: %w", ErrPinnedPending, errors.Join(errs...))
 	}
 	return strings.Join(sum, "\n"), nil
 }
@@ -139,4 +149,14 @@ func openPinned(ctx context.Context, p *dnsresolve.Proxy, name string) (int, tim
 		return 0, until, errors.Join(errs...)
 	}
 	return n, until, nil
+}
+
+// Planned is the ruleset Apply would install from here, for `egressd
+// print`: the host's resolvers when dns.upstreams is empty, and egressd's
+// cgroup when it has its own (whether the kernel can match it is not
+// probed: that needs privilege).
+func Planned(cfg *config.Config) *rules.Ruleset {
+	ups, _ := upstreams(cfg)
+	cg, _ := findOwnCgroup()
+	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg})
 }

@@ -32,6 +32,7 @@ type Status struct {
 	LearnedIPv4  int                       `json:"learned_ipv4"`
 	LearnedIPv6  int                       `json:"learned_ipv6"`
 	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
+	NotAnswering string                    `json:"not_answering,omitempty"` // why the proxy answers SERVFAIL
 	DriftRepairs int                       `json:"drift_repairs"`
 	Audit        *AuditStatus              `json:"audit,omitempty"` // the last audit of the learned sets
 	Kernel       string                    `json:"kernel"`          // how the kernel treats extended lifetimes
@@ -168,6 +169,9 @@ func (d *daemon) status(ctx context.Context) Status {
 	s := Status{Version: d.version, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
 		Upstreams: d.proxy.Upstream().Health(), DriftRepairs: int(d.repairs.Load()), Started: d.started,
 		LastErrors: d.errors.recent(), Kernel: d.kernel}
+	if why := d.waiting.Load(); why != nil {
+		s.NotAnswering = *why
+	}
 	if drift, err := d.fw.Drift(ctx); err != nil {
 		s.Ruleset = "unknown: " + err.Error()
 	} else if drift != "" {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/signal"
 	"sync/atomic"
@@ -53,6 +52,9 @@ type daemon struct {
 	repairLog  *rate.Limiter
 	nextSave   time.Time // throttles saving a large state file to 5% of the time
 	saved      uint64    // version of the learned addresses last saved
+	host       rules.Host
+
+	waiting atomic.Pointer[string] // why the proxy cannot answer, for status
 }
 
 func (d *daemon) config() *config.Config { return d.cfg.Load() }
@@ -67,10 +69,10 @@ func (d *daemon) config() *config.Config { return d.cfg.Load() }
 // and DNS stays redirected to the (then silent) proxy port. Only
 // `egressd remove` opens egress again.
 func Run(ctx context.Context, path, version string, cfg *config.Config, log *slog.Logger) error {
-	ups, err := upstreams(cfg)
-	if err != nil {
-		return err
-	}
+	// The ruleset goes in before anything that needs the network: without
+	// a usable upstream the proxy answers SERVFAIL and the daemon waits
+	// for dns.resolv_conf to name one (rediscover).
+	ups, upErr := upstreams(cfg)
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return err
@@ -84,7 +86,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
 	fw.Limit(cfg.Firewall.MaxLearned)
-	rs := rules.Build(cfg)
+	d.host = rules.Host{Upstreams: ups, Cgroup: ownCgroup(log)}
+	rs := rules.BuildFor(cfg, d.host)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
 	}
@@ -96,6 +99,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		log.Info("set element lifetimes", "kernel", l)
 		d.kernel = l.String()
 	}
+	d.setWaiting(upErr)
 
 	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)
@@ -123,6 +127,13 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	}
 	go watchLinks(ctx, func() []string { return d.config().Firewall.Containers }, log)
 	go d.auditSets(ctx)
+	resolv := make(chan struct{}, 1)
+	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
+		select {
+		case resolv <- struct{}{}:
+		default:
+		}
+	})
 	changed := make(chan string, 1)
 	go fw.Watch(ctx, func(reason string) {
 		select {
@@ -164,6 +175,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			d.notify(sd.SdNotifyReady)
 		case reason := <-changed:
 			d.repair(ctx, reason)
+		case <-resolv:
+			d.rediscover(ctx)
 		case <-check.C:
 			d.repair(ctx, "")
 		case now := <-save.C:
@@ -237,7 +250,7 @@ func (d *daemon) repair(ctx context.Context, reason string) {
 		return
 	}
 	cfg := d.config()
-	err = d.fw.Install(ctx, rules.Build(cfg), nil, nil)
+	err = d.fw.Install(ctx, rules.BuildFor(cfg, d.host), nil, nil)
 	if err != nil {
 		d.log.Error("drift not repaired", "event", reason, "found", drift, "err", err)
 		return
@@ -259,21 +272,22 @@ func (d *daemon) reload(ctx context.Context) {
 	if err == nil {
 		err = unchangeable(old, cfg)
 	}
-	var ups []netip.AddrPort
-	if err == nil {
-		ups, err = upstreams(cfg)
-	}
 	if err != nil {
 		d.log.Error("reload failed; the old config stays in force", "err", err)
 		return
 	}
 	stillAllowed := learnedAllowed(cfg, time.Now())
-	rs := rules.Build(cfg)
+	ups, upErr := upstreams(cfg)
+	host := d.host
+	host.Upstreams = ups
+	rs := rules.BuildFor(cfg, host)
 	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
 		return
 	}
 	forget(cfg, d.log)
+	d.host = host
+	d.setWaiting(upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
 	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log, d.metrics))

@@ -69,6 +69,7 @@ type DNS struct {
 	// they are not globally reachable; Exempt holds them parsed.
 	RebindingExempt []string       `mapstructure:"rebinding_exempt"`
 	Exempt          []netip.Prefix `mapstructure:"-"`
+	ResolvConf      []string       `mapstructure:"resolv_conf"`
 	// UpstreamAddrs holds Upstreams parsed, with port 53 where none was given.
 	UpstreamAddrs []netip.AddrPort `mapstructure:"-"`
 }
@@ -76,6 +77,8 @@ type DNS struct {
 // Firewall configures the ruleset.
 type Firewall struct {
 	Containers []string `mapstructure:"containers"`
+	Unfiltered []string `mapstructure:"unfiltered"`
+	Antispoof  []string `mapstructure:"antispoof"`
 	Host       bool     `mapstructure:"host"`
 	Action     string   `mapstructure:"action"`
 	Mark       uint32   `mapstructure:"mark"`
@@ -288,12 +291,30 @@ func (c *Config) validate() error {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
 	}
 
-	for i, p := range c.Firewall.Containers {
-		if err := checkIfacePattern(p); err != nil {
-			bad("firewall.containers[%d]: %q %v", i, p, err)
+	for i, f := range c.DNS.ResolvConf {
+		if !path.IsAbs(f) {
+			bad("dns.resolv_conf[%d]: %q must be an absolute path", i, f)
 		}
 	}
-	dupes(&errs, "firewall.containers", c.Firewall.Containers, strings.TrimSpace)
+	for _, list := range []struct {
+		field    string
+		patterns []string
+	}{{"firewall.containers", c.Firewall.Containers}, {"firewall.unfiltered", c.Firewall.Unfiltered}, {"firewall.antispoof", c.Firewall.Antispoof}} {
+		for i, p := range list.patterns {
+			if list.field == "firewall.antispoof" && p == "*" {
+				continue // every interface
+			}
+			if err := checkIfacePattern(p); err != nil {
+				bad("%s[%d]: %q %v", list.field, i, p, err)
+			}
+		}
+		dupes(&errs, list.field, list.patterns, strings.TrimSpace)
+	}
+	for i, p := range c.Firewall.Unfiltered {
+		if slices.Contains(c.Firewall.Containers, p) {
+			bad("firewall.unfiltered[%d]: %q is also in firewall.containers: filter it or not", i, p)
+		}
+	}
 	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
 		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)
 	}

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/egressd/egressd/config"
 )
@@ -25,8 +26,25 @@ var hostICMPv6 = []ICMPv6Type{
 	{"mld2-listener-report", 143},
 }
 
-// Build returns the ruleset for cfg.
+// Host is what the ruleset needs to know about the host besides the
+// config.
+type Host struct {
+	// Upstreams are the resolvers egressd itself asks; its own traffic is
+	// exempt only towards them.
+	Upstreams []netip.AddrPort
+	// Cgroup is egressd's own cgroup, which proves that a socket is
+	// egressd's; nil: the firewall mark does, weakly.
+	Cgroup *Cgroup
+}
+
+// Build returns the ruleset for cfg with the configured upstreams and the
+// mark as egressd's proof of identity.
 func Build(cfg *config.Config) *Ruleset {
+	return BuildFor(cfg, Host{Upstreams: cfg.DNS.UpstreamAddrs})
+}
+
+// BuildFor returns the ruleset for cfg on host.
+func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	fw := cfg.Firewall
 	proxy := uint16(cfg.DNS.ListenPort)
 	ports := make([]uint16, len(cfg.Allow.Ports))
@@ -116,14 +134,35 @@ func Build(cfg *config.Config) *Ruleset {
 	rs.Chains = []Chain{egress, containerEgress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
 
 	if fw.Host {
-		mark := Mark(fw.Mark)
+		// egressd's own queries (and so the pinned names' lookups) go to
+		// its upstreams, and only there, unredirected and unfiltered.
+		var owner Stmt = Mark(fw.Mark)
+		if host.Cgroup != nil {
+			owner = *host.Cgroup
+		}
+		var own []Rule
+		for _, u := range host.Upstreams {
+			to := DaddrPrefix(netip.PrefixFrom(u.Addr().WithZone(""), u.Addr().BitLen()))
+			for _, p := range []Proto{UDP, TCP} {
+				own = append(own, Rule{Stmts: []Stmt{owner, to, Ports{Proto: p, Dport: u.Port()}}})
+			}
+		}
+		ownRules := func(comment string, v Verdict) []Rule {
+			out := make([]Rule, len(own))
+			for i, r := range own {
+				out[i] = Rule{Stmts: append(r.Stmts[:len(r.Stmts):len(r.Stmts)], v)}
+			}
+			if len(out) > 0 {
+				out[0].Comment = comment
+			}
+			return out
+		}
 		output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
 			Comment: "the host's own traffic",
-			Rules: []Rule{
-				{Comment: "egressd's own upstream queries", Stmts: []Stmt{mark, Accept}},
-				{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
-				{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
-			}}
+			Rules: append(ownRules("egressd's own upstream queries", Accept),
+				Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+				Rule{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
+			)}
 		for i, c := range fw.Containers {
 			r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}
 			if i == 0 {
@@ -143,10 +182,8 @@ func Build(cfg *config.Config) *Ruleset {
 		}
 		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
 		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityDstNAT},
-			Rules: []Rule{
-				{Comment: "egressd's own upstream queries are not redirected", Stmts: []Stmt{mark, Return}},
-				{Stmts: []Stmt{Jump("dns_redirect")}},
-			}}
+			Rules: append(ownRules("egressd's own upstream queries are not redirected", Return),
+				Rule{Stmts: []Stmt{Jump("dns_redirect")}})}
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
 	return rs

@@ -1,8 +1,10 @@
 package rules
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -99,15 +101,26 @@ func TestBuild(t *testing.T) {
 		},
 		{
 			name:  "host output: own queries, loopback, DHCP, ND, then egress",
-			yaml:  "firewall:\n  mark: 0x42\n",
+			yaml:  "firewall:\n  mark: 0x42\ndns:\n  upstreams: [192.0.2.53, \"[2001:db8::53]:5353\"]\n",
 			chain: "output",
-			want: []string{"meta mark 0x00000042 accept", `oifname "lo" accept`, "udp sport 68 udp dport 67 accept",
+			want: []string{"meta mark 0x00000042 ip daddr 192.0.2.53 udp dport 53 accept",
+				"meta mark 0x00000042 ip daddr 192.0.2.53 tcp dport 53 accept",
+				"meta mark 0x00000042 ip6 daddr 2001:db8::53 udp dport 5353 accept",
+				"meta mark 0x00000042 ip6 daddr 2001:db8::53 tcp dport 5353 accept",
+				`oifname "lo" accept`, "udp sport 68 udp dport 67 accept",
 				"icmpv6 type nd-neighbor-solicit accept", "jump egress"},
 		},
 		{
-			name:  "host DNS redirect exempts egressd's mark",
+			name:  "host DNS redirect exempts egressd's mark towards its upstreams only",
+			yaml:  "dns:\n  upstreams: [192.0.2.53]\n",
 			chain: "dns_output",
-			want:  []string{"meta mark 0x00001e55 return", "jump dns_redirect"},
+			want:  []string{"meta mark 0x00001e55 ip daddr 192.0.2.53 udp dport 53 return", "meta mark 0x00001e55 ip daddr 192.0.2.53 tcp dport 53 return", "jump dns_redirect"},
+		},
+		{
+			name:  "without upstreams nothing is exempt",
+			chain: "output",
+			want:  []string{`oifname "lo" accept`},
+			never: []string{"mark"},
 		},
 		{
 			name:  "host not filtered",
@@ -161,6 +174,27 @@ func TestExprsReferToDeclaredSets(t *testing.T) {
 		for _, r := range c.Rules {
 			if len(r.exprs(sets)) == 0 {
 				t.Errorf("rule %q has no expressions", r.Text())
+			}
+		}
+	}
+}
+
+func TestBuildCgroupOwner(t *testing.T) {
+	cfg := loadConfig(t, "")
+	cg := &Cgroup{Path: "/system.slice/egressd.service", Level: 2, ID: 4242}
+	ups := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.53:53")}
+	rs := BuildFor(cfg, Host{Upstreams: ups, Cgroup: cg})
+	for chain, want := range map[string]string{
+		"output":     `socket cgroupv2 level 2 "/system.slice/egressd.service" ip daddr 192.0.2.53 udp dport 53 accept`,
+		"dns_output": `socket cgroupv2 level 2 "/system.slice/egressd.service" ip daddr 192.0.2.53 tcp dport 53 return`,
+	} {
+		got := chainText(rs, chain)
+		if !slices.Contains(got, want) {
+			t.Errorf("chain %s lacks %q:\n%s", chain, want, strings.Join(got, "\n"))
+		}
+		for _, r := range got {
+			if strings.Contains(r, "mark") {
+				t.Errorf("chain %s still trusts the mark: %s", chain, r)
 			}
 		}
 	}

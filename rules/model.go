@@ -150,6 +150,27 @@ func (s Mark) exprs(map[string]*nftables.Set) []expr.Any {
 	}
 }
 
+// Cgroup matches packets of sockets created by processes in one cgroup v2
+// (or below it). Unlike a mark, which any process with CAP_NET_ADMIN or
+// CAP_NET_RAW may set on its sockets, moving into another service's cgroup
+// takes write access to the cgroup tree. The kernel compares the cgroup's
+// id, its inode number on cgroup2fs, which nft looks up from Path at load
+// time; netlink carries the id.
+type Cgroup struct {
+	Path  string // relative to the cgroup2 mount, "/system.slice/egressd.service"
+	Level uint32 // its depth: 2 for that path
+	ID    uint64
+}
+
+func (s Cgroup) text() string { return fmt.Sprintf("socket cgroupv2 level %d %q", s.Level, s.Path) }
+
+func (s Cgroup) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Socket{Key: expr.SocketKeyCgroupv2, Level: s.Level, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint64(s.ID)},
+	}
+}
+
 // Proto is a transport protocol.
 type Proto uint8
 

@@ -74,3 +74,54 @@ func TestUnitExposure(t *testing.T) {
 		t.Errorf("exposure %.1f, want at most 3.0:\n%s", level, out)
 	}
 }
+
+// The apply unit must fail when the ruleset cannot be installed (no "-"
+// prefix), accept apply's "pinned names pending" status, and, once
+// enabled, be required by the container runtimes.
+func TestApplyUnitFailsClosed(t *testing.T) {
+	data, err := os.ReadFile("egressd-apply.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(data)
+	for _, want := range []string{
+		"\nExecStart=/usr/local/bin/egressd apply ",
+		"\nSuccessExitStatus=3\n",
+		"\nRequiredBy=docker.service containerd.service podman.service\n",
+		"\nBefore=network-pre.target docker.service containerd.service podman.service egressd.service\n",
+	} {
+		if !strings.Contains(unit, want) {
+			t.Errorf("egressd-apply.service lacks %q", strings.TrimSpace(want))
+		}
+	}
+	if strings.Contains(unit, "ExecStart=-") {
+		t.Error("egressd-apply.service ignores apply's failure (ExecStart=-)")
+	}
+	// Enabling it really makes a runtime require it.
+	sa := analyze(t)
+	dir := installed(t)
+	rt := filepath.Join(dir, "docker.service")
+	if err := os.WriteFile(rt, []byte("[Service]\nExecStart=/bin/true\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	sys := filepath.Join(root, "etc/systemd/system")
+	if err := os.MkdirAll(sys, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []string{"egressd-apply.service", "docker.service"} {
+		b, _ := os.ReadFile(filepath.Join(dir, u))
+		if err := os.WriteFile(filepath.Join(sys, u), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := exec.Command("systemctl", "--root", root, "enable", "egressd-apply.service").CombinedOutput(); err != nil {
+		t.Fatalf("systemctl enable: %v\n%s", err, out)
+	}
+	if _, err := os.Lstat(filepath.Join(sys, "docker.service.requires", "egressd-apply.service")); err != nil {
+		t.Errorf("enabling egressd-apply does not make docker.service require it: %v", err)
+	}
+	if out, err := exec.Command(sa, "verify", filepath.Join(dir, "egressd-apply.service")).CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("verify: %v\n%s", err, out)
+	}
+}

@@ -39,7 +39,7 @@ ports. It owns one nftables table, inet egressd, and touches nothing else.`,
 				if err != nil {
 					return err
 				}
-				_, err = fmt.Fprint(cmd.OutOrStdout(), rules.Build(cfg).Text())
+				_, err = fmt.Fprint(cmd.OutOrStdout(), agent.Planned(cfg).Text())
 				return err
 			},
 		},

@@ -56,6 +56,9 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 				fmt.Fprintf(w, "egressd %s: %s, running since %s\n", s.Version, health, s.Started.Format(time.RFC3339))
 				fmt.Fprintf(w, "ruleset:   %s (%d drift repairs)\n", s.Ruleset, s.DriftRepairs)
 				fmt.Fprintf(w, "learned:   %d IPv4, %d IPv6 addresses\n", s.LearnedIPv4, s.LearnedIPv6)
+				if s.NotAnswering != "" {
+					fmt.Fprintf(w, "dns:       %s\n", s.NotAnswering)
+				}
 				if a := s.Audit; a != nil {
 					result := fmt.Sprintf("%d elements match", a.Elements)
 					if a.Error != "" {

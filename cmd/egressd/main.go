@@ -5,12 +5,19 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"runtime/pprof"
 	"syscall"
+
+	"github.com/egressd/egressd/agent"
 )
+
+// exitPinnedPending is apply's exit status when the ruleset is installed
+// (closed) but pinned names could not be opened yet (README, Exit status).
+const exitPinnedPending = 3
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
@@ -42,6 +49,9 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "egressd:", err)
 		pprof.StopCPUProfile()
+		if errors.Is(err, agent.ErrPinnedPending) {
+			os.Exit(exitPinnedPending)
+		}
 		os.Exit(1)
 	}
 }
