@@ -3,14 +3,17 @@ package test
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 )
 
 // noResolverConfig is the lab's config on a host whose resolv.conf names
@@ -77,5 +80,115 @@ func TestRunWithoutResolverWaitsClosed(t *testing.T) {
 	l.mustNotReach(l.Ctr, "203.0.113.31:443")
 	if out, _ := l.runEgressd("status", "--config", cfg); strings.Contains(out, "no usable upstream") {
 		t.Errorf("status still says no upstream:\n%s", out)
+	}
+}
+
+// dialMarked connects from ns to addr with SO_MARK set on the socket, as a
+// privileged process that copies egressd's mark would.
+func dialMarked(ns, network, addr string, mark int) (net.Conn, error) {
+	d := net.Dialer{Timeout: shortWait, Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	var c net.Conn
+	err := inNS(ns, func() (err error) {
+		c, err = d.Dial(network, addr)
+		return err
+	})
+	return c, err
+}
+
+// queryMarked asks server a question from a socket with SO_MARK set.
+func queryMarked(ns, server, name string, mark int) (*dns.Msg, error) {
+	c, err := dialMarked(ns, "udp", server, mark)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	cl := &dns.Client{Timeout: shortWait}
+	r, _, err := cl.ExchangeWithConn(m, &dns.Conn{Conn: c})
+	return r, err
+}
+
+func TestCopiedMarkOpensNothing(t *testing.T) {
+	l := newLab(t)
+	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()))
+	const mark = 0x1e55
+	if c, err := dialMarked(l.Host, "tcp", "203.0.113.31:443", mark); err == nil {
+		c.Close()
+		t.Errorf("a host process with egressd's mark reached an unlisted address")
+	}
+	if c, err := dialMarked(l.Host, "tcp", upstreamDNS+":443", mark); err == nil {
+		c.Close()
+		t.Errorf("a host process with egressd's mark reached the upstream on another port")
+	}
+	// egressd's own upstream queries still work.
+	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	l.mustReach(l.Ctr, "203.0.113.10:443")
+}
+
+// cgroup2Dir returns where cgroup v2 is mounted, or skips.
+func cgroup2Dir(t *testing.T) string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, fs := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(fs) > 0 && fs[0] == "cgroup2" && f[3] == "/" {
+			return f[4]
+		}
+	}
+	t.Skip("cgroup v2 is not mounted")
+	return ""
+}
+
+// In a cgroup of its own, as under systemd, egressd is recognised by it:
+// the mark alone, even towards the upstream on port 53, is not enough.
+func TestOwnCgroupIsTheProof(t *testing.T) {
+	cg := filepath.Join(cgroup2Dir(t), fmt.Sprintf("egressd-test-%d-%d", os.Getpid(), labSeq.Load()))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Registered before the lab's cleanup, so it runs after egressd is
+	// gone: a populated cgroup cannot be removed.
+	t.Cleanup(func() { _ = os.Remove(cg) })
+	l := newLab(t)
+	wrapper := filepath.Join(l.Dir, "in-cgroup")
+	// `ip netns exec` mounts a fresh /sys without the cgroup tree: go
+	// back to the test's mount namespace (the network namespace stays),
+	// join the cgroup, then become egressd.
+	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --mount=/proc/%d/ns/mnt -- sh -c 'echo $$ > %s/cgroup.procs && exec %s \"$@\"' egressd \"$@\"\n",
+		os.Getpid(), cg, egressdBin)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l.bin = wrapper
+	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()))
+	if !strings.Contains(l.listing(), "socket cgroupv2 level ") {
+		t.Fatalf("egressd in its own cgroup still trusts the mark:\n%s", l.listing())
+	}
+	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	l.mustReach(l.Ctr, "203.0.113.10:443")
+	// A marked query to the upstream is redirected to the proxy, which
+	// refuses the name, instead of reaching the upstream.
+	r, err := queryMarked(l.Host, upstreamDNS+":53", "www.example.com", 0x1e55)
+	if err == nil && len(r.Answer) > 0 {
+		t.Errorf("a marked host process reached the upstream directly: %v", r.Answer)
+	}
+	if c, err := dialMarked(l.Host, "tcp", "203.0.113.31:443", 0x1e55); err == nil {
+		c.Close()
+		t.Errorf("a marked host process reached an unlisted address")
+	}
+	if err := l.stopDaemon(syscall.SIGTERM); err != nil {
+		t.Errorf("SIGTERM: %v", err)
 	}
 }
