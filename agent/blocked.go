@@ -25,7 +25,7 @@ type Blocked struct {
 	From      netip.Addr     `json:"from"`
 	To        netip.AddrPort `json:"to"`
 	Proto     string         `json:"proto"`
-	Reason    string         `json:"reason"` // "not-answered", "expired", "port", "dns-over-tls"
+	Reason    string         `json:"reason"` // "not-answered", "expired", "port", "dns-over-tls", "spoofed-source"
 	// Names that last resolved to To's address, if egressd knows them.
 	Names string `json:"names,omitempty"`
 }
@@ -36,10 +36,11 @@ func (b Blocked) String() string {
 		src = fmt.Sprintf("container %s on %s", b.From, b.Interface)
 	}
 	why := map[string]string{
-		"not-answered": "address not answered by egressd",
-		"expired":      "address no longer allowed (its answer expired)",
-		"port":         "port not allowed",
-		"dns-over-tls": "DNS over TLS bypasses the proxy",
+		"not-answered":   "address not answered by egressd",
+		"expired":        "address no longer allowed (its answer expired)",
+		"port":           "port not allowed",
+		"dns-over-tls":   "DNS over TLS bypasses the proxy",
+		"spoofed-source": "source address not routed back through its interface (forged), dropped",
 	}[b.Reason]
 	s := fmt.Sprintf("%s -> %s %s: %s", src, b.Proto, b.To, why)
 	if b.Names != "" {
@@ -108,6 +109,9 @@ func parseBlocked(a nflog.Attribute) (Blocked, bool) {
 	b := Blocked{Source: "host", Reason: "not-answered"}
 	if strings.HasPrefix(*a.Prefix, rules.LogDoT) {
 		b.Reason = "dns-over-tls"
+	}
+	if strings.HasPrefix(*a.Prefix, rules.LogSpoofed) {
+		b.Reason = "spoofed-source"
 	}
 	if a.InDev != nil {
 		b.Source = "container"

@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/egressd/egressd/config"
 )
@@ -13,9 +14,16 @@ import (
 // DNS redirect runs at dstnat priority in prerouting (container traffic)
 // and output (the host's own traffic), before any filter chain sees the
 // packet, so filters see the proxy's address, not the resolver's.
+//
+// The anti-spoofing check runs in prerouting at raw priority (-300), not
+// at mangle (-150) or filter: before conntrack (-200) so a forged packet
+// never gets a connection entry (whose replies `ct state established`
+// would let out), and before the DNS redirect (-100) so a forged query
+// never reaches the proxy.
 const (
 	priorityFilter = 0
 	priorityDstNAT = -100
+	priorityRaw    = -300
 )
 
 // ICMPv6 messages the host must send to keep IPv6 working.
@@ -132,6 +140,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		Rules: fromContainers("dns_redirect")}
 
 	rs.Chains = []Chain{egress, containerEgress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
+	rs.Chains = append(rs.Chains, antispoof(fw)...)
 
 	if fw.Host {
 		// egressd's own queries (and so the pinned names' lookups) go to
@@ -187,6 +196,33 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
 	return rs
+}
+
+// antispoof drops packets from container interfaces (and those of
+// firewall.antispoof) whose source address is not routed back through the
+// interface they came in on. Without it a container with CAP_NET_RAW can
+// send datagrams with the upstream resolver's address to the host's
+// sockets (answers to egressd's own queries), or queries to the proxy with
+// an internet address as source, whose answers the host then sends there.
+func antispoof(fw config.Firewall) []Chain {
+	check := Chain{Name: "spoofed", Comment: "sources not routed back through their interface are forged",
+		Rules: []Rule{{Stmts: logged(fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
+	pre := Chain{Name: "antispoof", Hook: &Hook{"filter", "prerouting", priorityRaw},
+		Comment: "forged source addresses, before conntrack and the DNS redirect see them",
+		Rules: []Rule{
+			{Comment: "DHCP clients without an address yet", Stmts: []Stmt{SaddrPrefix(netip.MustParsePrefix("0.0.0.0/32")), Ports{Proto: UDP, Sport: 68, Dport: 67}, Return}},
+			{Comment: "IPv6 duplicate address detection", Stmts: []Stmt{SaddrPrefix(netip.MustParsePrefix("::/128")), Return}},
+		}}
+	if slices.Contains(fw.Antispoof, "*") {
+		pre.Rules = append(pre.Rules,
+			Rule{Comment: "every interface but loopback", Stmts: []Stmt{IfName{Pattern: "lo"}, Return}},
+			Rule{Stmts: []Stmt{Jump("spoofed")}})
+		return []Chain{check, pre}
+	}
+	for _, p := range append(slices.Clip(fw.Containers), fw.Antispoof...) {
+		pre.Rules = append(pre.Rules, Rule{Stmts: []Stmt{IfName{Pattern: p}, Jump("spoofed")}})
+	}
+	return []Chain{check, pre}
 }
 
 // logged returns stmts with an NFLOG statement before the last one, the

@@ -123,6 +123,25 @@ func TestBuild(t *testing.T) {
 			never: []string{"mark"},
 		},
 		{
+			name:  "forged sources from container interfaces are dropped, logged",
+			yaml:  "firewall:\n  antispoof: [\"vnet*\"]\n",
+			chain: "antispoof",
+			want: []string{"ip saddr 0.0.0.0 udp sport 68 udp dport 67 return", "ip6 saddr :: return",
+				`iifname "docker0" jump spoofed`, `iifname "br-*" jump spoofed`, `iifname "vnet*" jump spoofed`},
+		},
+		{
+			name:  "anti-spoofing on every interface",
+			yaml:  "firewall:\n  antispoof: [\"*\"]\n",
+			chain: "antispoof",
+			want:  []string{`iifname "lo" return`, "jump spoofed"},
+			never: []string{"docker0"},
+		},
+		{
+			name:  "the spoofing check",
+			chain: "spoofed",
+			want:  []string{`fib saddr . iif oif missing log prefix "egressd-spoofed" group 1055 drop`},
+		},
+		{
 			name:  "host not filtered",
 			yaml:  "firewall:\n  host: false\n",
 			chain: "output",

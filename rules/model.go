@@ -316,6 +316,54 @@ func netipMask(p netip.Prefix) []byte {
 	return mask
 }
 
+// SaddrPrefix matches the source address against one prefix.
+type SaddrPrefix netip.Prefix
+
+func (s SaddrPrefix) text() string {
+	p := netip.Prefix(s)
+	family := "ip"
+	if p.Addr().Is6() {
+		family = "ip6"
+	}
+	if p.IsSingleIP() {
+		return fmt.Sprintf("%s saddr %s", family, p.Addr())
+	}
+	return fmt.Sprintf("%s saddr %s", family, p)
+}
+
+func (s SaddrPrefix) exprs(map[string]*nftables.Set) []expr.Any {
+	p := netip.Prefix(s)
+	proto, offset := byte(unix.NFPROTO_IPV4), uint32(12)
+	if p.Addr().Is6() {
+		proto, offset = unix.NFPROTO_IPV6, 8
+	}
+	addr := p.Addr().AsSlice()
+	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(addr))},
+	}
+	if !p.IsSingleIP() {
+		e = append(e, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)),
+			Mask: netipMask(p), Xor: make([]byte, len(addr))})
+	}
+	return append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr})
+}
+
+// SourceNotRouted matches packets whose source address is not routed back
+// through the interface they came in on (strict reverse-path check): a
+// forged source. Valid in prerouting and input only.
+type SourceNotRouted struct{}
+
+func (SourceNotRouted) text() string { return "fib saddr . iif oif missing" }
+
+func (SourceNotRouted) exprs(map[string]*nftables.Set) []expr.Any {
+	return []expr.Any{
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
 // daddr loads the destination address of the given family into register 1.
 func daddr(v6 bool) []expr.Any {
 	proto, offset, length := byte(unix.NFPROTO_IPV4), uint32(16), uint32(4)
@@ -434,4 +482,5 @@ func (s Log) exprs(map[string]*nftables.Set) []expr.Any {
 const (
 	LogBlocked = "egressd-blocked"
 	LogDoT     = "egressd-dot"
+	LogSpoofed = "egressd-spoofed"
 )

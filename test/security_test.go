@@ -1,9 +1,11 @@
 package test
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -191,4 +193,90 @@ func TestOwnCgroupIsTheProof(t *testing.T) {
 	if err := l.stopDaemon(syscall.SIGTERM); err != nil {
 		t.Errorf("SIGTERM: %v", err)
 	}
+}
+
+// sendForged sends one UDP datagram from ns with any source address, as a
+// container with CAP_NET_RAW (Docker's default) can: a raw IPv4 socket
+// that writes its own header.
+func sendForged(ns string, src, dst netip.AddrPort, payload []byte) error {
+	pkt := make([]byte, 28+len(payload))
+	pkt[0] = 0x45
+	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+	pkt[8] = 64 // TTL
+	pkt[9] = unix.IPPROTO_UDP
+	s4, d4 := src.Addr().As4(), dst.Addr().As4()
+	copy(pkt[12:], s4[:])
+	copy(pkt[16:], d4[:])
+	binary.BigEndian.PutUint16(pkt[20:], src.Port())
+	binary.BigEndian.PutUint16(pkt[22:], dst.Port())
+	binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(payload)))
+	// UDP checksum 0: none, valid over IPv4; the kernel fills in the IP
+	// header checksum.
+	copy(pkt[28:], payload)
+	return inNS(ns, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+	})
+}
+
+func TestForgedSourcesAreDropped(t *testing.T) {
+	l := newLab(t)
+	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()))
+
+	// A host socket talking to the upstream, as egressd's own are.
+	var conn *net.UDPConn
+	if err := inNS(l.Host, func() (err error) {
+		conn, err = net.DialUDP("udp4", &net.UDPAddr{IP: net.ParseIP(hostUplink)}, &net.UDPAddr{IP: net.ParseIP(upstreamDNS), Port: 53})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	local := netip.MustParseAddrPort(conn.LocalAddr().String())
+	buf := make([]byte, 512)
+	// The container sends it a datagram with the upstream's address as
+	// source (a forged answer).
+	if err := sendForged(l.Ctr, netip.MustParseAddrPort(upstreamDNS+":53"), local, []byte("forged answer")); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(shortWait))
+	if n, err := conn.Read(buf); err == nil {
+		t.Errorf("the host socket connected to the upstream received %q from the container", buf[:n])
+	}
+
+	// A query to the proxy with an internet address as source: the answer
+	// must not be sent there (reflection, one-way exfiltration).
+	victim := netip.MustParseAddrPort("203.0.113.99:5300")
+	var pc net.PacketConn
+	if err := inNS(l.Inet, func() (err error) {
+		pc, err = net.ListenPacket("udp4", victim.String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	m := new(dns.Msg)
+	m.SetQuestion("exfiltrated-data.westus.api.cognitive.microsoft.com.", dns.TypeA)
+	q, _ := m.Pack()
+	for _, dst := range []string{upstreamDNS + ":53", fmt.Sprintf("%s:%d", bridgeIP, proxyPort)} {
+		if err := sendForged(l.Ctr, victim, netip.MustParseAddrPort(dst), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = pc.SetReadDeadline(time.Now().Add(shortWait))
+	if n, from, err := pc.ReadFrom(buf); err == nil {
+		t.Errorf("a forged query's answer reached the internet: %d bytes from %v", n, from)
+	}
+	l.waitFor("the spoofed packets to be reported", 5*time.Second, func() error {
+		if !strings.Contains(l.egressdLog.String(), "spoofed-source") {
+			return errors.New("not logged")
+		}
+		return nil
+	})
+	// The container itself still works.
+	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 }
