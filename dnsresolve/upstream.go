@@ -19,40 +19,28 @@ import (
 // Upstream sends queries to the configured resolvers from sockets that
 // carry egressd's firewall mark, so they are neither redirected back into
 // the proxy nor blocked by the egress rules.
+//
+// Each query gets a socket of its own, connected to the server it asks: a
+// fresh random source port (the kernel's ephemeral range) besides the
+// random ID, and the kernel delivers only datagrams from that server's
+// address and port. An off-path attacker must guess both port and ID
+// within one query's lifetime, instead of aiming at a few long-lived
+// pooled sockets. The answer must also carry the question asked.
 type Upstream struct {
 	servers []string
 	udp     *dns.Client
 	tcp     *dns.Client
-	// idle holds connected UDP sockets per server for reuse: a new socket
-	// per query costs syscalls and a conntrack entry each.
-	idle map[string]chan *dns.Conn
 	// preferred is the index of the server that answered last; a failing
 	// server is skipped until the next one fails.
 	preferred atomic.Uint32
 
 	mu     sync.Mutex
 	health map[string]*ServerHealth
-	closed bool // no more idle sockets are kept
 }
 
-// Close closes the idle sockets; queries under way finish, and their
-// sockets are closed after them.
-func (u *Upstream) Close() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.closed = true
-	for _, idle := range u.idle {
-		for {
-			select {
-			case c := <-idle:
-				c.Close()
-				continue
-			default:
-			}
-			break
-		}
-	}
-}
+// Close releases the Upstream. It keeps no sockets between queries, so
+// there is nothing to close; queries under way finish.
+func (u *Upstream) Close() {}
 
 // ServerHealth is what an Upstream knows about one server.
 type ServerHealth struct {
@@ -95,11 +83,9 @@ func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *
 		udp: &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
 		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
 	}
-	u.idle = make(map[string]chan *dns.Conn, len(servers))
 	u.health = make(map[string]*ServerHealth, len(servers))
 	for _, s := range servers {
 		u.servers = append(u.servers, s.String())
-		u.idle[s.String()] = make(chan *dns.Conn, idlePerServer)
 		u.health[s.String()] = &ServerHealth{Server: s.String()}
 	}
 	return u
@@ -161,44 +147,22 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
 }
 
-// release keeps conn for the next query, unless the Upstream is closed or
-// enough are idle.
-func (u *Upstream) release(server string, conn *dns.Conn) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if !u.closed {
-		select {
-		case u.idle[server] <- conn:
-			return
-		default:
-		}
-	}
-	conn.Close()
-}
-
-// idlePerServer bounds the idle UDP sockets kept per upstream.
-const idlePerServer = 64
-
 func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
 	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
-	var conn *dns.Conn
-	select {
-	case conn = <-u.idle[server]:
-	default:
-		var err error
-		if conn, err = u.udp.DialContext(ctx, server); err != nil {
-			return nil, err
-		}
+	conn, err := u.udp.DialContext(ctx, server)
+	if err != nil {
+		return nil, err
 	}
+	// miekg/dns skips datagrams with another ID; the connected socket
+	// only receives from server.
 	resp, _, err := u.udp.ExchangeWithConnContext(ctx, q, conn)
+	conn.Close()
 	if err == nil && !sameQuestion(q, resp) {
 		err = errors.New("answer does not match the question")
 	}
 	if err != nil {
-		conn.Close() // may still receive the late answer
 		return nil, err
 	}
-	u.release(server, conn)
 	if resp.Truncated {
 		q.Id = dns.Id()
 		resp, _, err = u.tcp.ExchangeContext(ctx, q, server)
