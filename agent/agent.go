@@ -33,12 +33,16 @@ var ErrPinnedPending = errors.New("ruleset installed (closed), pinned names pend
 // ErrPinnedPending.
 func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, error) {
 	ups, upErr := upstreams(cfg)
+	host, err := hostFor(cfg, ups, ownCgroup(log))
+	if err != nil {
+		return "", err // a config that would leave the uplink open: nothing changed
+	}
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return "", err
 	}
 	fw.Limit(cfg.Firewall.MaxLearned)
-	rs := rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: ownCgroup(log)})
+	rs := rules.BuildFor(cfg, host)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return "", err
 	}
@@ -158,5 +162,6 @@ func openPinned(ctx context.Context, p *dnsresolve.Proxy, name string) (int, tim
 func Planned(cfg *config.Config) *rules.Ruleset {
 	ups, _ := upstreams(cfg)
 	cg, _ := findOwnCgroup()
-	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg})
+	unknown, _ := unknownForwarders(cfg)
+	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown})
 }

@@ -53,6 +53,7 @@ type daemon struct {
 	nextSave   time.Time // throttles saving a large state file to 5% of the time
 	saved      uint64    // version of the learned addresses last saved
 	host       rules.Host
+	reported   map[string]bool // unknown forwarding interfaces already logged
 
 	waiting atomic.Pointer[string] // why the proxy cannot answer, for status
 }
@@ -82,11 +83,13 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d := &daemon{path: path, version: version, started: time.Now(), log: log, errors: errs, fw: fw,
 		audit:     make(chan struct{}, 1),
 		metrics:   metrics.New(version, fw.Counts),
-		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
+		repairLog: rate.NewLimiter(rate.Every(time.Second), 10), reported: map[string]bool{}}
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
 	fw.Limit(cfg.Firewall.MaxLearned)
-	d.host = rules.Host{Upstreams: ups, Cgroup: ownCgroup(log)}
+	if d.host, err = hostFor(cfg, ups, ownCgroup(log)); err != nil {
+		return err
+	}
 	rs := rules.BuildFor(cfg, d.host)
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
@@ -99,6 +102,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		log.Info("set element lifetimes", "kernel", l)
 		d.kernel = l.String()
 	}
+	d.reportUnknown()
 	d.setWaiting(upErr)
 
 	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, d.metrics))
@@ -125,7 +129,13 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	if cfg.Firewall.NFLOGGroup != 0 {
 		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
 	}
-	go watchLinks(ctx, func() []string { return d.config().Firewall.Containers }, log)
+	relink := make(chan struct{}, 1)
+	go watchLinks(ctx, d.config, func() {
+		select {
+		case relink <- struct{}{}:
+		default:
+		}
+	}, log)
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
 	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
@@ -177,6 +187,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			d.repair(ctx, reason)
 		case <-resolv:
 			d.rediscover(ctx)
+		case <-relink:
+			d.relink(ctx)
 		case <-check.C:
 			d.repair(ctx, "")
 		case now := <-save.C:
@@ -278,8 +290,11 @@ func (d *daemon) reload(ctx context.Context) {
 	}
 	stillAllowed := learnedAllowed(cfg, time.Now())
 	ups, upErr := upstreams(cfg)
-	host := d.host
-	host.Upstreams = ups
+	host, err := hostFor(cfg, ups, d.host.Cgroup)
+	if err != nil {
+		d.log.Error("reload failed; the old config stays in force", "err", err)
+		return
+	}
 	rs := rules.BuildFor(cfg, host)
 	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)

@@ -2,20 +2,32 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/rules"
 )
 
 // watchLinks logs container interfaces as they appear and disappear. The
 // ruleset matches interfaces by name in the kernel, so a new bridge is
 // filtered the moment it exists and nothing needs to be reinstalled; this
-// tells the operator that it happened. The subscription is renewed when
-// netlink closes it.
-func watchLinks(ctx context.Context, patterns func() []string, log *slog.Logger) {
+// tells the operator that it happened. A bridge or veth that matches no
+// pattern is filtered too (forwarded traffic leaving the host is filtered
+// from any interface); it is logged once, and forwarders is called so
+// that its DNS is redirected to the proxy as well. The subscription is
+// renewed when netlink closes it.
+func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders func(), log *slog.Logger) {
+	forwarders() // those that appeared while the ruleset was being installed
 	for ctx.Err() == nil {
 		updates := make(chan netlink.LinkUpdate, 64)
 		done := make(chan struct{})
@@ -25,7 +37,7 @@ func watchLinks(ctx context.Context, patterns func() []string, log *slog.Logger)
 		if err != nil {
 			log.Warn("cannot watch network interfaces", "err", err)
 		} else {
-			follow(ctx, updates, patterns, log)
+			follow(ctx, updates, cfg, forwarders, log)
 		}
 		close(done)
 		select {
@@ -35,8 +47,13 @@ func watchLinks(ctx context.Context, patterns func() []string, log *slog.Logger)
 	}
 }
 
-func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, patterns func() []string, log *slog.Logger) {
+func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *config.Config, forwarders func(), log *slog.Logger) {
 	known := map[int32]bool{}
+	// Interfaces settle in bursts (a veth is created, then enslaved to a
+	// bridge): look at them once the burst is over.
+	settle := time.AfterFunc(time.Hour, forwarders)
+	settle.Stop()
+	defer settle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -46,7 +63,10 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, patterns fun
 				return
 			}
 			name := u.Attrs().Name
-			pattern, match := matchIface(name, patterns())
+			if isForwarder(u.Link) || u.Link.Type() == "veth" {
+				settle.Reset(settleTime)
+			}
+			pattern, match := matchIface(name, cfg().Firewall.Containers)
 			if !match {
 				continue
 			}
@@ -73,4 +93,150 @@ func matchIface(name string, patterns []string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// settleTime is how long interfaces must be quiet before the unknown
+// forwarding ones are looked at.
+const settleTime = 300 * time.Millisecond
+
+// isForwarder reports whether a link is one through which other network
+// namespaces or machines send traffic for the host to forward: a bridge,
+// or a veth or tap not enslaved to one (then the bridge is the
+// interface the host sees).
+func isForwarder(l netlink.Link) bool {
+	switch l.Type() {
+	case "bridge":
+		return true
+	case "veth", "tuntap":
+		return l.Attrs().MasterIndex == 0
+	}
+	return false
+}
+
+// defaultRouteLinks returns the names of the interfaces that carry a
+// default route (IPv4 or IPv6, main table): the uplinks.
+func defaultRouteLinks() (map[string]bool, error) {
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	out := map[string]bool{}
+	add := func(idx int) {
+		if l, err := netlink.LinkByIndex(idx); err == nil {
+			out[l.Attrs().Name] = true
+		}
+	}
+	for _, r := range routes {
+		if r.Dst != nil && !(r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask)) {
+			continue
+		}
+		if r.LinkIndex > 0 {
+			add(r.LinkIndex)
+		}
+		for _, nh := range r.MultiPath {
+			add(nh.LinkIndex)
+		}
+	}
+	return out, nil
+}
+
+func isZeroMask(m net.IPMask) bool {
+	ones, _ := m.Size()
+	return ones == 0
+}
+
+// checkUplinks refuses a config whose container patterns match an
+// interface that carries the default route: its egress would count as
+// "into a container network" (unfiltered) and the proxy would answer the
+// outside.
+func checkUplinks(cfg *config.Config) error {
+	uplinks, err := defaultRouteLinks()
+	if err != nil {
+		return err
+	}
+	names := make([]string, 0, len(uplinks))
+	for n := range uplinks {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for i, p := range cfg.Firewall.Containers {
+		for _, n := range names {
+			if _, ok := matchIface(n, []string{p}); ok {
+				return fmt.Errorf("firewall.containers[%d]: %q matches %s, which carries the default route: its traffic would not be filtered and the proxy would answer the outside; narrow the pattern", i, p, n)
+			}
+		}
+	}
+	return nil
+}
+
+// unknownForwarders returns the forwarding interfaces (see isForwarder)
+// that match neither firewall.containers nor firewall.unfiltered and carry
+// no default route, sorted: the ruleset treats them as container
+// interfaces.
+func unknownForwarders(cfg *config.Config) ([]string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	uplinks, err := defaultRouteLinks()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, l := range links {
+		name := l.Attrs().Name
+		_, ctr := matchIface(name, cfg.Firewall.Containers)
+		_, exempt := matchIface(name, cfg.Firewall.Unfiltered)
+		if isForwarder(l) && !ctr && !exempt && !uplinks[name] {
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// hostFor gathers what the ruleset needs about this host for cfg, with
+// egressd's cgroup cg. A container pattern matching an uplink is an error.
+func hostFor(cfg *config.Config, ups []netip.AddrPort, cg *rules.Cgroup) (rules.Host, error) {
+	if err := checkUplinks(cfg); err != nil {
+		return rules.Host{}, err
+	}
+	unknown, err := unknownForwarders(cfg)
+	if err != nil {
+		return rules.Host{}, err
+	}
+	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown}, nil
+}
+
+// relink reinstalls the ruleset when the set of unknown forwarding
+// interfaces changed, so their DNS goes to the proxy.
+func (d *daemon) relink(ctx context.Context) {
+	cfg := d.config()
+	unknown, err := unknownForwarders(cfg)
+	if err != nil {
+		d.log.Error("interfaces not checked", "err", err)
+		return
+	}
+	if slices.Equal(unknown, d.host.Unknown) {
+		return
+	}
+	host := d.host
+	host.Unknown = unknown
+	if err := d.fw.Install(ctx, rules.BuildFor(cfg, host), nil, nil); err != nil {
+		d.log.Error("ruleset not updated for new interfaces", "err", err)
+		return
+	}
+	d.host = host
+	d.reportUnknown()
+}
+
+// reportUnknown logs each unknown forwarding interface once.
+func (d *daemon) reportUnknown() {
+	for _, name := range d.host.Unknown {
+		if !d.reported[name] {
+			d.reported[name] = true
+			d.log.Warn("forwarding interface matches no firewall.containers pattern; its forwarded traffic is filtered and its DNS sent to the proxy (list it in firewall.containers, or in firewall.unfiltered to exempt it)",
+				"interface", name)
+		}
+	}
 }

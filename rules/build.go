@@ -43,6 +43,10 @@ type Host struct {
 	// Cgroup is egressd's own cgroup, which proves that a socket is
 	// egressd's; nil: the firewall mark does, weakly.
 	Cgroup *Cgroup
+	// Unknown are forwarding interfaces (bridges, veths) that match
+	// neither firewall.containers nor firewall.unfiltered: treated like
+	// container interfaces (DNS to the proxy, sources checked).
+	Unknown []string
 }
 
 // Build returns the ruleset for cfg with the configured upstreams and the
@@ -96,31 +100,44 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			Rule{Stmts: logged(fw.NFLOGGroup, LogBlocked, RejectAdmin{})})
 	}
 
+	// Container interfaces, and forwarding interfaces (bridges, veths)
+	// that match no pattern: their DNS goes to the proxy as well.
+	ctrIfaces := append(slices.Clip(fw.Containers), host.Unknown...)
 	fromContainers := func(target string) []Rule {
 		var rs []Rule
-		for _, c := range fw.Containers {
+		for _, c := range ctrIfaces {
 			rs = append(rs, Rule{Stmts: []Stmt{IfName{Pattern: c}, Jump(target)}})
 		}
 		return rs
 	}
 
-	containerEgress := Chain{Name: "container_egress", Comment: "traffic routed out of container bridges"}
-	for i, c := range fw.Containers {
-		r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Return}}
-		if i == 0 {
-			r.Comment = "traffic between container networks stays on the host"
-		}
-		containerEgress.Rules = append(containerEgress.Rules, r)
-	}
-	containerEgress.Rules = append(containerEgress.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
-
+	// Forwarded traffic that leaves the host is filtered whichever
+	// interface it came from (an unknown bridge fails closed); traffic
+	// into container networks (published ports, between containers) stays
+	// on the host, and firewall.unfiltered is left alone.
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
-		Comment: "containers: inbound and published ports are not touched",
-		Rules:   fromContainers("container_egress")}
+		Comment: "forwarded traffic: filtered when it leaves the host, from any interface"}
+	for i, u := range fw.Unfiltered {
+		for j, out := range []bool{false, true} {
+			r := Rule{Stmts: []Stmt{IfName{Out: out, Pattern: u}, Accept}}
+			if i == 0 && j == 0 {
+				r.Comment = "firewall.unfiltered"
+			}
+			forward.Rules = append(forward.Rules, r)
+		}
+	}
+	for i, c := range fw.Containers {
+		r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}
+		if i == 0 {
+			r.Comment = "into container networks: inbound, published ports, between containers"
+		}
+		forward.Rules = append(forward.Rules, r)
+	}
+	forward.Rules = append(forward.Rules, Rule{Comment: "out of the host", Stmts: []Stmt{Jump("egress")}})
 
 	proxyIn := Chain{Name: "dns_proxy_in", Comment: "the proxy answers the host and containers only, never the outside",
 		Rules: []Rule{{Stmts: []Stmt{IfName{Pattern: "lo"}, Accept}}}}
-	for _, c := range fw.Containers {
+	for _, c := range ctrIfaces {
 		proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{IfName{Pattern: c}, Accept}})
 	}
 	proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{Drop}})
@@ -139,8 +156,8 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityDstNAT},
 		Rules: fromContainers("dns_redirect")}
 
-	rs.Chains = []Chain{egress, containerEgress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
-	rs.Chains = append(rs.Chains, antispoof(fw)...)
+	rs.Chains = []Chain{egress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
+	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces)...)
 
 	if fw.Host {
 		// egressd's own queries (and so the pinned names' lookups) go to
@@ -204,7 +221,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 // send datagrams with the upstream resolver's address to the host's
 // sockets (answers to egressd's own queries), or queries to the proxy with
 // an internet address as source, whose answers the host then sends there.
-func antispoof(fw config.Firewall) []Chain {
+func antispoof(fw config.Firewall, ctrIfaces []string) []Chain {
 	check := Chain{Name: "spoofed", Comment: "sources not routed back through their interface are forged",
 		Rules: []Rule{{Stmts: logged(fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
 	pre := Chain{Name: "antispoof", Hook: &Hook{"filter", "prerouting", priorityRaw},
@@ -219,7 +236,7 @@ func antispoof(fw config.Firewall) []Chain {
 			Rule{Stmts: []Stmt{Jump("spoofed")}})
 		return []Chain{check, pre}
 	}
-	for _, p := range append(slices.Clip(fw.Containers), fw.Antispoof...) {
+	for _, p := range append(slices.Clip(ctrIfaces), fw.Antispoof...) {
 		pre.Rules = append(pre.Rules, Rule{Stmts: []Stmt{IfName{Pattern: p}, Jump("spoofed")}})
 	}
 	return []Chain{check, pre}

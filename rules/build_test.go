@@ -78,10 +78,12 @@ func TestBuild(t *testing.T) {
 			},
 		},
 		{
-			name:  "every container pattern is sent to container_egress",
-			yaml:  "firewall:\n  containers: [docker0, \"br-*\", cni0]\n",
+			name:  "forwarded traffic out of the host is filtered from any interface but the unfiltered",
+			yaml:  "firewall:\n  containers: [docker0, \"br-*\", cni0]\n  unfiltered: [virbr0]\n",
 			chain: "forward",
-			want:  []string{`iifname "docker0" jump container_egress`, `iifname "br-*" jump container_egress`, `iifname "cni0" jump container_egress`},
+			want: []string{`iifname "virbr0" accept`, `oifname "virbr0" accept`,
+				`oifname "docker0" accept`, `oifname "br-*" accept`, `oifname "cni0" accept`, "jump egress"},
+			never: []string{"iifname \"docker0\""},
 		},
 		{
 			name:  "container DNS is redirected",
@@ -215,6 +217,19 @@ func TestBuildCgroupOwner(t *testing.T) {
 			if strings.Contains(r, "mark") {
 				t.Errorf("chain %s still trusts the mark: %s", chain, r)
 			}
+		}
+	}
+}
+
+func TestBuildUnknownInterfaces(t *testing.T) {
+	rs := BuildFor(loadConfig(t, ""), Host{Unknown: []string{"podman0"}})
+	for chain, want := range map[string]string{
+		"dns_prerouting": `iifname "podman0" jump dns_redirect`,
+		"dns_proxy_in":   `iifname "podman0" accept`,
+		"antispoof":      `iifname "podman0" jump spoofed`,
+	} {
+		if got := chainText(rs, chain); !slices.Contains(got, want) {
+			t.Errorf("chain %s lacks %q:\n%s", chain, want, strings.Join(got, "\n"))
 		}
 	}
 }

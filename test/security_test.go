@@ -280,3 +280,76 @@ func TestForgedSourcesAreDropped(t *testing.T) {
 	// The container itself still works.
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 }
+
+// addPodman adds a bridge podman0 (10.88.0.1/24) to the host with a second
+// container namespace behind it, as Podman does; it returns that
+// namespace.
+func (l *Lab) addPodman() string {
+	l.t.Helper()
+	ns := l.Ctr + "p"
+	l.sh("ip netns add " + ns)
+	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	l.in(ns, "ip link set lo up")
+	l.sh("ip link add eth0 netns " + ns + " type veth peer name vethp0 netns " + l.Host)
+	l.in(l.Host, "ip link add podman0 type bridge")
+	l.in(l.Host, "ip link set podman0 up")
+	l.in(l.Host, "ip link set vethp0 master podman0 up")
+	l.in(l.Host, "ip addr add 10.88.0.1/24 dev podman0")
+	l.in(ns, "ip link set eth0 up")
+	l.in(ns, "ip addr add 10.88.0.2/24 dev eth0")
+	l.in(ns, "ip route add default via 10.88.0.1")
+	l.in(l.Inet, "ip route add 10.88.0.0/24 via 192.0.2.1")
+	return ns
+}
+
+func TestUnknownBridgeFailsClosed(t *testing.T) {
+	l := newLab(t)
+	cfgPath := l.writeConfig("egressd.yaml", l.baseConfig())
+	l.startDaemon(cfgPath)
+	pod := l.addPodman() // appears while egressd runs
+	l.mustNotReach(pod, "203.0.113.31:443")
+	// Its DNS ends at egressd: the proxy refuses a name it does not allow,
+	// whichever resolver was asked, and answers one it does.
+	l.waitFor("podman0's DNS to reach the proxy", 10*time.Second, func() error {
+		r, err := query(pod, upstreamDNS+":53", "www.example.com", dns.TypeA, "udp")
+		if err != nil {
+			return err
+		}
+		if r.Rcode != dns.RcodeRefused {
+			return fmt.Errorf("answered %s %v: not the proxy", dns.RcodeToString[r.Rcode], r.Answer)
+		}
+		return nil
+	})
+	l.mustResolve(pod, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	l.mustReach(pod, "203.0.113.10:443")
+	l.mustNotReach(pod, "203.0.113.31:443")
+	if n := strings.Count(l.egressdLog.String(), "matches no firewall.containers pattern"); n != 1 {
+		t.Errorf("the unknown bridge was reported %d times, want once", n)
+	}
+
+	// Exempting it opens it.
+	l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), `containers: ["docker0"]`, `containers: ["docker0"]
+  unfiltered: ["podman0"]`, 1))
+	if err := l.egressd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	l.waitFor("podman0 to be unfiltered", 10*time.Second, func() error { return dial(pod, "203.0.113.31:443", time.Second) })
+	if r, err := query(pod, upstreamDNS+":53", "www.example.com", dns.TypeA, "udp"); err != nil || len(r.Answer) == 0 {
+		t.Errorf("an unfiltered interface's DNS still goes to the proxy: %v %v", r, err)
+	}
+	l.mustNotReach(l.Ctr, "203.0.113.31:443")
+}
+
+func TestContainerPatternOnUplinkIsRefused(t *testing.T) {
+	l := newLab(t)
+	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), `containers: ["docker0"]`, `containers: ["docker0", "up*"]`, 1))
+	for _, cmd := range []string{"apply", "run"} {
+		out, err := l.runEgressd(cmd, "--config", cfg)
+		if err == nil || !strings.Contains(out, `firewall.containers[1]: "up*" matches up0, which carries the default route`) {
+			t.Errorf("%s with a container pattern matching the uplink: %v\n%s", cmd, err, out)
+		}
+	}
+	if out := l.in(l.Host, "nft list tables"); strings.Contains(out, "egressd") {
+		t.Errorf("a refused config installed the ruleset:\n%s", out)
+	}
+}
