@@ -163,5 +163,6 @@ func Planned(cfg *config.Config) *rules.Ruleset {
 	ups, _ := upstreams(cfg)
 	cg, _ := findOwnCgroup()
 	unknown, _ := unknownForwarders(cfg)
-	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown})
+	onLink, _ := onLinkPrefixes(cfg)
+	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink})
 }

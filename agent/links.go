@@ -28,6 +28,7 @@ import (
 // renewed when netlink closes it.
 func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders func(), log *slog.Logger) {
 	forwarders() // those that appeared while the ruleset was being installed
+	go watchAddrs(ctx, forwarders, log)
 	for ctx.Err() == nil {
 		updates := make(chan netlink.LinkUpdate, 64)
 		done := make(chan struct{})
@@ -93,6 +94,43 @@ func matchIface(name string, patterns []string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// watchAddrs calls changed whenever the host's addresses change: the
+// on-link subnets of the DHCP and neighbour-discovery exemptions follow
+// them.
+func watchAddrs(ctx context.Context, changed func(), log *slog.Logger) {
+	for ctx.Err() == nil {
+		updates := make(chan netlink.AddrUpdate, 64)
+		done := make(chan struct{})
+		err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{
+			ErrorCallback: func(err error) { log.Debug("address subscription", "err", err) },
+		})
+		if err != nil {
+			log.Warn("cannot watch addresses", "err", err)
+		} else {
+			settle := time.AfterFunc(time.Hour, changed)
+			settle.Stop()
+		read:
+			for {
+				select {
+				case <-ctx.Done():
+					break read
+				case _, ok := <-updates:
+					if !ok {
+						break read
+					}
+					settle.Reset(settleTime)
+				}
+			}
+			settle.Stop()
+		}
+		close(done)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // settleTime is how long interfaces must be quiet before the unknown
@@ -205,23 +243,67 @@ func hostFor(cfg *config.Config, ups []netip.AddrPort, cg *rules.Cgroup) (rules.
 	if err != nil {
 		return rules.Host{}, err
 	}
-	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown}, nil
+	onLink, err := onLinkPrefixes(cfg)
+	if err != nil {
+		return rules.Host{}, err
+	}
+	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink}, nil
 }
 
-// relink reinstalls the ruleset when the set of unknown forwarding
-// interfaces changed, so their DNS goes to the proxy.
+// onLinkPrefixes returns the subnets of the host's addresses outside
+// loopback and container networks, without link-local ones (the ruleset
+// allows fe80::/10 anyway): where the DHCP server and IPv6 neighbours are.
+func onLinkPrefixes(cfg *config.Config) ([]netip.Prefix, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		l, err := netlink.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			continue
+		}
+		if _, ctr := matchIface(l.Attrs().Name, cfg.Firewall.Containers); ctr || l.Attrs().Name == "lo" {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(a.IP)
+		ones, _ := a.Mask.Size()
+		if !ok || ip.IsLinkLocalUnicast() || ip.IsLoopback() || ones == ip.Unmap().BitLen() {
+			continue
+		}
+		p := netip.PrefixFrom(ip.Unmap(), ones).Masked()
+		if !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return out, nil
+}
+
+// relink reinstalls the ruleset when the unknown forwarding interfaces
+// (their DNS goes to the proxy) or the on-link subnets changed.
 func (d *daemon) relink(ctx context.Context) {
 	cfg := d.config()
 	unknown, err := unknownForwarders(cfg)
+	var onLink []netip.Prefix
+	if err == nil {
+		onLink, err = onLinkPrefixes(cfg)
+	}
 	if err != nil {
 		d.log.Error("interfaces not checked", "err", err)
 		return
 	}
-	if slices.Equal(unknown, d.host.Unknown) {
+	if slices.Equal(unknown, d.host.Unknown) && slices.Equal(onLink, d.host.OnLink) {
 		return
 	}
 	host := d.host
-	host.Unknown = unknown
+	host.Unknown, host.OnLink = unknown, onLink
 	if err := d.fw.Install(ctx, rules.BuildFor(cfg, host), nil, nil); err != nil {
 		d.log.Error("ruleset not updated for new interfaces", "err", err)
 		return

@@ -43,6 +43,10 @@ type Host struct {
 	// Cgroup is egressd's own cgroup, which proves that a socket is
 	// egressd's; nil: the firewall mark does, weakly.
 	Cgroup *Cgroup
+	// OnLink are the prefixes of the host's own addresses outside
+	// container networks: where DHCP servers and IPv6 neighbours can be
+	// reached directly.
+	OnLink []netip.Prefix
 	// Unknown are forwarding interfaces (bridges, veths) that match
 	// neither firewall.containers nor firewall.unfiltered: treated like
 	// container interfaces (DNS to the proxy, sources checked).
@@ -196,16 +200,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			}
 			output.Rules = append(output.Rules, r)
 		}
-		output.Rules = append(output.Rules,
-			Rule{Comment: "DHCP and DHCPv6 clients", Stmts: []Stmt{Ports{Proto: UDP, Sport: 68, Dport: 67}, Accept}},
-			Rule{Stmts: []Stmt{Ports{Proto: UDP, Sport: 546, Dport: 547}, Accept}})
-		for i, t := range hostICMPv6 {
-			r := Rule{Stmts: []Stmt{t, Accept}}
-			if i == 0 {
-				r.Comment = "IPv6 neighbour discovery"
-			}
-			output.Rules = append(output.Rules, r)
-		}
+		output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
 		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
 		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityDstNAT},
 			Rules: append(ownRules("egressd's own upstream queries are not redirected", Return),
@@ -240,6 +235,54 @@ func antispoof(fw config.Firewall, ctrIfaces []string) []Chain {
 		pre.Rules = append(pre.Rules, Rule{Stmts: []Stmt{IfName{Pattern: p}, Jump("spoofed")}})
 	}
 	return []Chain{check, pre}
+}
+
+// Destinations of the host's link-level protocols.
+var (
+	broadcast4   = netip.MustParsePrefix("255.255.255.255/32")
+	dhcp6Servers = netip.MustParsePrefix("ff02::1:2/128")
+	linkLocal6   = netip.MustParsePrefix("fe80::/10")
+	multicast6   = netip.MustParsePrefix("ff00::/8")
+)
+
+// linkLocal returns the exemptions for DHCP, DHCPv6 and neighbour
+// discovery, each bound to destinations on the link: unbound, a process
+// bound to port 68 (or sending ICMPv6 type 135) could reach any address.
+// DHCPv4: broadcast, or unicast (renewals) into an on-link subnet; a
+// server behind a relay is then reached by the broadcast rebind. DHCPv6:
+// the All_DHCP_Relay_Agents_and_Servers group and link-local addresses.
+// ND and MLD: multicast and link-local, and neighbour solicitations and
+// advertisements to on-link addresses (unreachability detection, and
+// answers to neighbours that ask from a global address).
+func linkLocal(onLink []netip.Prefix) []Rule {
+	dhcp := Ports{Proto: UDP, Sport: 68, Dport: 67}
+	dhcp6 := Ports{Proto: UDP, Sport: 546, Dport: 547}
+	rs := []Rule{{Comment: "DHCP and DHCPv6 clients, to servers on the link", Stmts: []Stmt{DaddrPrefix(broadcast4), dhcp, Accept}}}
+	var onLink6 []netip.Prefix
+	for _, p := range onLink {
+		if p.Addr().Is4() {
+			rs = append(rs, Rule{Stmts: []Stmt{DaddrPrefix(p), dhcp, Accept}})
+		} else {
+			onLink6 = append(onLink6, p)
+		}
+	}
+	rs = append(rs,
+		Rule{Stmts: []Stmt{DaddrPrefix(dhcp6Servers), dhcp6, Accept}},
+		Rule{Stmts: []Stmt{DaddrPrefix(linkLocal6), dhcp6, Accept}})
+	for i, t := range hostICMPv6 {
+		dsts := []netip.Prefix{multicast6, linkLocal6}
+		if t.Type == 135 || t.Type == 136 {
+			dsts = append(dsts, onLink6...)
+		}
+		for j, d := range dsts {
+			r := Rule{Stmts: []Stmt{DaddrPrefix(d), t, Accept}}
+			if i == 0 && j == 0 {
+				r.Comment = "IPv6 neighbour discovery and MLD, on the link"
+			}
+			rs = append(rs, r)
+		}
+	}
+	return rs
 }
 
 // logged returns stmts with an NFLOG statement before the last one, the

@@ -109,8 +109,11 @@ func TestBuild(t *testing.T) {
 				"meta mark 0x00000042 ip daddr 192.0.2.53 tcp dport 53 accept",
 				"meta mark 0x00000042 ip6 daddr 2001:db8::53 udp dport 5353 accept",
 				"meta mark 0x00000042 ip6 daddr 2001:db8::53 tcp dport 5353 accept",
-				`oifname "lo" accept`, "udp sport 68 udp dport 67 accept",
-				"icmpv6 type nd-neighbor-solicit accept", "jump egress"},
+				`oifname "lo" accept`, "ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept",
+				"ip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept",
+				"ip6 daddr fe80::/10 udp sport 546 udp dport 547 accept",
+				"ip6 daddr ff00::/8 icmpv6 type nd-neighbor-solicit accept",
+				"ip6 daddr fe80::/10 icmpv6 type nd-neighbor-solicit accept", "jump egress"},
 		},
 		{
 			name:  "host DNS redirect exempts egressd's mark towards its upstreams only",
@@ -230,6 +233,28 @@ func TestBuildUnknownInterfaces(t *testing.T) {
 	} {
 		if got := chainText(rs, chain); !slices.Contains(got, want) {
 			t.Errorf("chain %s lacks %q:\n%s", chain, want, strings.Join(got, "\n"))
+		}
+	}
+}
+
+func TestBuildOnLink(t *testing.T) {
+	rs := BuildFor(loadConfig(t, ""), Host{OnLink: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8:1::/64")}})
+	got := chainText(rs, "output")
+	for _, want := range []string{
+		"ip daddr 192.0.2.0/24 udp sport 68 udp dport 67 accept",
+		"ip6 daddr 2001:db8:1::/64 icmpv6 type nd-neighbor-solicit accept",
+		"ip6 daddr 2001:db8:1::/64 icmpv6 type nd-neighbor-advert accept",
+	} {
+		if !slices.Contains(got, want) {
+			t.Errorf("output lacks %q:\n%s", want, strings.Join(got, "\n"))
+		}
+	}
+	if slices.Contains(got, "ip6 daddr 2001:db8:1::/64 icmpv6 type nd-router-solicit accept") {
+		t.Errorf("router solicitations go to on-link unicast addresses")
+	}
+	for _, r := range got {
+		if strings.HasPrefix(r, "udp sport") || strings.HasPrefix(r, "icmpv6 type") {
+			t.Errorf("exemption without a destination: %s", r)
 		}
 	}
 }

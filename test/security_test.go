@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -351,5 +352,75 @@ func TestContainerPatternOnUplinkIsRefused(t *testing.T) {
 	}
 	if out := l.in(l.Host, "nft list tables"); strings.Contains(out, "egressd") {
 		t.Errorf("a refused config installed the ruleset:\n%s", out)
+	}
+}
+
+func TestDHCPExemptionOnlyOnTheLink(t *testing.T) {
+	l := newLab(t)
+	if out, err := l.runEgressd("apply", "--config", l.writeConfig("egressd.yaml", l.baseConfig())); err != nil {
+		t.Fatalf("apply: %v\n%s", err, out)
+	}
+	var server net.PacketConn
+	if err := inNS(l.Inet, func() (err error) {
+		server, err = net.ListenPacket("udp4", "0.0.0.0:67")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	got := make(chan string, 10)
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, _, err := server.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			got <- string(buf[:n])
+		}
+	}()
+	// A "DHCP client" on the host: port 68, broadcast allowed, on the
+	// uplink.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		_ = c.Control(func(fd uintptr) {
+			serr = errors.Join(unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST, 1),
+				unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, "up0"))
+		})
+		return serr
+	}}
+	var client net.PacketConn
+	if err := inNS(l.Host, func() (err error) {
+		client, err = lc.ListenPacket(context.Background(), "udp4", "0.0.0.0:68")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	send := func(to, what string) {
+		t.Helper()
+		if _, err := client.WriteTo([]byte(what), &net.UDPAddr{IP: net.ParseIP(to), Port: 67}); err != nil && what != "internet" {
+			t.Errorf("send %s: %v", what, err)
+		}
+	}
+	send("203.0.113.67", "internet")
+	send("255.255.255.255", "broadcast")
+	send("192.0.2.2", "on-link")
+	want := map[string]bool{"broadcast": true, "on-link": true}
+	deadline := time.After(shortWait)
+	for {
+		select {
+		case m := <-got:
+			if !want[m] {
+				t.Errorf("a datagram from port 68 to port 67 reached %s", m)
+			}
+			delete(want, m)
+			continue
+		case <-deadline:
+		}
+		break
+	}
+	if len(want) > 0 {
+		t.Errorf("DHCP did not pass to %v", want)
 	}
 }
