@@ -52,7 +52,9 @@ func TestInstalledRulesetHasNoDrift(t *testing.T) {
 // Tampering that keeps every rule's shape is drift too.
 func TestDriftComparesValues(t *testing.T) {
 	tests := []struct{ name, from, to, want string }{
-		{"container interface", `iifname "docker0" jump container_egress`, `iifname "nomatch0" jump container_egress`, "chain forward rule"},
+		{"container interface", `oifname "docker0" accept`, `oifname "nomatch0" accept`, "chain forward rule"},
+		{"spoofing check", "fib saddr . iif oif missing", "fib saddr . iif oif exists", "chain spoofed rule"},
+		{"anti-spoofing interface", `iifname "docker0" jump spoofed`, `iifname "nomatch0" jump spoofed`, "chain antispoof rule"},
 		{"verdict", "ct state established,related accept", "ct state established,related drop", "rule"},
 		{"inverted lookup", "ip daddr @allow4", "ip daddr != @allow4", "chain egress rule"},
 		{"redirect port", "redirect to :10053", "redirect to :10054", "chain dns_redirect rule"},

@@ -191,6 +191,12 @@ func TestOwnCgroupIsTheProof(t *testing.T) {
 		c.Close()
 		t.Errorf("a marked host process reached an unlisted address")
 	}
+	// The installed cgroup match reads back as what was built: no
+	// endless drift repairs (the check runs every 2 s).
+	time.Sleep(3 * time.Second)
+	if strings.Contains(l.egressdLog.String(), "drift repaired") {
+		t.Errorf("egressd keeps repairing its own ruleset")
+	}
 	if err := l.stopDaemon(syscall.SIGTERM); err != nil {
 		t.Errorf("SIGTERM: %v", err)
 	}
