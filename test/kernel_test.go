@@ -133,7 +133,8 @@ func TestTamperSameShapeIsRepaired(t *testing.T) {
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 	want := l.listing()
 	for _, tt := range []struct{ chain, from, to string }{
-		{"forward", `iifname "docker0" jump container_egress`, `iifname "nomatch0" jump container_egress`},
+		{"forward", `oifname "docker0" accept`, `oifname "nomatch0" accept`},
+		{"antispoof", `iifname "docker0" jump spoofed`, `iifname "nomatch0" jump spoofed`},
 		{"dns_prerouting", `iifname "docker0" jump dns_redirect`, `iifname "nomatch0" jump dns_redirect`},
 		{"input", `udp dport 10053 jump dns_proxy_in`, `udp dport 10054 jump dns_proxy_in`},
 		{"output", `oifname "lo" accept`, `oifname "eth9" accept`},
