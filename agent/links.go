@@ -290,6 +290,12 @@ func onLinkPrefixes(cfg *config.Config) ([]netip.Prefix, error) {
 // (their DNS goes to the proxy) or the on-link subnets changed.
 func (d *daemon) relink(ctx context.Context) {
 	cfg := d.config()
+	// At boot the uplink may get its default route only after egressd
+	// started: say so loudly, since a running firewall is not refused.
+	if err := checkUplinks(cfg); err != nil && !d.reported[err.Error()] {
+		d.reported[err.Error()] = true
+		d.log.Error("config leaves the uplink unfiltered; fix firewall.containers and reload", "err", err)
+	}
 	unknown, err := unknownForwarders(cfg)
 	var onLink []netip.Prefix
 	if err == nil {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -428,5 +429,98 @@ func TestDHCPExemptionOnlyOnTheLink(t *testing.T) {
 	}
 	if len(want) > 0 {
 		t.Errorf("DHCP did not pass to %v", want)
+	}
+}
+
+// sendForged6 is sendForged over IPv6 (the UDP checksum is mandatory
+// there).
+func sendForged6(ns string, src, dst netip.AddrPort, payload []byte) error {
+	udp := make([]byte, 8+len(payload))
+	binary.BigEndian.PutUint16(udp[0:], src.Port())
+	binary.BigEndian.PutUint16(udp[2:], dst.Port())
+	binary.BigEndian.PutUint16(udp[4:], uint16(len(udp)))
+	copy(udp[8:], payload)
+	s16, d16 := src.Addr().As16(), dst.Addr().As16()
+	var sum uint32
+	add := func(b []byte) {
+		for i := 0; i+1 < len(b); i += 2 {
+			sum += uint32(binary.BigEndian.Uint16(b[i:]))
+		}
+		if len(b)%2 == 1 {
+			sum += uint32(b[len(b)-1]) << 8
+		}
+	}
+	add(s16[:])
+	add(d16[:])
+	sum += uint32(len(udp)) + unix.IPPROTO_UDP
+	add(udp)
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	ck := ^uint16(sum)
+	if ck == 0 {
+		ck = 0xffff
+	}
+	binary.BigEndian.PutUint16(udp[6:], ck)
+	pkt := make([]byte, 40, 40+len(udp))
+	pkt[0] = 0x60
+	binary.BigEndian.PutUint16(pkt[4:], uint16(len(udp)))
+	pkt[6] = unix.IPPROTO_UDP
+	pkt[7] = 64
+	copy(pkt[8:], s16[:])
+	copy(pkt[24:], d16[:])
+	pkt = append(pkt, udp...)
+	return inNS(ns, func() error {
+		// IPPROTO_RAW implies that the packet carries its own header.
+		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet6{Addr: d16})
+	})
+}
+
+func TestForgedIPv6SourcesAreDropped(t *testing.T) {
+	l := newLab(t)
+	if out, err := l.runEgressd("apply", "--config", l.writeConfig("egressd.yaml", l.baseConfig())); err != nil {
+		t.Fatalf("apply: %v\n%s", err, out)
+	}
+	listen := func(addr string) net.PacketConn {
+		var pc net.PacketConn
+		if err := inNS(l.Host, func() (err error) {
+			pc, err = net.ListenPacket("udp6", addr)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		return pc
+	}
+	// An unconnected host socket, so the control datagram shows that the
+	// path works; only the forged one must not arrive.
+	pc := listen("[2001:db8:1::1]:5353")
+	to := netip.MustParseAddrPort("[2001:db8:1::1]:5353")
+	if err := sendForged6(l.Ctr, netip.MustParseAddrPort("[fd00:30::2]:5353"), to, []byte("control")); err != nil {
+		t.Fatal(err)
+	}
+	if err := sendForged6(l.Ctr, netip.MustParseAddrPort("[2001:db8:53::53]:53"), to, []byte("forged")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 512)
+	var got []string
+	for {
+		_ = pc.SetReadDeadline(time.Now().Add(shortWait))
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		got = append(got, string(buf[:n]))
+	}
+	if !slices.Contains(got, "control") {
+		t.Errorf("the container's own datagram did not arrive (%q): the test proves nothing", got)
+	}
+	if slices.Contains(got, "forged") {
+		t.Errorf("a datagram with the upstream's IPv6 address as source reached the host from the container")
 	}
 }
