@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsresolve"
 	"github.com/egressd/egressd/rules"
 )
@@ -199,6 +200,15 @@ func (d *daemon) explain(q string) Explanation {
 	cfg := d.config()
 	var addr netip.Addr
 	var port uint16
+	// "ADDR:PORT/udp" asks about UDP; TCP otherwise (the only protocol
+	// DNS answers open).
+	proto := "tcp"
+	q, p, hasProto := strings.Cut(q, "/")
+	if hasProto && (p == "udp" || p == "tcp") {
+		proto = p
+	} else if hasProto {
+		q = e.Query // a prefix, not an address: not a destination
+	}
 	if ap, err := netip.ParseAddrPort(q); err == nil {
 		addr, port = ap.Addr(), ap.Port()
 	} else if a, err := netip.ParseAddr(q); err == nil {
@@ -211,20 +221,32 @@ func (d *daemon) explain(q string) Explanation {
 			if addrs := d.addrsOf(q); len(addrs) > 0 {
 				e.Reason += "; open now: " + strings.Join(addrs, ", ")
 			}
+		} else if z, ok := cfg.ForwardFor(q); ok {
+			e.Allowed = true
+			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
 		} else {
 			e.Reason = q + " matches no allowed domain"
+		}
+		if cfg.Firewall.Mode == config.ModeAudit && !e.Allowed {
+			e.Reason += " (audit mode: answered anyway, logged as would-refuse)"
 		}
 		return e
 	}
 	addr = addr.Unmap()
 	portOK := func(ports []int) bool { return port == 0 || slices.Contains(ports, int(port)) }
 	for _, st := range cfg.Allow.Static {
-		ports := cmpOr(st.Ports, cfg.Allow.Ports)
-		if st.Prefix.Contains(addr) && portOK(ports) {
+		if st.Allows(addr, proto, port, cfg.Allow.Ports) {
 			e.Allowed = true
-			e.Reason = fmt.Sprintf("%s is in allow.cidrs %s (ports %v)", addr, st.Prefix, ports)
+			e.Reason = fmt.Sprintf("%s is in allow.cidrs %q", addr, st.String())
+			if len(st.Ports) == 0 && !st.AnyPort {
+				e.Reason += fmt.Sprintf(" (tcp, allow.ports %v)", cfg.Allow.Ports)
+			}
 			return e
 		}
+	}
+	if proto == "udp" {
+		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
+		return auditNote(cfg, e)
 	}
 	set := rules.SetAllow4
 	if addr.Is6() {
@@ -235,7 +257,7 @@ func (d *daemon) explain(q string) Explanation {
 		what := fmt.Sprintf("%s in %s for another %v (answered for %s)", addr, set, left, el.Names)
 		if !portOK(cfg.Allow.Ports) {
 			e.Reason = fmt.Sprintf("port %d is not allowed (allow.ports %v); %s", port, cfg.Allow.Ports, what)
-			return e
+			return auditNote(cfg, e)
 		}
 		e.Allowed = true
 		e.Reason = what
@@ -249,14 +271,15 @@ func (d *daemon) explain(q string) Explanation {
 	default:
 		e.Reason = fmt.Sprintf("%s was not answered by egressd (no allowed name resolved to it) and is in no allow.cidrs", addr)
 	}
-	return e
+	return auditNote(cfg, e)
 }
 
-func cmpOr(a, b []int) []int {
-	if len(a) > 0 {
-		return a
+// auditNote adds to a blocked explanation that audit mode lets it pass.
+func auditNote(cfg *config.Config, e Explanation) Explanation {
+	if cfg.Firewall.Mode == config.ModeAudit && !e.Allowed {
+		e.Reason += " (audit mode: not enforced, logged and counted as would_block)"
 	}
-	return b
+	return e
 }
 
 // addrsOf returns the live addresses last answered for name.

@@ -14,7 +14,6 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -45,15 +44,10 @@ type Allow struct {
 	Domains []string `mapstructure:"domains"`
 	Ports   []int    `mapstructure:"ports"`
 	Names   []string `mapstructure:"names"`
-	// CIDRs are raw entries; Static holds them parsed.
-	CIDRs  []string `mapstructure:"cidrs"`
+	// CIDRs are raw entries, strings or maps (see Static); Static holds
+	// them parsed.
+	CIDRs  []any    `mapstructure:"cidrs"`
 	Static []Static `mapstructure:"-"`
-}
-
-// Static is a destination allowed without DNS.
-type Static struct {
-	Prefix netip.Prefix
-	Ports  []int // empty: Allow.Ports
 }
 
 // DNS configures the proxy.
@@ -72,10 +66,16 @@ type DNS struct {
 	ResolvConf      []string       `mapstructure:"resolv_conf"`
 	// UpstreamAddrs holds Upstreams parsed, with port 53 where none was given.
 	UpstreamAddrs []netip.AddrPort `mapstructure:"-"`
+	// ForwardRaw are the dns.forward entries (maps or strings); Forward
+	// holds them parsed.
+	ForwardRaw []any     `mapstructure:"forward"`
+	Forward    []Forward `mapstructure:"-"`
 }
 
 // Firewall configures the ruleset.
 type Firewall struct {
+	// Mode is ModeEnforce or ModeAudit.
+	Mode       string   `mapstructure:"mode"`
 	Containers []string `mapstructure:"containers"`
 	Unfiltered []string `mapstructure:"unfiltered"`
 	Antispoof  []string `mapstructure:"antispoof"`
@@ -85,6 +85,17 @@ type Firewall struct {
 	NFLOGGroup uint16   `mapstructure:"nflog_group"`
 	MaxLearned int      `mapstructure:"max_learned"`
 }
+
+// Firewall modes.
+const (
+	// ModeEnforce blocks what the allow-list does not allow.
+	ModeEnforce = "enforce"
+	// ModeAudit installs the same ruleset, but blocking verdicts only log
+	// and count (would_block) and names that are not allowed are answered
+	// (logged as would-refuse): for rolling egressd out onto running
+	// systems.
+	ModeAudit = "audit"
+)
 
 // Metrics configures the Prometheus endpoint.
 type Metrics struct {
@@ -236,14 +247,18 @@ func (c *Config) validate() error {
 	dupes(&errs, "allow.names", c.Allow.Names, CanonicalName)
 	c.Allow.Static = nil
 	for i, s := range c.Allow.CIDRs {
-		st, err := parseStatic(s)
+		st, err := parseStaticEntry(s)
 		if err != nil {
-			bad("allow.cidrs[%d]: %q %v", i, s, err)
+			sep := "."
+			if _, isString := s.(string); isString {
+				sep = ": "
+			}
+			bad("allow.cidrs[%d]%s%v", i, sep, err)
 			continue
 		}
 		c.Allow.Static = append(c.Allow.Static, st)
 	}
-	dupes(&errs, "allow.cidrs", c.Allow.CIDRs, strings.TrimSpace)
+	dupes(&errs, "allow.cidrs", c.Allow.Static, Static.String)
 
 	if c.DNS.ListenPort < 1 || c.DNS.ListenPort > 65535 {
 		bad("dns.listen_port: %d is not a port (1-65535)", c.DNS.ListenPort)
@@ -287,6 +302,7 @@ func (c *Config) validate() error {
 	if c.DNS.MinTTL+c.DNS.Grace < time.Second {
 		bad("dns.min_ttl + dns.grace: %v is less than 1s: answers would be unusable", c.DNS.MinTTL+c.DNS.Grace)
 	}
+	errs = append(errs, c.validateForward()...)
 	if c.DNS.RefuseWith != "refused" && c.DNS.RefuseWith != "nxdomain" {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
 	}
@@ -314,6 +330,9 @@ func (c *Config) validate() error {
 		if slices.Contains(c.Firewall.Containers, p) {
 			bad("firewall.unfiltered[%d]: %q is also in firewall.containers: filter it or not", i, p)
 		}
+	}
+	if c.Firewall.Mode != ModeEnforce && c.Firewall.Mode != ModeAudit {
+		bad("firewall.mode: %q must be \"enforce\" or \"audit\"", c.Firewall.Mode)
 	}
 	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
 		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)
@@ -396,45 +415,6 @@ func checkDomain(d string, wildcardOK bool) error {
 		}
 	}
 	return nil
-}
-
-func parseStatic(s string) (Static, error) {
-	fields := strings.Fields(s)
-	if len(fields) == 0 || len(fields) > 2 {
-		return Static{}, errors.New("must be \"ADDRESS[/LEN] [PORT,PORT...]\"")
-	}
-	var st Static
-	if strings.Contains(fields[0], "/") {
-		p, err := netip.ParsePrefix(fields[0])
-		if err != nil {
-			return Static{}, errors.New("is not an address or prefix")
-		}
-		if p != p.Masked() {
-			return Static{}, fmt.Errorf("has host bits set (did you mean %s?)", p.Masked())
-		}
-		st.Prefix = p
-	} else {
-		a, err := netip.ParseAddr(fields[0])
-		if err != nil {
-			return Static{}, errors.New("is not an address or prefix")
-		}
-		st.Prefix = netip.PrefixFrom(a, a.BitLen())
-	}
-	if st.Prefix.Addr().Zone() != "" || st.Prefix.Addr().Is4In6() {
-		return Static{}, errors.New("must be a plain IPv4 or IPv6 prefix")
-	}
-	if len(fields) == 2 {
-		for _, ps := range strings.Split(fields[1], ",") {
-			p, err := strconv.Atoi(ps)
-			if err != nil || p < 1 || p > 65535 {
-				return Static{}, fmt.Errorf("port %q is not a TCP port (1-65535)", ps)
-			}
-			st.Ports = append(st.Ports, p)
-		}
-		sort.Ints(st.Ports)
-		st.Ports = slices.Compact(st.Ports)
-	}
-	return st, nil
 }
 
 // neverExempt are destinations no DNS answer may open, whatever the

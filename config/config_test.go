@@ -1,6 +1,7 @@
 package config
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -73,7 +74,7 @@ firewall:
 	if got := c.DNS.UpstreamAddrs[0].Port(); got != 53 {
 		t.Errorf("default upstream port = %d", got)
 	}
-	if s := c.Allow.Static[1]; s.Prefix.String() != "2001:db8::1/128" || len(s.Ports) != 2 || s.Ports[0] != 22 {
+	if s := c.Allow.Static[1]; s.Prefix.String() != "2001:db8::1/128" || len(s.Ports) != 2 || s.Ports[0] != (PortRange{22, 22}) || s.Proto != "tcp" {
 		t.Errorf("static 1 = %+v", s)
 	}
 	if s := c.Allow.Static[2]; s.Prefix.Bits() != 32 || s.Ports != nil {
@@ -118,7 +119,16 @@ func TestInvalid(t *testing.T) {
 		{"loopback upstream", "dns:\n  upstreams: [\"127.0.0.53\"]\n", nil, `dns.upstreams[0]: "127.0.0.53" is a loopback`},
 		{"bad cidr", "allow:\n  cidrs: [\"300.1.1.0/24\"]\n", nil, `allow.cidrs[0]: "300.1.1.0/24" is not an address or prefix`},
 		{"host bits", "allow:\n  cidrs: [\"203.0.113.1/24\"]\n", nil, "did you mean 203.0.113.0/24"},
-		{"cidr bad port", "allow:\n  cidrs: [\"203.0.113.0/24 99999\"]\n", nil, `port "99999" is not a TCP port`},
+		{"cidr bad port", "allow:\n  cidrs: [\"203.0.113.0/24 99999\"]\n", nil, `allow.cidrs[0]: "203.0.113.0/24 99999" port "99999" is not a TCP or UDP port`},
+		{"cidr bad protocol", "allow:\n  cidrs: [\"10.0.0.0/8 icmp 1\"]\n", nil, `allow.cidrs[0]: "10.0.0.0/8 icmp 1" protocol "icmp" must be tcp, udp or any`},
+		{"cidr backwards range", "allow:\n  cidrs: [\"10.0.0.0/8 udp 200-100\"]\n", nil, `port range "200-100" must go from low to high`},
+		{"cidr too many fields", "allow:\n  cidrs: [\"10.0.0.0/8 tcp 80 443\"]\n", nil, `allow.cidrs[0]: "10.0.0.0/8 tcp 80 443" must be`},
+		{"cidr map bad protocol", "allow:\n  cidrs: [{cidr: 10.0.0.0/8, protocol: sctp}]\n", nil, `allow.cidrs[0].protocol: "sctp" must be tcp, udp or any`},
+		{"cidr map bad port", "allow:\n  cidrs: [{cidr: 10.0.0.0/8, ports: [80, 70000]}]\n", nil, `allow.cidrs[0].ports: port "70000" is not a TCP or UDP port`},
+		{"cidr map unknown key", "allow:\n  cidrs: [{cidr: 10.0.0.0/8, port: 80}]\n", nil, `allow.cidrs[0].port: unknown key (cidr, protocol, ports)`},
+		{"cidr map no cidr", "allow:\n  cidrs: [{protocol: udp}]\n", nil, `allow.cidrs[0].cidr: <nil> must be an address or prefix`},
+		{"cidr map host bits", "allow:\n  cidrs: [{cidr: 10.1.0.0/8}]\n", nil, `allow.cidrs[0].cidr: "10.1.0.0/8" has host bits set (did you mean 10.0.0.0/8?)`},
+		{"cidr duplicate across forms", "allow:\n  cidrs: [\"10.0.0.0/8 any\", {cidr: 10.0.0.0/8, protocol: any, ports: any}]\n", nil, `allow.cidrs[1]: "10.0.0.0/8 any any" repeats allow.cidrs[0]`},
 		{"listen port 53", "dns:\n  listen_port: 53\n", nil, "dns.listen_port: 53"},
 		{"bad action", "firewall:\n  action: allow\n", nil, `firewall.action: "allow"`},
 		{"bad iface glob", "firewall:\n  containers: [\"b*r\"]\n", nil, `firewall.containers[0]: "b*r" may only have "*" at its end`},
@@ -145,9 +155,112 @@ func TestInvalid(t *testing.T) {
 	}
 }
 
+func TestStaticForms(t *testing.T) {
+	tests := []struct {
+		entry string // YAML of one allow.cidrs entry
+		want  string // canonical form
+	}{
+		{`"203.0.113.0/24"`, "203.0.113.0/24"},
+		{`"203.0.113.0/24 80,8443"`, "203.0.113.0/24 tcp 80,8443"},
+		{`"10.244.0.0/16 any"`, "10.244.0.0/16 any any"},
+		{`"10.96.0.0/12 udp"`, "10.96.0.0/12 udp any"},
+		{`"10.96.0.10 udp 53"`, "10.96.0.10/32 udp 53"},
+		{`"192.0.2.0/24 tcp 30000-32767,22"`, "192.0.2.0/24 tcp 22,30000-32767"},
+		{`"fd00::/8 any 80"`, "fd00::/8 any 80"},
+		{`{cidr: 10.244.0.0/16, protocol: any, ports: any}`, "10.244.0.0/16 any any"},
+		{`{cidr: 10.244.0.0/16, protocol: any}`, "10.244.0.0/16 any any"},
+		{`{cidr: 10.0.0.1, ports: [6443]}`, "10.0.0.1/32 tcp 6443"},
+		{`{cidr: 10.0.0.0/8, protocol: udp, ports: ["53", "1000-2000"]}`, "10.0.0.0/8 udp 53,1000-2000"},
+		{`{cidr: 10.0.0.0/8}`, "10.0.0.0/8"},
+	}
+	for _, tt := range tests {
+		c, err := load(t, "allow:\n  cidrs: ["+tt.entry+"]\n")
+		if err != nil {
+			t.Errorf("%s: %v", tt.entry, err)
+			continue
+		}
+		if got := c.Allow.Static[0].String(); got != tt.want {
+			t.Errorf("%s: parsed as %q, want %q", tt.entry, got, tt.want)
+		}
+	}
+	// From the environment, comma-separated: ports in the string form are
+	// then separated by "," too, so only single ports or ranges fit.
+	c, err := load(t, "", "EGRESSD_ALLOW_CIDRS=10.244.0.0/16 any,10.96.0.10 udp 53")
+	if err != nil || len(c.Allow.Static) != 2 || c.Allow.Static[1].String() != "10.96.0.10/32 udp 53" {
+		t.Fatalf("env cidrs: %v, %v", err, c)
+	}
+}
+
+func TestStaticAllows(t *testing.T) {
+	parse := func(s string) Static {
+		st, err := parseStatic(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	a := netip.MustParseAddr("10.244.1.5")
+	tests := []struct {
+		entry, proto string
+		port         uint16
+		want         bool
+	}{
+		{"10.244.0.0/16 any", "udp", 8125, true},
+		{"10.244.0.0/16 any", "tcp", 1, true},
+		{"10.244.0.0/16 udp", "tcp", 80, false},
+		{"10.244.0.0/16 tcp 1000-2000", "tcp", 2000, true},
+		{"10.244.0.0/16 tcp 1000-2000", "tcp", 2001, false},
+		{"10.244.0.0/16", "tcp", 443, true}, // allow.ports
+		{"10.244.0.0/16", "tcp", 80, false},
+		{"10.244.0.0/16", "udp", 443, false},
+		{"10.245.0.0/16 any", "tcp", 443, false},
+	}
+	for _, tt := range tests {
+		if got := parse(tt.entry).Allows(a, tt.proto, tt.port, []int{443}); got != tt.want {
+			t.Errorf("%q allows %s/%d: %v, want %v", tt.entry, tt.proto, tt.port, got, tt.want)
+		}
+	}
+}
+
 func TestMissingFile(t *testing.T) {
 	_, err := Load("/nonexistent/egressd.yaml", nil)
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/egressd.yaml") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestForwardAndMode(t *testing.T) {
+	c, err := load(t, "dns:\n  forward: [{zone: Cluster.Local., servers: [10.96.0.10, \"10.96.0.11:5353\"]}, \"corp.example 192.0.2.53\"]\nfirewall:\n  mode: audit\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.DNS.Forward) != 2 || c.DNS.Forward[0].Zone != "cluster.local" || c.DNS.Forward[0].Servers[1].String() != "10.96.0.11:5353" ||
+		c.DNS.Forward[1].Servers[0].String() != "192.0.2.53:53" || c.Firewall.Mode != ModeAudit {
+		t.Fatalf("parsed %+v, mode %q", c.DNS.Forward, c.Firewall.Mode)
+	}
+	for name, want := range map[string]bool{
+		"kubernetes.default.svc.cluster.local.": true, "cluster.local": true, "api.example.com.default.svc.cluster.local": true,
+		"notcluster.local": false, "local": false, "a.corp.example": true,
+	} {
+		if _, ok := c.ForwardFor(name); ok != want {
+			t.Errorf("ForwardFor(%q) = %v, want %v", name, ok, want)
+		}
+	}
+	for _, tt := range []struct{ yaml, want string }{
+		{"dns:\n  forward: [{zone: cluster.local}]\n", "dns.forward[0].servers: <nil> must list at least one"},
+		{"dns:\n  forward: [{zone: \"*.cluster.local\", servers: [10.96.0.10]}]\n", `dns.forward[0].zone: "*.cluster.local" must be a name, not a wildcard`},
+		{"dns:\n  forward: [{zone: cluster.local, servers: [kube-dns]}]\n", `dns.forward[0].servers[0]: "kube-dns" is not "ip" or "ip:port"`},
+		{"dns:\n  forward: [{zone: cluster.local, servers: [127.0.0.1]}]\n", `dns.forward[0].servers[0]: "127.0.0.1" is a loopback`},
+		{"dns:\n  forward: [{zone: cluster.local, server: 10.96.0.10}]\n", `dns.forward[0].server: unknown key (zone, servers)`},
+		{"dns:\n  forward: [\"cluster.local\"]\n", `dns.forward[0]: "cluster.local" must be`},
+		{"dns:\n  forward: [\"a.b 10.0.0.1\", \"A.B. 10.0.0.2\"]\n", `dns.forward[1].zone: "a.b" repeats dns.forward[0]`},
+		{"firewall:\n  mode: permissive\n", `firewall.mode: "permissive" must be "enforce" or "audit"`},
+	} {
+		if _, err := load(t, tt.yaml); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: error %v, want %q", tt.yaml, err, tt.want)
+		}
+	}
+	if c, err := load(t, "", "EGRESSD_DNS_FORWARD=cluster.local 10.96.0.10"); err != nil || len(c.DNS.Forward) != 1 {
+		t.Errorf("env forward: %v", err)
 	}
 }

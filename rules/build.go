@@ -83,17 +83,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 	}}
 	for _, st := range cfg.Allow.Static {
-		comment := "allow.cidrs " + st.Prefix.String()
-		if len(st.Ports) == 0 {
-			egress.Rules = append(egress.Rules, Rule{Comment: comment,
-				Stmts: []Stmt{DaddrPrefix(st.Prefix), Ports{Proto: TCP, DportSet: SetPorts}, Accept}})
-			continue
-		}
-		for _, p := range st.Ports {
-			egress.Rules = append(egress.Rules, Rule{Comment: comment,
-				Stmts: []Stmt{DaddrPrefix(st.Prefix), Ports{Proto: TCP, Dport: uint16(p)}, Accept}})
-			comment = ""
-		}
+		egress.Rules = append(egress.Rules, staticRules(st)...)
 	}
 	if fw.Action == "drop" {
 		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: logged(fw.NFLOGGroup, LogBlocked, Drop)})
@@ -207,6 +197,43 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 				Rule{Stmts: []Stmt{Jump("dns_redirect")}})}
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
+	return rs
+}
+
+// staticRules are the rules of one allow.cidrs entry: one per protocol and
+// port (range), all of them accepting.
+func staticRules(st config.Static) []Rule {
+	to := DaddrPrefix(st.Prefix)
+	var rs []Rule
+	add := func(stmts ...Stmt) {
+		rs = append(rs, Rule{Stmts: append([]Stmt{to}, append(stmts, Accept)...)})
+	}
+	protos := []Proto{TCP, UDP}
+	switch st.Proto {
+	case "tcp":
+		protos = []Proto{TCP}
+	case "udp":
+		protos = []Proto{UDP}
+	}
+	switch {
+	case st.AnyPort && st.Proto == "any":
+		add() // every protocol, ICMP included
+	case st.AnyPort:
+		add(L4Proto(protos[0]))
+	case len(st.Ports) == 0:
+		add(Ports{Proto: TCP, DportSet: SetPorts}) // the original form: allow.ports
+	default:
+		for _, p := range protos {
+			for _, r := range st.Ports {
+				if r.Lo == r.Hi {
+					add(Ports{Proto: p, Dport: r.Lo})
+				} else {
+					add(DportRange{Proto: p, Lo: r.Lo, Hi: r.Hi})
+				}
+			}
+		}
+	}
+	rs[0].Comment = "allow.cidrs " + st.String()
 	return rs
 }
 

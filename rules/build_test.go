@@ -78,6 +78,21 @@ func TestBuild(t *testing.T) {
 			},
 		},
 		{
+			name:  "static cidrs with protocols, ranges and any port",
+			yaml:  "allow:\n  cidrs: [\"10.244.0.0/16 any\", \"10.96.0.0/12 udp\", {cidr: 192.168.0.0/16, protocol: any, ports: [53, \"30000-32767\"]}, \"10.0.0.1 tcp 6443\"]\n",
+			chain: "egress",
+			want: []string{
+				"ip daddr 10.244.0.0/16 accept",
+				"ip daddr 10.96.0.0/12 meta l4proto udp accept",
+				"ip daddr 192.168.0.0/16 tcp dport 53 accept",
+				"ip daddr 192.168.0.0/16 tcp dport 30000-32767 accept",
+				"ip daddr 192.168.0.0/16 udp dport 53 accept",
+				"ip daddr 192.168.0.0/16 udp dport 30000-32767 accept",
+				"ip daddr 10.0.0.1 tcp dport 6443 accept",
+				`log prefix "egressd-blocked" group 1055 reject with icmpx admin-prohibited`,
+			},
+		},
+		{
 			name:  "forwarded traffic out of the host is filtered from any interface but the unfiltered",
 			yaml:  "firewall:\n  containers: [docker0, \"br-*\", cni0]\n  unfiltered: [virbr0]\n",
 			chain: "forward",

@@ -26,7 +26,7 @@ func nftIn(t *testing.T, ns netns.NsHandle, script string) {
 
 const richConfig = `
 allow:
-  cidrs: ["203.0.113.0/24", "2001:db8::1 80,8443"]
+  cidrs: ["203.0.113.0/24", "2001:db8::1 80,8443", "10.244.0.0/16 any", "10.96.0.0/12 udp", "fd00::/8 any 53,30000-32767"]
   ports: [443, 8443]
 dns:
   listen_port: 5300

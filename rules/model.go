@@ -250,6 +250,22 @@ func (s Ports) exprs(sets map[string]*nftables.Set) []expr.Any {
 	return e
 }
 
+// DportRange matches a TCP or UDP destination port range, inclusive, the
+// way nft compiles "tcp dport 1000-2000": two comparisons.
+type DportRange struct {
+	Proto  Proto
+	Lo, Hi uint16
+}
+
+func (s DportRange) text() string { return fmt.Sprintf("%s dport %d-%d", s.Proto, s.Lo, s.Hi) }
+
+func (s DportRange) exprs(map[string]*nftables.Set) []expr.Any {
+	return append(s.Proto.match(),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpGte, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Lo)},
+		&expr.Cmp{Op: expr.CmpOpLte, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Hi)})
+}
+
 // ICMPv6Type matches one ICMPv6 message type.
 type ICMPv6Type struct {
 	Name string

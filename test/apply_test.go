@@ -134,7 +134,7 @@ func TestPrintEqualsInstalledRuleset(t *testing.T) {
 	cfg := l.writeConfig("nopin.yaml", strings.Replace(l.baseConfig(),
 		`names: ["translatoronprem.blob.core.windows.net"]`,
 		`names: []
-  cidrs: ["203.0.113.0/24", "2001:db8::/32 80,8443", "198.51.100.7"]`, 1))
+  cidrs: ["203.0.113.0/24", "2001:db8::/32 80,8443", "198.51.100.7", "10.244.0.0/16 any", "10.96.0.0/12 udp", "192.168.0.0/16 any 53,30000-32767", {cidr: "fd00::/8", protocol: tcp, ports: any}]`, 1))
 
 	printed, err := l.runEgressd("print", "--config", cfg)
 	if err != nil {
