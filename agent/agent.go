@@ -115,8 +115,17 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 	if cfg.DNS.RefuseWith == "nxdomain" {
 		refuse = dns.RcodeNameError
 	}
+	var fwd []dnsresolve.ForwardZone
+	for _, f := range cfg.DNS.Forward {
+		fwd = append(fwd, dnsresolve.ForwardZone{Zone: f.Zone, Servers: f.Servers})
+	}
 	return dnsresolve.Options{
-		Domains:     cfg.Allow.Domains,
+		Forward:        fwd,
+		Audit:          cfg.Firewall.Mode == config.ModeAudit,
+		AuditServers:   ups,
+		Mark:           cfg.Firewall.Mark,
+		ForwardTimeout: cfg.DNS.Timeout,
+		Domains:        cfg.Allow.Domains,
 		Upstream:    dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout),
 		Allower:     allower,
 		MinTTL:      cfg.DNS.MinTTL,

@@ -57,6 +57,15 @@ type Options struct {
 	RefuseRcode int
 	Logger      *slog.Logger
 	Metrics     *metrics.Metrics // may be nil
+	// Forward lists zones answered by other servers (see ForwardZone).
+	// Audit answers names that are not allowed from AuditServers instead
+	// of refusing them (firewall.mode audit). Both send from sockets with
+	// Mark, each try taking up to ForwardTimeout.
+	Forward        []ForwardZone
+	Audit          bool
+	AuditServers   []netip.AddrPort
+	Mark           uint32
+	ForwardTimeout time.Duration
 }
 
 // DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL of
@@ -97,6 +106,7 @@ type proxyConf struct {
 	opts    Options
 	matcher *Matcher
 	cache   *cache // per configuration: a reload starts empty
+	fwd     *forwarding
 }
 
 // NewProxy returns a Proxy.
@@ -124,7 +134,7 @@ func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().match
 // the old ones, and the old upstream's idle sockets are closed. The logger
 // is not replaced.
 func (p *Proxy) Update(o Options) {
-	old := p.conf.Swap(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache()})
+	old := p.conf.Swap(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
 	if old != nil && old.opts.Upstream != o.Upstream {
 		old.opts.Upstream.Close()
 	}
@@ -234,7 +244,13 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 	}
 	q := r.Question[0]
 	conf := p.conf.Load()
+	if fm := p.forwarded(conf, r); fm != nil {
+		return fm // forward.go
+	}
 	if _, ok := conf.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
+		if am := p.wouldRefuse(conf, r); am != nil {
+			return am // audit mode, forward.go
+		}
 		if p.refusals.Allow() {
 			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype])
 		}

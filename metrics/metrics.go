@@ -17,6 +17,10 @@ const (
 	Refused   = "refused"   // the name is not allowed
 	Servfail  = "servfail"  // upstream or firewall failure
 	Rebinding = "rebinding" // an answer lost addresses to the rebinding guard
+	// Forwarded: a name of a dns.forward zone, answered by its servers.
+	Forwarded = "forwarded"
+	// WouldRefuse: a name that is not allowed, answered in audit mode.
+	WouldRefuse = "would_refuse"
 )
 
 // Metrics are egressd's collectors.
@@ -40,7 +44,7 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 		reg: prometheus.NewRegistry(),
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egressd_dns_queries_total",
-			Help: "DNS queries answered by the proxy, by result: allowed, refused, servfail; rebinding counts allowed answers that lost addresses to the rebinding guard.",
+			Help: "DNS queries answered by the proxy, by result: allowed, refused, servfail, forwarded (dns.forward zones), would_refuse (not allowed, answered in audit mode); rebinding counts allowed answers that lost addresses to the rebinding guard.",
 		}, []string{"result"}),
 		upstream: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "egressd_upstream_query_duration_seconds",
@@ -79,7 +83,7 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			Help: "Failed saves of the learned addresses to state_dir.",
 		}),
 	}
-	for _, r := range []string{Allowed, Refused, Servfail, Rebinding} {
+	for _, r := range []string{Allowed, Refused, Servfail, Rebinding, Forwarded, WouldRefuse} {
 		m.queries.WithLabelValues(r)
 	}
 	info := prometheus.NewGauge(prometheus.GaugeOpts{

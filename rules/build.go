@@ -15,6 +15,16 @@ import (
 // and output (the host's own traffic), before any filter chain sees the
 // packet, so filters see the proxy's address, not the resolver's.
 //
+// The redirect runs at dstnat - 1 (-101), just before kube-proxy, which
+// DNATs service addresses at dstnat (-100) in nat prerouting and output,
+// as does any other dstnat chain (Docker's published ports): chains of one
+// NAT hook run in priority order and the first that sets up a NAT binding
+// for a connection ends the walk, while two chains at the same priority
+// run in an undefined order. So pod DNS sent to the cluster DNS service
+// address (10.96.0.10:53) ends at the proxy deterministically, never at a
+// CoreDNS pod behind egressd's back; egressd forwards the cluster's own
+// zones there itself (dns.forward).
+//
 // The anti-spoofing check runs in prerouting at raw priority (-300), not
 // at mangle (-150) or filter: before conntrack (-200) so a forged packet
 // never gets a connection entry (whose replies `ct state established`
@@ -23,6 +33,8 @@ import (
 const (
 	priorityFilter = 0
 	priorityDstNAT = -100
+	// priorityRedirect is one before kube-proxy's DNAT, see above.
+	priorityRedirect = priorityDstNAT - 1
 	priorityRaw    = -300
 )
 
@@ -147,7 +159,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}},
 		}}
-	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityDstNAT},
+	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityRedirect},
 		Rules: fromContainers("dns_redirect")}
 
 	rs.Chains = []Chain{egress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
@@ -155,13 +167,24 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 
 	if fw.Host {
 		// egressd's own queries (and so the pinned names' lookups) go to
-		// its upstreams, and only there, unredirected and unfiltered.
+		// its upstreams and the servers of forwarded zones, and only
+		// there, unredirected and unfiltered. A forward server behind a
+		// DNAT (a service address) is reached at the DNAT's target, which
+		// the filter sees: allow.cidrs must cover it.
 		var owner Stmt = Mark(fw.Mark)
 		if host.Cgroup != nil {
 			owner = *host.Cgroup
 		}
 		var own []Rule
-		for _, u := range host.Upstreams {
+		servers := slices.Clone(host.Upstreams)
+		for _, f := range cfg.DNS.Forward {
+			for _, s := range f.Servers {
+				if !slices.Contains(servers, s) {
+					servers = append(servers, s)
+				}
+			}
+		}
+		for _, u := range servers {
 			to := DaddrPrefix(netip.PrefixFrom(u.Addr().WithZone(""), u.Addr().BitLen()))
 			for _, p := range []Proto{UDP, TCP} {
 				own = append(own, Rule{Stmts: []Stmt{owner, to, Ports{Proto: p, Dport: u.Port()}}})
@@ -192,7 +215,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		}
 		output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
 		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
-		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityDstNAT},
+		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect},
 			Rules: append(ownRules("egressd's own upstream queries are not redirected", Return),
 				Rule{Stmts: []Stmt{Jump("dns_redirect")}})}
 		rs.Chains = append(rs.Chains, output, dnsOutput)

@@ -273,3 +273,29 @@ func TestBuildOnLink(t *testing.T) {
 		}
 	}
 }
+
+// The redirect runs just before kube-proxy's DNAT (dstnat, -100), so DNS
+// to a service address ends at the proxy whatever order the kernel would
+// give two chains at one priority; egressd's own queries to forwarded
+// zones' servers are exempt like those to its upstreams.
+func TestBuildRedirectBeforeKubeProxy(t *testing.T) {
+	rs := BuildFor(loadConfig(t, "dns:\n  upstreams: [192.0.2.53]\n  forward: [{zone: cluster.local, servers: [10.96.0.10, 192.0.2.53]}]\n"),
+		Host{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.53:53")}})
+	for _, c := range rs.Chains {
+		if (c.Name == "dns_prerouting" || c.Name == "dns_output") && c.Hook.Priority != -101 {
+			t.Errorf("chain %s at priority %d, want -101", c.Name, c.Hook.Priority)
+		}
+	}
+	if !strings.Contains(rs.Text(), "type nat hook prerouting priority dstnat - 1;") {
+		t.Errorf("print does not spell the priority as nft lists it")
+	}
+	got := chainText(rs, "dns_output")
+	for _, want := range []string{"meta mark 0x00001e55 ip daddr 10.96.0.10 udp dport 53 return", "meta mark 0x00001e55 ip daddr 10.96.0.10 tcp dport 53 return"} {
+		if !slices.Contains(got, want) {
+			t.Errorf("dns_output lacks %q:\n%s", want, strings.Join(got, "\n"))
+		}
+	}
+	if n := strings.Count(strings.Join(got, "\n"), "192.0.2.53 udp dport 53"); n != 1 {
+		t.Errorf("a server that is both upstream and forward server is exempted %d times", n)
+	}
+}

@@ -72,6 +72,8 @@ func priorityName(h *Hook) string {
 		return "filter"
 	case h.Hook == "prerouting" && h.Priority == priorityDstNAT:
 		return "dstnat"
+	case h.Hook == "prerouting" && h.Priority == priorityRedirect:
+		return "dstnat - 1"
 	case h.Priority == priorityRaw:
 		return "raw"
 	}
