@@ -28,6 +28,8 @@ type Blocked struct {
 	Reason    string         `json:"reason"` // "not-answered", "expired", "port", "dns-over-tls", "spoofed-source"
 	// Names that last resolved to To's address, if egressd knows them.
 	Names string `json:"names,omitempty"`
+	// WouldBlock: audit mode let the packet through; enforce would not.
+	WouldBlock bool `json:"would_block,omitempty"`
 }
 
 func (b Blocked) String() string {
@@ -78,13 +80,19 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 				b.Reason = "port"
 			}
 		}
-		m.Blocked(b.Source, b.Reason)
+		msg := "blocked connection"
+		if b.WouldBlock {
+			msg = "would block connection (audit mode: let through)"
+			m.WouldBlock(b.Source, b.Reason)
+		} else {
+			m.Blocked(b.Source, b.Reason)
+		}
 		if !limit.Allow() {
 			suppressed++
 			return 0
 		}
-		log.Info("blocked connection", "source", b.Source, "interface", b.Interface, "from", b.From,
-			"to", b.To, "proto", b.Proto, "reason", b.Reason, "names", b.Names, "suppressed_before", suppressed)
+		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
+			"to", b.To, "proto", b.Proto, "reason", b.Reason, "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
 		suppressed = 0
 		return 0
 	}
@@ -107,10 +115,15 @@ func parseBlocked(a nflog.Attribute) (Blocked, bool) {
 		return Blocked{}, false
 	}
 	b := Blocked{Source: "host", Reason: "not-answered"}
-	if strings.HasPrefix(*a.Prefix, rules.LogDoT) {
+	prefix := *a.Prefix
+	if rest, ok := strings.CutPrefix(prefix, rules.LogAudit); ok {
+		b.WouldBlock = true
+		prefix = "egressd-" + rest
+	}
+	if strings.HasPrefix(prefix, rules.LogDoT) {
 		b.Reason = "dns-over-tls"
 	}
-	if strings.HasPrefix(*a.Prefix, rules.LogSpoofed) {
+	if strings.HasPrefix(prefix, rules.LogSpoofed) {
 		b.Reason = "spoofed-source"
 	}
 	if a.InDev != nil {

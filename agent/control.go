@@ -27,8 +27,12 @@ import (
 
 // Status is the answer to `egressd status`.
 type Status struct {
-	Version      string                    `json:"version"`
-	Healthy      bool                      `json:"healthy"`
+	Version string `json:"version"`
+	Healthy bool   `json:"healthy"`
+	// Mode is firewall.mode; Enforced is false in audit mode, where
+	// nothing is blocked.
+	Mode         string                    `json:"mode"`
+	Enforced     bool                      `json:"enforced"`
 	Ruleset      string                    `json:"ruleset"` // "in place" or what drifted
 	LearnedIPv4  int                       `json:"learned_ipv4"`
 	LearnedIPv6  int                       `json:"learned_ipv6"`
@@ -167,7 +171,8 @@ func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
 
 func (d *daemon) status(ctx context.Context) Status {
 	v4, v6 := d.fw.Counts()
-	s := Status{Version: d.version, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
+	mode := d.config().Firewall.Mode
+	s := Status{Version: d.version, Mode: mode, Enforced: mode != config.ModeAudit, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
 		Upstreams: d.proxy.Upstream().Health(), DriftRepairs: int(d.repairs.Load()), Started: d.started,
 		LastErrors: d.errors.recent(), Kernel: d.kernel}
 	if why := d.waiting.Load(); why != nil {

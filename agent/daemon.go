@@ -94,7 +94,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	if err := install(ctx, cfg, fw, rs, log); err != nil {
 		return err
 	}
-	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups)
+	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups, "mode", cfg.Firewall.Mode)
+	d.announceMode(nil, cfg)
 	if l, err := fw.ProbeLifetimes(); err != nil {
 		log.Error("set element lifetimes", "err", err)
 		d.kernel = "probe failed: " + err.Error()
@@ -225,8 +226,26 @@ func (d *daemon) learned() int {
 	return v4 + v6
 }
 
+// announceMode says plainly, at start and when a reload changes it,
+// whether egress is enforced, and sets the metric.
+func (d *daemon) announceMode(old, cfg *config.Config) {
+	audit := cfg.Firewall.Mode == config.ModeAudit
+	d.metrics.Enforcing(!audit)
+	switch {
+	case old != nil && old.Firewall.Mode == cfg.Firewall.Mode:
+	case audit:
+		d.log.Warn("AUDIT MODE: egress is NOT enforced; connections and names that enforce mode would block are let through, logged and counted as would_block and would_refuse (firewall.mode: audit)")
+	case old != nil:
+		d.log.Info("enforce mode: egress is enforced again (firewall.mode: enforce)")
+	}
+}
+
 func (d *daemon) notify(state string) {
-	status := fmt.Sprintf("STATUS=enforcing; %d learned addresses; %d drift repairs", d.learned(), d.repairs.Load())
+	mode := "enforcing"
+	if d.config().Firewall.Mode == config.ModeAudit {
+		mode = "AUDIT MODE, egress not enforced"
+	}
+	status := fmt.Sprintf("STATUS=%s; %d learned addresses; %d drift repairs", mode, d.learned(), d.repairs.Load())
 	if state != "" {
 		status = state + "\n" + status
 	}
@@ -307,7 +326,8 @@ func (d *daemon) reload(ctx context.Context) {
 	d.cfg.Store(cfg)
 	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log, d.metrics))
 	d.startPinned(ctx)
-	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", d.learned())
+	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)
+	d.announceMode(old, cfg)
 }
 
 // unchangeable rejects a new config that changes what only a restart can.

@@ -333,6 +333,8 @@ func (c *Config) validate() error {
 	}
 	if c.Firewall.Mode != ModeEnforce && c.Firewall.Mode != ModeAudit {
 		bad("firewall.mode: %q must be \"enforce\" or \"audit\"", c.Firewall.Mode)
+	} else if c.Firewall.Mode == ModeAudit && c.Firewall.NFLOGGroup == 0 {
+		bad("firewall.mode: audit reports what it would block through firewall.nflog_group, which is 0; set a group")
 	}
 	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
 		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)

@@ -31,6 +31,8 @@ type Metrics struct {
 	setUpdate    prometheus.Histogram
 	batchSize    prometheus.Histogram
 	blocked      *prometheus.CounterVec
+	wouldBlock   *prometheus.CounterVec
+	enforcing    prometheus.Gauge
 	driftRepairs prometheus.Counter
 	setRepairs   *prometheus.CounterVec
 	audit        prometheus.Histogram
@@ -65,6 +67,14 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			Name: "egressd_blocked_connections_total",
 			Help: "Outbound connection attempts rejected or dropped, by source (container or host) and reason.",
 		}, []string{"source", "reason"}),
+		wouldBlock: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_would_block_connections_total",
+			Help: "Audit mode (firewall.mode: audit): outbound connection attempts that enforce mode would have blocked and that were let through, by source and reason.",
+		}, []string{"source", "reason"}),
+		enforcing: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressd_enforcing",
+			Help: "1 when egress is enforced (firewall.mode: enforce), 0 in audit mode, where nothing is blocked.",
+		}),
 		driftRepairs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "egressd_drift_repairs_total",
 			Help: "Times the ruleset was reinstalled because another process changed it.",
@@ -101,7 +111,8 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			return float64(v4n)
 		}
 	}
-	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, info,
+	m.enforcing.Set(1)
+	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, info,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
 			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
@@ -138,6 +149,24 @@ func (m *Metrics) SetUpdate(d time.Duration, answers int) {
 func (m *Metrics) Blocked(source, reason string) {
 	if m != nil {
 		m.blocked.WithLabelValues(source, reason).Inc()
+	}
+}
+
+// WouldBlock counts one connection attempt that audit mode let through.
+func (m *Metrics) WouldBlock(source, reason string) {
+	if m != nil {
+		m.wouldBlock.WithLabelValues(source, reason).Inc()
+	}
+}
+
+// Enforcing records whether egress is enforced (false: audit mode).
+func (m *Metrics) Enforcing(on bool) {
+	if m != nil {
+		v := 0.0
+		if on {
+			v = 1
+		}
+		m.enforcing.Set(v)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/egressd/egressd/config"
 )
@@ -35,7 +36,7 @@ const (
 	priorityDstNAT = -100
 	// priorityRedirect is one before kube-proxy's DNAT, see above.
 	priorityRedirect = priorityDstNAT - 1
-	priorityRaw    = -300
+	priorityRaw      = -300
 )
 
 // ICMPv6 messages the host must send to keep IPv6 working.
@@ -75,6 +76,10 @@ func Build(cfg *config.Config) *Ruleset {
 func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	fw := cfg.Firewall
 	proxy := uint16(cfg.DNS.ListenPort)
+	// In audit mode every blocking verdict becomes "log as would-block,
+	// accept": the same rules in the same places, so what the log reports
+	// is exactly what enforce would block.
+	audit := fw.Mode == config.ModeAudit
 	ports := make([]uint16, len(cfg.Allow.Ports))
 	for i, p := range cfg.Allow.Ports {
 		ports[i] = uint16(p)
@@ -90,16 +95,20 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	// host share it so they follow exactly the same rules.
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
 		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
-		{Comment: "DNS over TLS would bypass the proxy", Stmts: logged(fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true))},
+		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true))},
 		{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: SetAllow4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 	}}
 	for _, st := range cfg.Allow.Static {
 		egress.Rules = append(egress.Rules, staticRules(st)...)
 	}
-	if fw.Action == "drop" {
+	switch {
+	case audit:
+		egress.Rules = append(egress.Rules, Rule{Comment: "audit mode: everything else would be blocked; logged, let through",
+			Stmts: blocking(audit, fw.NFLOGGroup, LogBlocked, Drop)})
+	case fw.Action == "drop":
 		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: logged(fw.NFLOGGroup, LogBlocked, Drop)})
-	} else {
+	default:
 		egress.Rules = append(egress.Rules,
 			Rule{Comment: "everything else: TCP reset, ICMP administratively prohibited, so clients fail fast",
 				Stmts: logged(fw.NFLOGGroup, LogBlocked, L4Proto(TCP), RejectTCP{})},
@@ -268,7 +277,7 @@ func staticRules(st config.Static) []Rule {
 // an internet address as source, whose answers the host then sends there.
 func antispoof(fw config.Firewall, ctrIfaces []string) []Chain {
 	check := Chain{Name: "spoofed", Comment: "sources not routed back through their interface are forged",
-		Rules: []Rule{{Stmts: logged(fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
+		Rules: []Rule{{Stmts: blocking(fw.Mode == config.ModeAudit, fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
 	pre := Chain{Name: "antispoof", Hook: &Hook{"filter", "prerouting", priorityRaw},
 		Comment: "forged source addresses, before conntrack and the DNS redirect see them",
 		Rules: []Rule{
@@ -343,6 +352,17 @@ func logged(group uint16, prefix string, stmts ...Stmt) []Stmt {
 	}
 	last := len(stmts) - 1
 	return append(append(stmts[:last:last], Log{Prefix: prefix, Group: group}), stmts[last])
+}
+
+// blocking is logged for a blocking verdict, the last of stmts; in audit
+// mode the verdict becomes accept and the log prefix says "would block"
+// (LogAudit + the prefix without "egressd-").
+func blocking(audit bool, group uint16, prefix string, stmts ...Stmt) []Stmt {
+	if !audit {
+		return logged(group, prefix, stmts...)
+	}
+	last := len(stmts) - 1
+	return logged(group, LogAudit+strings.TrimPrefix(prefix, "egressd-"), append(stmts[:last:last], Accept)...)
 }
 
 func reject(action string, tcp bool) Stmt {

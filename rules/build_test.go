@@ -299,3 +299,30 @@ func TestBuildRedirectBeforeKubeProxy(t *testing.T) {
 		t.Errorf("a server that is both upstream and forward server is exempted %d times", n)
 	}
 }
+
+// Audit mode: the same rules, every blocking verdict logged as would-block
+// and let through; the proxy port stays closed to the outside.
+func TestBuildAudit(t *testing.T) {
+	enforce := Build(loadConfig(t, ""))
+	audit := Build(loadConfig(t, "firewall:\n  mode: audit\n"))
+	if len(enforce.Chains) != len(audit.Chains) {
+		t.Fatalf("audit has %d chains, enforce %d", len(audit.Chains), len(enforce.Chains))
+	}
+	for _, want := range []struct{ chain, rule string }{
+		{"egress", `tcp dport 853 log prefix "egressd-audit-dot" group 1055 accept`},
+		{"egress", `log prefix "egressd-audit-blocked" group 1055 accept`},
+		{"spoofed", `fib saddr . iif oif missing log prefix "egressd-audit-spoofed" group 1055 accept`},
+		{"dns_proxy_in", "drop"},
+	} {
+		if got := chainText(audit, want.chain); !slices.Contains(got, want.rule) {
+			t.Errorf("audit chain %s lacks %q:\n%s", want.chain, want.rule, strings.Join(got, "\n"))
+		}
+	}
+	for _, c := range []string{"egress", "spoofed", "forward", "output"} {
+		for _, r := range chainText(audit, c) {
+			if strings.Contains(r, "reject") || strings.HasSuffix(r, "drop") {
+				t.Errorf("audit chain %s still blocks: %s", c, r)
+			}
+		}
+	}
+}

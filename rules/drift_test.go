@@ -38,7 +38,7 @@ firewall:
 // What egressd installs reads back as itself: no drift, whatever the
 // config (else a repair would follow every check).
 func TestInstalledRulesetHasNoDrift(t *testing.T) {
-	for _, yaml := range []string{"", richConfig, "firewall:\n  host: false\n  nflog_group: 0\n"} {
+	for _, yaml := range []string{"", richConfig, "firewall:\n  host: false\n  nflog_group: 0\n", "firewall:\n  mode: audit\n  antispoof: [\"*\"]\ndns:\n  upstreams: [192.0.2.53]\n  forward: [{zone: cluster.local, servers: [10.96.0.10]}]\n"} {
 		fw := newTestFirewall(t)
 		if err := fw.Install(context.Background(), Build(loadConfig(t, yaml)), nil, nil); err != nil {
 			t.Fatal(err)

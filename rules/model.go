@@ -499,4 +499,8 @@ const (
 	LogBlocked = "egressd-blocked"
 	LogDoT     = "egressd-dot"
 	LogSpoofed = "egressd-spoofed"
+	// LogAudit starts the prefix of a packet that enforce mode would have
+	// blocked and audit mode let through: "egressd-audit-blocked",
+	// "egressd-audit-dot", "egressd-audit-spoofed".
+	LogAudit = "egressd-audit-"
 )

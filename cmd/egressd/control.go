@@ -54,6 +54,11 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 					health = "UNHEALTHY"
 				}
 				fmt.Fprintf(w, "egressd %s: %s, running since %s\n", s.Version, health, s.Started.Format(time.RFC3339))
+				if !s.Enforced {
+					fmt.Fprintf(w, "mode:      AUDIT: egress is NOT enforced; what would be blocked is logged and counted (would_block)\n")
+				} else {
+					fmt.Fprintf(w, "mode:      enforce\n")
+				}
 				fmt.Fprintf(w, "ruleset:   %s (%d drift repairs)\n", s.Ruleset, s.DriftRepairs)
 				fmt.Fprintf(w, "learned:   %d IPv4, %d IPv6 addresses\n", s.LearnedIPv4, s.LearnedIPv6)
 				if s.NotAnswering != "" {
