@@ -157,6 +157,16 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	if path != "" {
+		// A changed file reloads exactly as SIGHUP does (configwatch.go).
+		go watchConfig(ctx, path, func() {
+			log.Info("config file changed; reloading", "path", path)
+			select {
+			case hup <- syscall.SIGHUP:
+			default: // a reload is due already; it reads the newest file
+			}
+		}, log)
+	}
 	save := time.NewTicker(saveInterval)
 	defer save.Stop()
 	status := time.NewTicker(statusInterval)

@@ -93,4 +93,49 @@ func TestManifest(t *testing.T) {
 	if !mounted {
 		t.Errorf("control socket %s is on no volume", cfg.Control.Socket)
 	}
+
+	// What a cluster needs: the node is not filtered, the cluster domain
+	// goes to the cluster DNS, and the pod, service and node ranges are
+	// open on every protocol; egressd's upstreams are the node's.
+	if cfg.Firewall.Host {
+		t.Error("firewall.host must be false: the node must keep reaching the API server")
+	}
+	if len(cfg.DNS.Forward) != 1 || cfg.DNS.Forward[0].Zone != "cluster.local" {
+		t.Errorf("dns.forward: %+v, want cluster.local", cfg.DNS.Forward)
+	}
+	anyRanges := 0
+	for _, st := range cfg.Allow.Static {
+		if st.Proto == "any" && st.AnyPort {
+			anyRanges++
+		}
+	}
+	if anyRanges < 3 {
+		t.Errorf("allow.cidrs: %d any-protocol ranges, want pod, service and node ranges", anyRanges)
+	}
+	if n := strings.Count(cm.Data["config.yaml"], "# SET:"); n != 4 {
+		t.Errorf("%d values marked \"# SET:\", want 4 (pod, service, node CIDR, cluster DNS)", n)
+	}
+	if pod.DNSPolicy != corev1.DNSDefault {
+		t.Errorf("dnsPolicy %s: egressd's upstreams must be the node's resolvers, not the cluster DNS it forwards to", pod.DNSPolicy)
+	}
+
+	// The kustomization deploys this manifest and sets its image.
+	var k struct {
+		Resources []string `json:"resources"`
+		Images    []struct {
+			Name    string `json:"name"`
+			NewName string `json:"newName"`
+			NewTag  string `json:"newTag"`
+		} `json:"images"`
+	}
+	kdata, err := os.ReadFile("kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(kdata, &k); err != nil {
+		t.Fatalf("kustomization.yaml: %v", err)
+	}
+	if !slices.Contains(k.Resources, "egressd.yaml") || len(k.Images) != 1 || k.Images[0].Name != strings.Split(c.Image, ":")[0] {
+		t.Errorf("kustomization.yaml does not set the image %s of egressd.yaml: %+v", c.Image, k)
+	}
 }
