@@ -10,7 +10,9 @@ NFPM        := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
 GOARCH      ?= $(shell $(GO) env GOARCH)
 DEB_VERSION ?= $(shell git describe --tags 2>/dev/null | sed 's/^v//' || true)
 
-.PHONY: build demo test unit lint bench install deb clean
+IMAGE       ?= egressd:dev
+
+.PHONY: build demo test unit lint bench install deb image clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -24,6 +26,7 @@ test:
 	$(GO) vet ./...
 	$(GO) test -count=1 -race ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
+	cd deploy/image && $(GO) vet ./... && $(GO) test -count=1 ./...
 
 # Unit tests only (no root needed).
 unit:
@@ -55,6 +58,16 @@ deb:
 	build/egressd completion zsh >build/completion/_egressd
 	VERSION=$${DEB_VERSION:-0.0.0~$(VERSION)} GOARCH=$(GOARCH) $(GO) run $(NFPM) pkg \
 		--config packaging/nfpm.yaml --packager deb --target build/
+
+# Container image, offline: build/egressd-image.tar (an OCI layout that is
+# also a docker archive) with a static egressd as entrypoint, on no base
+# image. IMAGE names it; GOARCH=arm64 builds another architecture.
+image:
+	mkdir -p build
+	CGO_ENABLED=0 GOARCH=$(GOARCH) $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o build/egressd-static ./cmd/egressd
+	cd deploy/image && $(GO) run . -binary ../../build/egressd-static -o ../../build/egressd-image.tar \
+		-tag $(IMAGE) -arch $(GOARCH) -version $(VERSION)
+	@echo "build/egressd-image.tar: $(IMAGE) (load: ctr -n k8s.io images import, docker load -i, kind load image-archive)"
 
 clean:
 	rm -rf egressd build
