@@ -29,7 +29,7 @@ import (
 // The anti-spoofing check runs in prerouting at raw priority (-300), not
 // at mangle (-150) or filter: before conntrack (-200) so a forged packet
 // never gets a connection entry (whose replies `ct state established`
-// would let out), and before the DNS redirect (-100) so a forged query
+// would let out), and before the DNS redirect (-101) so a forged query
 // never reaches the proxy.
 const (
 	priorityFilter = 0
