@@ -220,15 +220,17 @@ func (d *daemon) explain(q string) Explanation {
 		addr = a
 	}
 	if !addr.IsValid() {
-		if p, ok := d.proxy.Allowed(q); ok {
+		// The proxy asks a forwarded zone's servers before it looks at
+		// the allow-list: so does explain.
+		if z, ok := cfg.ForwardFor(q); ok {
+			e.Allowed = true
+			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
+		} else if p, ok := d.proxy.Allowed(q); ok {
 			e.Allowed = true
 			e.Reason = fmt.Sprintf("%s matched %s", q, p)
 			if addrs := d.addrsOf(q); len(addrs) > 0 {
 				e.Reason += "; open now: " + strings.Join(addrs, ", ")
 			}
-		} else if z, ok := cfg.ForwardFor(q); ok {
-			e.Allowed = true
-			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
 		} else {
 			e.Reason = q + " matches no allowed domain"
 		}
