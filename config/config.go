@@ -70,6 +70,14 @@ type DNS struct {
 	// holds them parsed.
 	ForwardRaw []any     `mapstructure:"forward"`
 	Forward    []Forward `mapstructure:"-"`
+	// LocalInterface is the dummy interface egressd creates to own the
+	// proxy's local addresses, LocalIPv4 and LocalIPv6 (raw; Local4 and
+	// Local6 parsed): container DNS is DNATed there (localaddr.go).
+	LocalInterface string     `mapstructure:"local_interface"`
+	LocalIPv4      string     `mapstructure:"local_ipv4"`
+	LocalIPv6      string     `mapstructure:"local_ipv6"`
+	Local4         netip.Addr `mapstructure:"-"`
+	Local6         netip.Addr `mapstructure:"-"`
 }
 
 // Firewall configures the ruleset.
@@ -303,6 +311,7 @@ func (c *Config) validate() error {
 		bad("dns.min_ttl + dns.grace: %v is less than 1s: answers would be unusable", c.DNS.MinTTL+c.DNS.Grace)
 	}
 	errs = append(errs, c.validateForward()...)
+	errs = append(errs, c.validateLocal()...)
 	if c.DNS.RefuseWith != "refused" && c.DNS.RefuseWith != "nxdomain" {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
 	}

@@ -163,10 +163,21 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: proxy}, Jump("dns_proxy_in")}},
 		}}
 
+	// Container DNS is DNATed to the proxy's own addresses on egressd's
+	// dummy interface (dns.local_ipv4/6), not redirected: a redirect goes
+	// to the primary address of the interface the packet came in on, and
+	// the kernel drops the packet when that interface has none, as
+	// Calico's cali* and Cilium's lxc* veths have not (IPv6: none of the
+	// destination's scope). Replies go back through conntrack's reverse
+	// NAT, from the resolver's address the container asked.
+	local4 := netip.AddrPortFrom(cfg.DNS.Local4, proxy)
+	local6 := netip.AddrPortFrom(cfg.DNS.Local6, proxy)
 	dnsRedirect := Chain{Name: "dns_redirect", Comment: "all DNS goes to the proxy, whatever resolver it was sent to",
 		Rules: []Rule{
-			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
-			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}},
+			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local4)}},
+			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local6)}},
+			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, DNAT(local4)}},
+			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, DNAT(local6)}},
 		}}
 	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityRedirect},
 		Rules: fromContainers("dns_redirect")}
@@ -224,9 +235,13 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		}
 		output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
 		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
+		// The host's own DNS is redirected: in the output hook a redirect
+		// goes to 127.0.0.1 or ::1, whatever the interfaces, so it keeps
+		// working even while the dummy interface is missing.
 		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect},
 			Rules: append(ownRules("egressd's own upstream queries are not redirected", Return),
-				Rule{Stmts: []Stmt{Jump("dns_redirect")}})}
+				Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
+				Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})}
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
 	return rs

@@ -109,7 +109,8 @@ func TestBuild(t *testing.T) {
 			name:  "redirect to the proxy port, UDP and TCP",
 			yaml:  "dns:\n  listen_port: 5300\n",
 			chain: "dns_redirect",
-			want:  []string{"udp dport 53 redirect to :5300", "tcp dport 53 redirect to :5300"},
+			want: []string{"udp dport 53 dnat ip to 169.254.53.53:5300", "udp dport 53 dnat ip6 to [fd65:6772:6573::53]:5300",
+				"tcp dport 53 dnat ip to 169.254.53.53:5300", "tcp dport 53 dnat ip6 to [fd65:6772:6573::53]:5300"},
 		},
 		{
 			name:  "proxy is closed to the outside",
@@ -134,7 +135,7 @@ func TestBuild(t *testing.T) {
 			name:  "host DNS redirect exempts egressd's mark towards its upstreams only",
 			yaml:  "dns:\n  upstreams: [192.0.2.53]\n",
 			chain: "dns_output",
-			want:  []string{"meta mark 0x00001e55 ip daddr 192.0.2.53 udp dport 53 return", "meta mark 0x00001e55 ip daddr 192.0.2.53 tcp dport 53 return", "jump dns_redirect"},
+			want:  []string{"meta mark 0x00001e55 ip daddr 192.0.2.53 udp dport 53 return", "meta mark 0x00001e55 ip daddr 192.0.2.53 tcp dport 53 return", "udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"},
 		},
 		{
 			name:  "without upstreams nothing is exempt",

@@ -171,6 +171,12 @@ func normalised(exprs []expr.Any) []expr.Any {
 				n.Flags |= unix.NF_NAT_RANGE_PROTO_SPECIFIED
 			}
 			out[i] = &n
+		case *expr.NAT:
+			// The kernel reports the upper bounds, equal to the lower ones.
+			n := *e
+			n.RegAddrMax = cmp.Or(n.RegAddrMax, n.RegAddrMin)
+			n.RegProtoMax = cmp.Or(n.RegProtoMax, n.RegProtoMin)
+			out[i] = &n
 		}
 	}
 	return out

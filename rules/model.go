@@ -235,11 +235,16 @@ func (s Ports) exprs(sets map[string]*nftables.Set) []expr.Any {
 	load := func(offset uint32) {
 		e = append(e, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: offset, Len: 2})
 	}
-	if s.Sport != 0 {
+	switch {
+	case s.Sport != 0 && s.Dport != 0:
+		// nft merges the two adjacent matches into one 4-byte comparison.
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 4},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint32(uint32(s.Sport)<<16 | uint32(s.Dport))})
+	case s.Sport != 0:
 		load(0)
 		e = append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Sport)})
-	}
-	if s.Dport != 0 {
+	case s.Dport != 0:
 		load(2)
 		e = append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Dport)})
 	}
@@ -314,12 +319,24 @@ func (s DaddrPrefix) text() string {
 
 func (s DaddrPrefix) exprs(map[string]*nftables.Set) []expr.Any {
 	p := netip.Prefix(s)
-	e := daddr(p.Addr().Is6())
+	return prefixMatch(daddr(p.Addr().Is6()), p)
+}
+
+// prefixMatch completes e, which loads a whole address into register 1,
+// with the comparison against p, as nft compiles it: a prefix on a byte
+// boundary loads only its bytes, any other is masked.
+func prefixMatch(e []expr.Any, p netip.Prefix) []expr.Any {
 	addr := p.Addr().AsSlice()
-	if !p.IsSingleIP() {
-		mask := netipMask(p)
+	switch {
+	case p.IsSingleIP():
+	case p.Bits() > 0 && p.Bits()%8 == 0:
+		load := *e[len(e)-1].(*expr.Payload)
+		load.Len = uint32(p.Bits() / 8)
+		e[len(e)-1] = &load
+		addr = addr[:load.Len]
+	default:
 		e = append(e, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)),
-			Mask: mask, Xor: make([]byte, len(addr))})
+			Mask: netipMask(p), Xor: make([]byte, len(addr))})
 	}
 	return append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr})
 }
@@ -353,17 +370,11 @@ func (s SaddrPrefix) exprs(map[string]*nftables.Set) []expr.Any {
 	if p.Addr().Is6() {
 		proto, offset = unix.NFPROTO_IPV6, 8
 	}
-	addr := p.Addr().AsSlice()
-	e := []expr.Any{
+	return prefixMatch([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(addr))},
-	}
-	if !p.IsSingleIP() {
-		e = append(e, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)),
-			Mask: netipMask(p), Xor: make([]byte, len(addr))})
-	}
-	return append(e, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr})
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(p.Addr().AsSlice()))},
+	}, p)
 }
 
 // SourceNotRouted matches packets whose source address is not routed back
@@ -463,6 +474,37 @@ func (s Redirect) exprs(map[string]*nftables.Set) []expr.Any {
 	return []expr.Any{
 		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(uint16(s))},
 		&expr.Redir{RegisterProtoMin: 1},
+	}
+}
+
+// DNAT sends IPv4 (or IPv6) packets to one address and port; in an inet
+// table it leaves packets of the other family alone, so a rule per family
+// follows the other. Unlike Redirect, whose address is the primary one of
+// the interface the packet came in on (and which drops the packet when
+// that interface has none, as Calico's and Cilium's pod veths have not),
+// it works whatever addresses the incoming interface has.
+type DNAT netip.AddrPort
+
+func (s DNAT) text() string {
+	ap := netip.AddrPort(s)
+	if ap.Addr().Is4() {
+		return fmt.Sprintf("dnat ip to %s", ap)
+	}
+	return fmt.Sprintf("dnat ip6 to %s", ap)
+}
+
+func (s DNAT) exprs(map[string]*nftables.Set) []expr.Any {
+	ap := netip.AddrPort(s)
+	family := uint32(unix.NFPROTO_IPV4)
+	if ap.Addr().Is6() {
+		family = unix.NFPROTO_IPV6
+	}
+	// As nft compiles it: address in register 1, port in register 2, and
+	// the "port given" flag.
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: ap.Addr().AsSlice()},
+		&expr.Immediate{Register: 2, Data: binaryutil.BigEndian.PutUint16(ap.Port())},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: family, RegAddrMin: 1, RegProtoMin: 2, Specified: true},
 	}
 }
 
