@@ -83,11 +83,16 @@ func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, rs *ru
 	if err != nil {
 		log.Warn("ignoring state file", "err", err)
 	}
+	// The proxy's local addresses come first, so that the DNAT never
+	// points at an address that is not local (it would be routed out and
+	// rejected there). Failing that, the ruleset still goes in (closed:
+	// container DNS fails) and the error is returned.
+	_, localErr := ensureLocal(cfg)
 	if err := fw.Install(ctx, rs, keep, learnedAllowed(cfg, now)); err != nil {
 		return err
 	}
 	forget(cfg, log)
-	return nil
+	return localErr
 }
 
 // forget deletes DNS flows that would bypass the new redirect; a failure is
@@ -101,13 +106,23 @@ func forget(cfg *config.Config, log *slog.Logger) {
 	}
 }
 
-// Remove deletes the table; it reports whether it was installed.
+// Remove deletes the table and egressd's dummy interface; it reports
+// whether the table was installed.
 func Remove(ctx context.Context) (bool, error) {
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return false, err
 	}
-	return fw.Remove(ctx)
+	existed, err := fw.Remove(ctx)
+	if err != nil {
+		return existed, err
+	}
+	// Then the dummy interface of the proxy's local addresses, whatever
+	// the config names it now.
+	if _, err := removeLocal(); err != nil {
+		return existed, err
+	}
+	return existed, nil
 }
 
 func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {

@@ -201,6 +201,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		case <-relink:
 			d.relink(ctx)
 		case <-check.C:
+			d.ensureLocal()
 			d.repair(ctx, "")
 		case now := <-save.C:
 			if d.fw.Version() != d.saved && !now.Before(d.nextSave) {
@@ -325,6 +326,10 @@ func (d *daemon) reload(ctx context.Context) {
 		return
 	}
 	rs := rules.BuildFor(cfg, host)
+	if _, err := ensureLocal(cfg); err != nil {
+		d.log.Error("reload failed; the old config stays in force", "err", err)
+		return
+	}
 	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
 		return
@@ -345,6 +350,8 @@ func unchangeable(old, cfg *config.Config) error {
 	switch {
 	case cfg.DNS.ListenPort != old.DNS.ListenPort:
 		return fmt.Errorf("dns.listen_port cannot change on reload (%d to %d); restart egressd", old.DNS.ListenPort, cfg.DNS.ListenPort)
+	case cfg.DNS.LocalInterface != old.DNS.LocalInterface:
+		return fmt.Errorf("dns.local_interface cannot change on reload (%s to %s); restart egressd", old.DNS.LocalInterface, cfg.DNS.LocalInterface)
 	case cfg.Control.Socket != old.Control.Socket, cfg.Metrics.Listen != old.Metrics.Listen, cfg.Firewall.NFLOGGroup != old.Firewall.NFLOGGroup:
 		return fmt.Errorf("control.socket, metrics.listen and firewall.nflog_group cannot change on reload; restart egressd")
 	}

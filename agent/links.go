@@ -64,7 +64,7 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *
 				return
 			}
 			name := u.Attrs().Name
-			if isForwarder(u.Link) || u.Link.Type() == "veth" {
+			if isForwarder(u.Link) || u.Link.Type() == "veth" || name == cfg().DNS.LocalInterface {
 				settle.Reset(settleTime)
 			}
 			pattern, match := matchIface(name, cfg().Firewall.Containers)
@@ -289,6 +289,7 @@ func onLinkPrefixes(cfg *config.Config) ([]netip.Prefix, error) {
 // relink reinstalls the ruleset when the unknown forwarding interfaces
 // (their DNS goes to the proxy) or the on-link subnets changed.
 func (d *daemon) relink(ctx context.Context) {
+	d.ensureLocal()
 	cfg := d.config()
 	// At boot the uplink may get its default route only after egressd
 	// started: say so loudly, since a running firewall is not refused.

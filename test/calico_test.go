@@ -1,0 +1,176 @@
+package test
+
+import (
+	"fmt"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// A Calico-style pod, added to the lab's host:
+//
+//	pod   10.244.1.5, fd00:244::5: eth0, default routes via 169.254.1.1
+//	  |   (onlink) and fe80::ecee:eeff:feee:eeee, as Calico sets them up
+//	host  cali1234: no IPv4 address, only its link-local IPv6 one (MAC
+//	      ee:ee:ee:ee:ee:ee); /32 and /128 routes to the pod through it;
+//	      proxy ARP answers the pod's ARP for its gateway
+const (
+	calicoPodIP  = "10.244.1.5"
+	calicoPodIP6 = "fd00:244::5"
+	localIPv4    = "169.254.53.53" // the defaults of dns.local_ipv4/6
+	localIPv6    = "fd65:6772:6573::53"
+)
+
+// addCalicoPod adds the pod's namespace and returns its name.
+func (l *Lab) addCalicoPod() string {
+	l.t.Helper()
+	pod := strings.TrimSuffix(l.Ctr, "-ctr") + "-pod"
+	l.sh("ip netns add " + pod)
+	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", pod).Run() })
+	l.in(pod, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
+	l.in(pod, "ip link set lo up")
+	l.sh("ip link add eth0 netns " + pod + " type veth peer name cali1234 netns " + l.Host)
+	// host end: Calico's fixed MAC, no address but the kernel's link-local
+	l.in(l.Host, "ip link set cali1234 address ee:ee:ee:ee:ee:ee")
+	l.in(l.Host, "sysctl -qw net.ipv4.conf.cali1234.proxy_arp=1 net.ipv6.conf.cali1234.accept_dad=0")
+	l.in(l.Host, "ip link set cali1234 up")
+	l.in(l.Host, "ip route add "+calicoPodIP+"/32 dev cali1234")
+	l.in(l.Host, "ip -6 route add "+calicoPodIP6+"/128 dev cali1234")
+	// pod
+	l.in(pod, "ip link set eth0 up")
+	l.in(pod, "ip addr add "+calicoPodIP+"/32 dev eth0")
+	l.in(pod, "ip addr add "+calicoPodIP6+"/128 dev eth0 nodad")
+	l.in(pod, "ip route add 169.254.1.1 dev eth0 scope link")
+	l.in(pod, "ip route add default via 169.254.1.1 dev eth0 onlink")
+	l.in(pod, "ip -6 route add default via fe80::ecee:eeff:feee:eeee dev eth0")
+	// the internet routes the pod range back to the host
+	l.in(l.Inet, "ip route add 10.244.0.0/16 via "+hostUplink)
+	l.in(l.Inet, "ip -6 route add fd00:244::/64 via 2001:db8:1::1")
+	if out := l.in(l.Host, "ip -4 addr show dev cali1234"); strings.Contains(out, "inet ") {
+		l.t.Fatalf("cali1234 has an IPv4 address:\n%s", out)
+	}
+	return pod
+}
+
+// calicoConfig is the lab's config filtering cali* as well.
+func (l *Lab) calicoConfig() string {
+	return l.writeConfig("calico.yaml", strings.Replace(l.baseConfig(),
+		`containers: ["docker0"]`, `containers: ["docker0", "cali*"]`, 1))
+}
+
+// A pod on an address-less Calico veth resolves allowed names through
+// any resolver, over UDP and TCP, IPv4 and IPv6, and connects to them; an
+// unlisted name is refused and stays closed; its DNS never leaves the
+// host; the outside cannot reach the proxy's local addresses; the dummy
+// interface comes back when deleted and goes with `egressd remove`.
+func TestCalicoPod(t *testing.T) {
+	l := newLab(t)
+	pod := l.addCalicoPod()
+	cfg := l.calicoConfig()
+	l.startDaemon(cfg)
+
+	for _, tc := range []struct{ server, name, net string }{
+		{otherDNS + ":53", "westus.api.cognitive.microsoft.com", "udp"},
+		{otherDNS + ":53", "westus.api.cognitive.microsoft.com", "tcp"},
+		// the cluster DNS service address: nothing answers there but egressd
+		{"10.96.0.10:53", "westus.api.cognitive.microsoft.com", "udp"},
+		{"10.96.0.10:53", "westus.api.cognitive.microsoft.com", "tcp"},
+		{"[2001:db8:53::53]:53", "westus.api.cognitive.microsoft.com", "udp"},
+		{"[2001:db8:53::53]:53", "westus.api.cognitive.microsoft.com", "tcp"},
+	} {
+		r, err := query(pod, tc.server, tc.name, dns.TypeA, tc.net)
+		if err != nil {
+			t.Fatalf("pod: %s %s via %s: %v", tc.name, tc.net, tc.server, err)
+		}
+		if got := addrs(r); len(got) != 1 || got[0] != "203.0.113.10" {
+			t.Fatalf("pod: %s %s via %s: %v, want 203.0.113.10", tc.name, tc.net, tc.server, r)
+		}
+	}
+	l.mustReach(pod, "203.0.113.10:443")
+	r, err := query(pod, "[2001:db8:53::53]:53", "dual.cognitive.microsoft.com", dns.TypeAAAA, "udp")
+	if err != nil || len(addrs(r)) != 1 || addrs(r)[0] != "2001:db8:100::16" {
+		t.Fatalf("pod: dual AAAA over IPv6: %v, %v", r, err)
+	}
+	l.mustReach(pod, "[2001:db8:100::16]:443")
+
+	// An unlisted name (NSD would answer it): refused by egressd, closed.
+	for _, server := range []string{otherDNS + ":53", "[2001:db8:53::53]:53"} {
+		r, err = query(pod, server, "www.example.com", dns.TypeA, "udp")
+		if err != nil || r.Rcode != dns.RcodeRefused {
+			t.Errorf("pod: unlisted name via %s: %v, %v; want REFUSED from egressd", server, r, err)
+		}
+	}
+	l.mustNotReach(pod, "203.0.113.50:443")
+	if !strings.Contains(l.egressdLog.String(), "www.example.com") {
+		t.Errorf("the refusal was not logged")
+	}
+
+	// The outside cannot use the proxy through its local addresses.
+	l.in(l.Inet, "ip route add "+localIPv4+"/32 via "+hostUplink)
+	l.in(l.Inet, "ip -6 route add "+localIPv6+"/128 via 2001:db8:1::1")
+	for _, server := range []string{
+		hostPort(localIPv4, proxyPort), hostPort(localIPv6, proxyPort),
+		hostPort(localIPv4, 53), hostPort(localIPv6, 53),
+	} {
+		for _, network := range []string{"udp", "tcp"} {
+			if r, err := queryQuick(l.Inet, server, "westus.api.cognitive.microsoft.com", network); err == nil {
+				t.Errorf("internet: %s %s answered: %v", network, server, r)
+			}
+		}
+	}
+
+	// The host's own DNS still goes to the proxy (redirected to loopback).
+	l.mustResolve(l.Host, "multi.cognitive.microsoft.com", dns.TypeA, "203.0.113.15")
+
+	// Deleted, the dummy interface comes back with its addresses.
+	l.in(l.Host, "ip link del egressd0")
+	start := time.Now()
+	l.waitFor("egressd0 to come back", 5*time.Second, func() error {
+		out, err := exec.Command("ip", "netns", "exec", l.Host, "ip", "addr", "show", "dev", "egressd0").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), localIPv4+"/32") || !strings.Contains(string(out), localIPv6+"/128") {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	t.Logf("egressd0 restored in %v", time.Since(start).Round(time.Millisecond))
+	l.waitFor("pod DNS after the restore", 5*time.Second, func() error {
+		_, err := query(pod, otherDNS+":53", "deep.a.b.c.cognitive.microsoft.com", dns.TypeA, "udp")
+		return err
+	})
+	if out, err := l.runEgressd("status", "--config", cfg); err != nil {
+		t.Errorf("status after the restore: %v\n%s", err, out)
+	}
+
+	if err := l.stopDaemon(syscall.SIGTERM); err != nil {
+		t.Logf("egressd exit: %v", err)
+	}
+	if out, err := l.runEgressd("remove"); err != nil {
+		t.Fatalf("remove: %v\n%s", err, out)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", l.Host, "ip", "link", "show", "egressd0").CombinedOutput(); err == nil {
+		t.Errorf("egressd0 survived egressd remove:\n%s", out)
+	}
+}
+
+// queryQuick is query with a short timeout, for answers that must not
+// come.
+func queryQuick(ns, server, name, network string) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	c := &dns.Client{Net: network, Timeout: 500 * time.Millisecond}
+	var conn *dns.Conn
+	err := inNS(ns, func() (err error) {
+		conn, err = c.Dial(server)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	r, _, err := c.ExchangeWithConn(m, conn)
+	return r, err
+}
