@@ -113,6 +113,13 @@ func TestBuild(t *testing.T) {
 				"tcp dport 53 dnat ip to 169.254.53.53:5300", "tcp dport 53 dnat ip6 to [fd65:6772:6573::53]:5300"},
 		},
 		{
+			name:  "DNAT to the configured local addresses",
+			yaml:  "dns:\n  local_ipv4: 169.254.99.1\n  local_ipv6: \"fd12:3456::1\"\n",
+			chain: "dns_redirect",
+			want: []string{"udp dport 53 dnat ip to 169.254.99.1:10053", "udp dport 53 dnat ip6 to [fd12:3456::1]:10053",
+				"tcp dport 53 dnat ip to 169.254.99.1:10053", "tcp dport 53 dnat ip6 to [fd12:3456::1]:10053"},
+		},
+		{
 			name:  "proxy is closed to the outside",
 			chain: "dns_proxy_in",
 			want:  []string{`iifname "lo" accept`, `iifname "docker0" accept`, `iifname "br-*" accept`, "drop"},

@@ -138,7 +138,8 @@ func TestTamperSameShapeIsRepaired(t *testing.T) {
 		{"dns_prerouting", `iifname "docker0" jump dns_redirect`, `iifname "nomatch0" jump dns_redirect`},
 		{"input", `udp dport 10053 jump dns_proxy_in`, `udp dport 10054 jump dns_proxy_in`},
 		{"output", `oifname "lo" accept`, `oifname "eth9" accept`},
-		{"dns_redirect", `udp dport 53 redirect to :10053`, `udp dport 53 redirect to :10054`},
+		{"dns_redirect", `udp dport 53 dnat ip to 169.254.53.53:10053`, `udp dport 53 dnat ip to 169.254.53.53:10054`},
+		{"dns_output", `udp dport 53 redirect to :10053`, `udp dport 53 redirect to :10054`},
 		{"egress", `ip daddr @allow4 tcp dport @ports accept`, `ip daddr != @allow4 tcp dport @ports accept`},
 		{"egress", `ct state established,related accept`, `ct state established,related drop`},
 	} {
