@@ -172,7 +172,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	// NAT, from the resolver's address the container asked.
 	local4 := netip.AddrPortFrom(cfg.DNS.Local4, proxy)
 	local6 := netip.AddrPortFrom(cfg.DNS.Local6, proxy)
-	dnsRedirect := Chain{Name: "dns_redirect", Comment: "all DNS goes to the proxy, whatever resolver it was sent to",
+	dnsRedirect := Chain{Name: "dns_redirect", Comment: "container DNS goes to the proxy at its own addresses (dns.local_ipv4/6), whatever resolver it was sent to",
 		Rules: []Rule{
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local4)}},
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local6)}},

@@ -126,21 +126,30 @@ func TestCalicoPod(t *testing.T) {
 	// The host's own DNS still goes to the proxy (redirected to loopback).
 	l.mustResolve(l.Host, "multi.cognitive.microsoft.com", dns.TypeA, "203.0.113.15")
 
-	// Deleted, the dummy interface comes back with its addresses.
-	l.in(l.Host, "ip link del egressd0")
-	start := time.Now()
-	l.waitFor("egressd0 to come back", 5*time.Second, func() error {
-		out, err := exec.Command("ip", "netns", "exec", l.Host, "ip", "addr", "show", "dev", "egressd0").CombinedOutput()
-		if err != nil || !strings.Contains(string(out), localIPv4+"/32") || !strings.Contains(string(out), localIPv6+"/128") {
-			return fmt.Errorf("%v: %s", err, out)
+	// Deleted, set down or stripped of an address, the dummy interface
+	// comes back as it was, and pod DNS with it.
+	for _, tamper := range []string{"ip link del egressd0", "ip link set egressd0 down", "ip addr del " + localIPv4 + "/32 dev egressd0", "ip addr del " + localIPv6 + "/128 dev egressd0"} {
+		l.in(l.Host, tamper)
+		start := time.Now()
+		l.waitFor("egressd0 to come back after "+tamper, 5*time.Second, func() error {
+			out, err := exec.Command("ip", "netns", "exec", l.Host, "ip", "addr", "show", "dev", "egressd0").CombinedOutput()
+			if err != nil || !strings.Contains(string(out), ",UP") || !strings.Contains(string(out), "inet "+localIPv4+"/32 scope host") ||
+				!strings.Contains(string(out), "inet6 "+localIPv6+"/128 scope global nodad deprecated") {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+		for _, server := range []string{otherDNS + ":53", "[2001:db8:53::53]:53"} {
+			l.waitFor("pod DNS via "+server+" after "+tamper, 5*time.Second, func() error {
+				_, err := query(pod, server, "deep.a.b.c.cognitive.microsoft.com", dns.TypeA, "udp")
+				return err
+			})
 		}
-		return nil
-	})
-	t.Logf("egressd0 restored in %v", time.Since(start).Round(time.Millisecond))
-	l.waitFor("pod DNS after the restore", 5*time.Second, func() error {
-		_, err := query(pod, otherDNS+":53", "deep.a.b.c.cognitive.microsoft.com", dns.TypeA, "udp")
-		return err
-	})
+		t.Logf("%s: restored, pod DNS back in %v", tamper, time.Since(start).Round(time.Millisecond))
+	}
+	if !strings.Contains(l.egressdLog.String(), "local DNS proxy addresses restored") {
+		t.Errorf("the restores were not logged")
+	}
 	if out, err := l.runEgressd("status", "--config", cfg); err != nil {
 		t.Errorf("status after the restore: %v\n%s", err, out)
 	}
