@@ -81,23 +81,28 @@ func ensureLocal(cfg *config.Config) (bool, error) {
 		{IPNet: hostNet(cfg.DNS.Local4), Scope: unix.RT_SCOPE_HOST},
 		{IPNet: hostNet(cfg.DNS.Local6), Flags: unix.IFA_F_NODAD, PreferedLft: 0, ValidLft: math.MaxUint32},
 	}
+	// New addresses first, then the stale ones: a reload that moves the
+	// addresses never leaves the interface without one.
+	var stale []netlink.Addr
 	for _, a := range have {
 		ip, _ := netip.AddrFromSlice(a.IP)
 		ip = ip.Unmap()
 		if ip.IsLinkLocalUnicast() && ip.Is6() {
 			continue // the kernel's own fe80:: address
 		}
-		if (ip == cfg.DNS.Local4 && a.Scope == unix.RT_SCOPE_HOST) || (ip == cfg.DNS.Local6 && a.PreferedLft == 0) {
-			if i := slices.IndexFunc(want, func(w *netlink.Addr) bool { return w.IP.Equal(a.IP) }); i >= 0 {
-				want = slices.Delete(want, i, i+1)
-				continue
+		switch {
+		case ip == cfg.DNS.Local4 && a.Scope == unix.RT_SCOPE_HOST, ip == cfg.DNS.Local6 && a.PreferedLft == 0:
+			want = slices.DeleteFunc(want, func(w *netlink.Addr) bool { return w.IP.Equal(a.IP) })
+		case ip == cfg.DNS.Local4, ip == cfg.DNS.Local6:
+			// Ours, changed (scope, lifetime): a replace would keep the
+			// change, so it goes and comes back right below.
+			if err := netlink.AddrDel(l, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+				return changed, fmt.Errorf("dns.local_interface: %s: delete %s: %w", name, a.IPNet, err)
 			}
+			changed = true
+		default:
+			stale = append(stale, a) // of an earlier config, or someone else's
 		}
-		// An address of an earlier config, or one someone else added.
-		if err := netlink.AddrDel(l, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-			return changed, fmt.Errorf("dns.local_interface: %s: delete %s: %w", name, a.IPNet, err)
-		}
-		changed = true
 	}
 	for _, a := range want {
 		err := netlink.AddrReplace(l, a)
@@ -106,6 +111,12 @@ func ensureLocal(cfg *config.Config) (bool, error) {
 		}
 		if err != nil {
 			return changed, fmt.Errorf("dns.local_interface: %s: add %s: %w", name, a.IPNet, err)
+		}
+		changed = true
+	}
+	for _, a := range stale {
+		if err := netlink.AddrDel(l, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return changed, fmt.Errorf("dns.local_interface: %s: delete %s: %w", name, a.IPNet, err)
 		}
 		changed = true
 	}

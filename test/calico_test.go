@@ -187,6 +187,23 @@ func TestCalicoPod(t *testing.T) {
 		t.Errorf("status after the restore: %v\n%s", err, out)
 	}
 
+	// A reload moves the IPv4 address: the rule and the interface follow.
+	moved := strings.Replace(l.baseConfig(), `containers: ["docker0"]`, `containers: ["docker0", "cali*"]`, 1)
+	moved = strings.Replace(moved, "  min_ttl: 1s\n", "  min_ttl: 1s\n  local_ipv4: 169.254.53.54\n", 1)
+	l.writeConfig("calico.yaml", moved)
+	if err := l.egressd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	l.waitFor("the reload to move the address", 5*time.Second, func() error {
+		out := l.in(l.Host, "ip addr show dev egressd0")
+		if !strings.Contains(out, "inet 169.254.53.54/32 scope host") || strings.Contains(out, localIPv4) ||
+			!strings.Contains(l.listing(), "dnat ip to 169.254.53.54:10053") {
+			return fmt.Errorf("not yet:\n%s", out)
+		}
+		return nil
+	})
+	l.mustResolve(pod, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+
 	if err := l.stopDaemon(syscall.SIGTERM); err != nil {
 		t.Logf("egressd exit: %v", err)
 	}
@@ -215,4 +232,22 @@ func queryQuick(ns, server, name, network string) (*dns.Msg, error) {
 	defer conn.Close()
 	r, _, err := c.ExchangeWithConn(m, conn)
 	return r, err
+}
+
+// On a host with IPv6 disabled, the IPv6 local address cannot be added:
+// egressd runs all the same and IPv4 DNS works.
+func TestLocalAddressWithoutIPv6(t *testing.T) {
+	l := newLab(t)
+	pod := l.addCalicoPod()
+	l.in(l.Host, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+	l.startDaemon(l.calicoConfig())
+	l.mustResolve(pod, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	l.mustReach(pod, "203.0.113.10:443")
+	if out := l.in(l.Host, "ip addr show dev egressd0"); !strings.Contains(out, "inet "+localIPv4+"/32") || strings.Contains(out, "inet6") {
+		t.Errorf("egressd0:\n%s", out)
+	}
+	if strings.Contains(l.egressdLog.String(), "not restored") {
+		t.Errorf("the missing IPv6 address was reported as an error")
+	}
 }
