@@ -1,0 +1,30 @@
+#!/bin/bash
+# PID 1 in the kernel matrix's guest, on the host's read-only root: mounts
+# what the e2e tests need writable, runs them, and leaves their exit status
+# in /run/vm/rc (a 9p share the host reads) before powering off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs shm /dev/shm
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+for d in /tmp /var/tmp /var/lib /var/log /var/cache /root; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+chmod 1777 /tmp /var/tmp
+ip link set lo up
+
+# shellcheck source=/dev/null
+. /run/vm/job
+echo "egressd-vm: kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo)"
+start=$(date +%s)
+cd "$REPO/test" || exit 1
+CI=true EGRESSD_TEST_BIN=$EGRESSD_BIN HOME=/root TMPDIR=/tmp \
+	"$TEST_BIN" -test.v -test.count=1 -test.timeout "$TIMEOUT" -test.run "$TESTS" 2>&1 | tee /run/vm/test.log
+rc=${PIPESTATUS[0]}
+echo "egressd-vm: tests took $(($(date +%s) - start))s"
+echo "$rc" >/run/vm/rc
+sync
+echo "egressd-vm: exit $rc"
+echo o >/proc/sysrq-trigger
+sleep 10
