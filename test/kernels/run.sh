@@ -9,6 +9,7 @@
 #   VM_ACCEL       auto (KVM, TCG if KVM does not boot), kvm or tcg
 #   VM_MEM         guest memory in MiB (default 3072)
 #   VM_TIMEOUT     seconds a test run may take in the guest (default 1800)
+#   KERNEL_CMD     a shell command to run in the guest instead of the tests
 #
 # Kernels come only from Debian's archive: apt-get download with an apt
 # state of our own (the machine's Debian mirror plus bookworm-backports),
@@ -116,6 +117,7 @@ boot() {
 		EGRESSD_BIN=$(printf %q "$OUT/egressd")
 		TESTS=$(printf %q "$KERNEL_TESTS")
 		TIMEOUT=${VM_TIMEOUT}s
+		CMD=$(printf %q "${KERNEL_CMD:-}")
 	EOF
 	local q=(qemu-system-x86_64 -m "$VM_MEM" -nographic -no-reboot -nodefaults -serial stdio
 		-kernel "$root/boot/vmlinuz-$kver" -initrd "$share/initramfs.gz"
@@ -126,7 +128,7 @@ boot() {
 	case $accel in
 	kvm) q+=(-accel kvm -cpu host -smp 2) ;;
 	# Debian's 6.12 oopses early under multi-threaded TCG.
-	tcg) q+=(-accel tcg,thread=single -cpu max -smp 2) bound=300 ;;
+	tcg) q+=(-accel "tcg,thread=${VM_TCG_THREAD:-single}" -cpu max -smp 2) bound=300 ;;
 	esac
 	log "$name: booting $kver with $accel"
 	start=$(date +%s)
