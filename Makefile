@@ -12,7 +12,7 @@ DEB_VERSION ?= $(shell git describe --tags 2>/dev/null | sed 's/^v//' || true)
 
 IMAGE       ?= egressd:dev
 
-.PHONY: build demo test unit lint bench install deb image clean
+.PHONY: build demo test test-kernels unit lint bench install deb image clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -27,6 +27,12 @@ test:
 	$(GO) test -count=1 -race ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
 	cd deploy/image && $(GO) vet ./... && $(GO) test -count=1 ./...
+
+# The kernel-dependent end-to-end tests inside Debian's 6.1 and 6.12
+# kernels in qemu (test/kernels/run.sh); root. KERNELS="6.1 6.12",
+# KERNEL_TESTS=<go test -run regex>.
+test-kernels:
+	KERNELS='$(value KERNELS)' KERNEL_TESTS='$(value KERNEL_TESTS)' bash test/kernels/run.sh
 
 # Unit tests only (no root needed).
 unit:

@@ -38,4 +38,4 @@ echo "$rc" >/run/vm/rc
 sync
 echo "egressd-vm: exit $rc"
 echo o >/proc/sysrq-trigger
-sleep 10
+read -rt 10 _ </dev/console # not sleep: the 9p root is going away

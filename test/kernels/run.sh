@@ -134,6 +134,7 @@ boot() {
 	start=$(date +%s)
 	"${q[@]}" </dev/null > >(tee "$console" | sed -u "s/^/[$name] /") 2>&1 &
 	qpid=$!
+	QPID=$qpid
 	# A guest that does not reach its init within the bound is given up
 	# on: nested KVM can hang before the kernel prints a line.
 	while ! grep -q 'egressd-vm: booted' "$console" 2>/dev/null; do
@@ -150,6 +151,14 @@ boot() {
 		sleep 1
 	done
 	log "$name: booted in $(($(date +%s) - start))s with $accel"
+	# The guest powers off when its tests end; one that hangs is stopped.
+	while kill -0 $qpid 2>/dev/null; do
+		if [ $(($(date +%s) - start)) -ge $((VM_TIMEOUT + 300)) ]; then
+			log "$name: guest still running after $((VM_TIMEOUT + 300))s; stopping it"
+			kill $qpid
+		fi
+		sleep 2
+	done
 	wait $qpid || true
 	log "$name: VM ran $(($(date +%s) - start))s"
 	rc=$(cat "$share/rc" 2>/dev/null || echo 99) # no status: the guest died
@@ -161,6 +170,8 @@ mkdir -p "$OUT"
 go test -c -race -o "$OUT/e2e.test" ./test
 go build -race -o "$OUT/egressd" ./cmd/egressd
 
+QPID=
+trap '[ -z "$QPID" ] || kill $QPID 2>/dev/null' EXIT
 failed=()
 kvm_ok=maybe
 [ -e /dev/kvm ] || kvm_ok=no
