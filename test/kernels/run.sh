@@ -171,7 +171,7 @@ go test -c -race -o "$OUT/e2e.test" ./test
 go build -race -o "$OUT/egressd" ./cmd/egressd
 
 QPID=
-trap '[ -z "$QPID" ] || kill $QPID 2>/dev/null' EXIT
+trap '[ -z "$QPID" ] || kill $QPID 2>/dev/null || true' EXIT
 failed=()
 kvm_ok=maybe
 [ -e /dev/kvm ] || kvm_ok=no
