@@ -145,7 +145,7 @@ boot() {
 		if ! kill -0 $qpid 2>/dev/null || [ $(($(date +%s) - start)) -ge $bound ]; then
 			kill $qpid 2>/dev/null || true
 			wait $qpid 2>/dev/null || true
-			log "$name: no boot with $accel within ${bound}s"
+			log "$name: $accel did not boot (qemu ended, or no init within ${bound}s)"
 			return 125
 		fi
 		sleep 1
