@@ -2,18 +2,23 @@
 # Kernel matrix: boots Debian's kernels in qemu on this machine's own root
 # filesystem (9p, read-only) and runs egressd's end-to-end tests inside them.
 #
-#   KERNELS        which kernels (default "6.1 6.12": Debian 12's kernel and
-#                  the one bookworm-backports ships)
+#   KERNELS        which kernels (default "6.1 6.12": the newest
+#                  linux-image-6.1.0-N-amd64 of Debian 12 and the newest
+#                  linux-image-6.12.N+deb12-amd64 Debian ships for bookworm,
+#                  from bookworm-security or bookworm-backports)
 #   KERNEL_TESTS   -test.run regex for the e2e tests (default below)
 #   KERNEL_CACHE   where the kernel packages are unpacked (outside the repo)
 #   VM_ACCEL       auto (KVM, TCG if KVM does not boot), kvm or tcg
+#   VM_TCG_THREAD  single (default) or multi: Debian's 6.12 can oops early
+#                  under multi-threaded TCG
 #   VM_MEM         guest memory in MiB (default 3072)
 #   VM_TIMEOUT     seconds a test run may take in the guest (default 1800)
 #   KERNEL_CMD     a shell command to run in the guest instead of the tests
 #
 # Kernels come only from Debian's archive: apt-get download with an apt
 # state of our own (the machine's Debian mirror plus bookworm-backports),
-# so the machine's apt configuration is left as it is.
+# so the machine's apt configuration is left as it is. The guest's console
+# is streamed with a [kernel] prefix and kept in build/kernels/KERNEL/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
