@@ -38,6 +38,13 @@ func TestKill9FailsClosed(t *testing.T) {
 	l := newLab(t)
 	l.startDaemon(l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "min_ttl: 1s", "min_ttl: 60s", 1)))
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
+	// Pinned names open in the background after start.
+	l.waitFor("the pinned name", 10*time.Second, func() error {
+		if !l.inSet("203.0.113.30") {
+			return os.ErrNotExist
+		}
+		return nil
+	})
 	if err := l.stopDaemon(syscall.SIGKILL); err == nil {
 		t.Fatal("egressd survived SIGKILL")
 	}
