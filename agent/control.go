@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/dnsresolve"
 	"github.com/egressd/egressd/rules"
 )
@@ -291,7 +292,7 @@ func auditNote(cfg *config.Config, e Explanation) Explanation {
 
 // addrsOf returns the live addresses last answered for name.
 func (d *daemon) addrsOf(name string) []string {
-	fq := strings.ToLower(strings.TrimSuffix(name, ".")) + "."
+	fq := dnsname.Fqdn(name)
 	learned, _ := d.fw.Learned()
 	var out []string
 	for _, el := range learned {

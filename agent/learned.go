@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/dnsresolve"
 	"github.com/egressd/egressd/rules"
 )
@@ -40,7 +41,7 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 // want, while dropping it would cut clients that resolved it moments
 // before the restart and cache the answer.
 func learnedAllowed(cfg *config.Config, now time.Time) func(rules.Element) bool {
-	m := dnsresolve.NewMatcher(cfg.Allow.Domains)
+	m := dnsname.NewMatcher(cfg.Allow.Domains)
 	g := guard(cfg)
 	latest := now.Add(2*(cfg.DNS.MaxTTL+cfg.DNS.Grace) + expirySlack)
 	return func(e rules.Element) bool {

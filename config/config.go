@@ -18,7 +18,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/dnsname"
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/viper"
 )
@@ -230,11 +230,11 @@ func (c *Config) validate() error {
 		bad("allow.domains: empty: nothing could be reached")
 	}
 	for i, d := range c.Allow.Domains {
-		if err := checkDomain(d, true); err != nil {
+		if err := dnsname.Check(d, true); err != nil {
 			bad("allow.domains[%d]: %q %v", i, d, err)
 		}
 	}
-	dupes(&errs, "allow.domains", c.Allow.Domains, CanonicalName)
+	dupes(&errs, "allow.domains", c.Allow.Domains, nameKey)
 	if len(c.Allow.Ports) == 0 {
 		bad("allow.ports: empty: no port could be opened")
 	}
@@ -244,15 +244,15 @@ func (c *Config) validate() error {
 		}
 	}
 	dupes(&errs, "allow.ports", c.Allow.Ports, strconv.Itoa)
-	allowed := dnsresolve.NewMatcher(c.Allow.Domains)
+	allowed := dnsname.NewMatcher(c.Allow.Domains)
 	for i, n := range c.Allow.Names {
-		if err := checkDomain(n, false); err != nil {
+		if err := dnsname.Check(n, false); err != nil {
 			bad("allow.names[%d]: %q %v", i, n, err)
 		} else if !allowed.Match(n) {
 			bad("allow.names[%d]: %q is not allowed by allow.domains", i, n)
 		}
 	}
-	dupes(&errs, "allow.names", c.Allow.Names, CanonicalName)
+	dupes(&errs, "allow.names", c.Allow.Names, nameKey)
 	c.Allow.Static = nil
 	for i, s := range c.Allow.CIDRs {
 		st, err := parseStaticEntry(s)
@@ -388,45 +388,8 @@ func dupes[T any](errs *[]error, field string, items []T, key func(T) string) {
 	}
 }
 
-// CanonicalName lower-cases a DNS name and drops its trailing dot.
-func CanonicalName(n string) string {
-	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(n)), ".")
-}
-
-func checkDomain(d string, wildcardOK bool) error {
-	n := CanonicalName(d)
-	if n == "" {
-		return errors.New("is empty")
-	}
-	if len(n) > 253 {
-		return errors.New("is longer than 253 characters")
-	}
-	labels := strings.Split(n, ".")
-	for i, l := range labels {
-		switch {
-		case l == "*" && i == 0 && wildcardOK:
-			if len(labels) < 3 {
-				return errors.New("wildcard must have at least two labels after \"*.\" (too broad)")
-			}
-		case strings.Contains(l, "*"):
-			if !wildcardOK {
-				return errors.New("must be a name, not a wildcard")
-			}
-			return errors.New("has \"*\" where only a leftmost \"*.\" label is allowed")
-		case l == "":
-			return errors.New("has an empty label")
-		case len(l) > 63:
-			return fmt.Errorf("has label %q longer than 63 characters", l)
-		default:
-			for _, r := range l {
-				if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
-					return fmt.Errorf("has invalid character %q", r)
-				}
-			}
-		}
-	}
-	return nil
-}
+// nameKey is the form in which two configured names are the same.
+func nameKey(n string) string { return dnsname.Canonical(strings.TrimSpace(n)) }
 
 // neverExempt are destinations no DNS answer may open, whatever the
 // operator exempts: the host itself and link-local neighbours (cloud

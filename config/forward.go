@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+
+	"github.com/egressd/egressd/dnsname"
 )
 
 // Forward is a zone whose names are answered by other servers (a
@@ -56,10 +58,10 @@ func parseForward(raw any) (Forward, error) {
 	default:
 		return Forward{}, fmt.Errorf(": %v must be %s", raw, forwardHelp)
 	}
-	if err := checkDomain(zone, false); err != nil {
+	if err := dnsname.Check(zone, false); err != nil {
 		return Forward{}, fmt.Errorf(".zone: %q %w", zone, err)
 	}
-	fw := Forward{Zone: CanonicalName(zone)}
+	fw := Forward{Zone: nameKey(zone)}
 	for j, s := range servers {
 		ap, err := ParseUpstream(s)
 		if err != nil {
@@ -94,10 +96,10 @@ func (c *Config) validateForward() []error {
 // ForwardFor returns the dns.forward entry whose zone holds name, the
 // longest such zone.
 func (c *Config) ForwardFor(name string) (Forward, bool) {
-	n := CanonicalName(name)
+	n := nameKey(name)
 	best, found := Forward{}, false
 	for _, f := range c.DNS.Forward {
-		if (n == f.Zone || strings.HasSuffix(n, "."+f.Zone)) && len(f.Zone) > len(best.Zone) {
+		if dnsname.InZone(n, f.Zone) && len(f.Zone) > len(best.Zone) {
 			best, found = f, true
 		}
 	}

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strings"
 	"time"
 
 	"github.com/miekg/dns"
 
+	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/metrics"
 )
 
@@ -117,7 +117,7 @@ func (f *forwarder) exchangeOne(ctx context.Context, q *dns.Msg, server string) 
 
 // zoneForwarder is a forwarder for one zone.
 type zoneForwarder struct {
-	zone string // canonical, with the trailing dot
+	zone string // canonical (dnsname.Canonical)
 	*forwarder
 }
 
@@ -131,7 +131,7 @@ type forwarding struct {
 func newForwarding(o Options) *forwarding {
 	f := &forwarding{}
 	for _, z := range o.Forward {
-		f.zones = append(f.zones, zoneForwarder{zone: dns.CanonicalName(z.Zone), forwarder: newForwarder(z.Servers, o.Mark, o.ForwardTimeout)})
+		f.zones = append(f.zones, zoneForwarder{zone: dnsname.Canonical(z.Zone), forwarder: newForwarder(z.Servers, o.Mark, o.ForwardTimeout)})
 	}
 	if o.Audit {
 		f.audit = newForwarder(o.AuditServers, o.Mark, o.ForwardTimeout)
@@ -141,10 +141,10 @@ func newForwarding(o Options) *forwarding {
 
 // zone returns the forwarder of the longest zone that holds name.
 func (f *forwarding) zone(name string) *zoneForwarder {
-	name = dns.CanonicalName(name)
+	name = dnsname.Canonical(name)
 	var best *zoneForwarder
 	for i, z := range f.zones {
-		if (name == z.zone || strings.HasSuffix(name, "."+z.zone)) && (best == nil || len(z.zone) > len(best.zone)) {
+		if dnsname.InZone(name, z.zone) && (best == nil || len(z.zone) > len(best.zone)) {
 			best = &f.zones[i]
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
 	"golang.org/x/sync/singleflight"
@@ -41,7 +42,7 @@ type coverer interface {
 
 // Options configure a Proxy.
 type Options struct {
-	Domains  []string  // allow-list patterns, see Matcher
+	Domains  []string  // allow-list patterns, see dnsname.Matcher
 	Upstream *Upstream // where allowed names are resolved
 	Allower  Allower
 	// An answered address stays open for max(TTL, MinTTL) + Grace, where
@@ -104,7 +105,7 @@ const (
 
 type proxyConf struct {
 	opts    Options
-	matcher *Matcher
+	matcher *dnsname.Matcher
 	cache   *cache // per configuration: a reload starts empty
 	fwd     *forwarding
 }
@@ -134,7 +135,7 @@ func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().match
 // the old ones, and the old upstream's idle sockets are closed. The logger
 // is not replaced.
 func (p *Proxy) Update(o Options) {
-	old := p.conf.Swap(&proxyConf{opts: o, matcher: NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
+	old := p.conf.Swap(&proxyConf{opts: o, matcher: dnsname.NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
 	if old != nil && old.opts.Upstream != o.Upstream {
 		old.opts.Upstream.Close()
 	}

@@ -1,4 +1,4 @@
-package dnsresolve
+package dnsname
 
 import "strings"
 
@@ -7,7 +7,7 @@ import "strings"
 // A pattern "*.zone" matches every name below zone at any depth
 // ("a.zone", "x.y.a.zone") but not "zone" itself; any other pattern
 // matches exactly one name. Matching ignores case and a trailing dot.
-// Patterns are validated by the config package.
+// Patterns are validated by Check.
 type Matcher struct {
 	exact    map[string]string // canonical name -> pattern
 	wildcard map[string]string // canonical zone -> pattern
@@ -17,7 +17,7 @@ type Matcher struct {
 func NewMatcher(patterns []string) *Matcher {
 	m := &Matcher{exact: map[string]string{}, wildcard: map[string]string{}}
 	for _, p := range patterns {
-		c := canonical(p)
+		c := Canonical(p)
 		if zone, ok := strings.CutPrefix(c, "*."); ok {
 			m.wildcard[zone] = p
 		} else {
@@ -37,7 +37,7 @@ func (m *Matcher) Match(name string) bool {
 // other than letters, digits, "-", "_" and "." are never allowed: no real
 // endpoint has them, and they could not be logged or stored unambiguously.
 func (m *Matcher) Pattern(name string) (string, bool) {
-	n := canonical(name)
+	n := Canonical(name)
 	if n == "" || !hostname(n) {
 		return "", false
 	}
@@ -57,26 +57,4 @@ func (m *Matcher) Pattern(name string) (string, bool) {
 		i += j + 1
 	}
 	return "", false
-}
-
-func hostname(n string) bool {
-	for i := 0; i < len(n); i++ {
-		c := n[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return false
-		}
-	}
-	return true
-}
-
-// canonical lower-cases an ASCII DNS name and drops one trailing dot. It
-// avoids allocating when the name is already lower case.
-func canonical(n string) string {
-	n = strings.TrimSuffix(n, ".")
-	for i := 0; i < len(n); i++ {
-		if c := n[i]; c >= 'A' && c <= 'Z' {
-			return strings.ToLower(n)
-		}
-	}
-	return n
 }

@@ -1,4 +1,4 @@
-package dnsresolve
+package dnsname
 
 import (
 	"strings"
