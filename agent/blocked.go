@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
 	"strings"
 
 	nflog "github.com/florianl/go-nflog/v2"
@@ -25,7 +24,7 @@ type Blocked struct {
 	From      netip.Addr     `json:"from"`
 	To        netip.AddrPort `json:"to"`
 	Proto     string         `json:"proto"`
-	Reason    string         `json:"reason"` // "not-answered", "expired", "port", "dns-over-tls", "spoofed-source"
+	Reason    Reason         `json:"reason"`
 	// Names that last resolved to To's address, if egressd knows them.
 	Names string `json:"names,omitempty"`
 	// WouldBlock: audit mode let the packet through; enforce would not.
@@ -37,17 +36,10 @@ func (b Blocked) String() string {
 	if b.Source == "container" {
 		src = fmt.Sprintf("container %s on %s", b.From, b.Interface)
 	}
-	why := map[string]string{
-		"not-answered":   "address not answered by egressd",
-		"expired":        "address no longer allowed (its answer expired)",
-		"port":           "port not allowed",
-		"dns-over-tls":   "DNS over TLS bypasses the proxy",
-		"spoofed-source": "source address not routed back through its interface (forged), dropped",
-	}[b.Reason]
-	s := fmt.Sprintf("%s -> %s %s: %s", src, b.Proto, b.To, why)
+	s := fmt.Sprintf("%s -> %s %s: %s", src, b.Proto, b.To, b.Reason.describe())
 	if b.Names != "" {
 		s += " (last answered for " + b.Names + ")"
-	} else if b.Reason == "not-answered" {
+	} else if b.Reason == NotAnswered {
 		s += " (no name resolved to it through egressd)"
 	}
 	return s
@@ -71,28 +63,27 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		if !ok {
 			return 0
 		}
-		if names, known := fw.Names(b.To.Addr()); known && b.Reason == "not-answered" {
-			b.Names = names
-			switch _, live := fw.Lookup(b.To.Addr()); {
-			case !live:
-				b.Reason = "expired"
-			case !slices.Contains(cfg().Allow.Ports, int(b.To.Port())) || b.Proto != "tcp":
-				b.Reason = "port"
+		if b.Reason == NotAnswered {
+			// The catch-all reject: say which of the allow rules missed.
+			v := verdict(cfg(), fw, b.To.Addr(), b.To.Port(), b.Proto)
+			b.Names = v.Names
+			if !v.Allowed { // allowed: the configuration changed since
+				b.Reason = v.Reason
 			}
 		}
 		msg := "blocked connection"
 		if b.WouldBlock {
 			msg = "would block connection (audit mode: let through)"
-			m.WouldBlock(b.Source, b.Reason)
+			m.WouldBlock(b.Source, string(b.Reason))
 		} else {
-			m.Blocked(b.Source, b.Reason)
+			m.Blocked(b.Source, string(b.Reason))
 		}
 		if !limit.Allow() {
 			suppressed++
 			return 0
 		}
 		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
-			"to", b.To, "proto", b.Proto, "reason", b.Reason, "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
+			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
 		suppressed = 0
 		return 0
 	}
@@ -114,18 +105,13 @@ func parseBlocked(a nflog.Attribute) (Blocked, bool) {
 	if a.Payload == nil || a.Prefix == nil {
 		return Blocked{}, false
 	}
-	b := Blocked{Source: "host", Reason: "not-answered"}
+	b := Blocked{Source: "host"}
 	prefix := *a.Prefix
 	if rest, ok := strings.CutPrefix(prefix, rules.LogAudit); ok {
 		b.WouldBlock = true
 		prefix = "egressd-" + rest
 	}
-	if strings.HasPrefix(prefix, rules.LogDoT) {
-		b.Reason = "dns-over-tls"
-	}
-	if strings.HasPrefix(prefix, rules.LogSpoofed) {
-		b.Reason = "spoofed-source"
-	}
+	b.Reason = logReason(prefix)
 	if a.InDev != nil {
 		b.Source = "container"
 		if ifc, err := net.InterfaceByIndex(int(*a.InDev)); err == nil {

@@ -241,16 +241,14 @@ func (d *daemon) explain(q string) Explanation {
 		return e
 	}
 	addr = addr.Unmap()
-	portOK := func(ports []int) bool { return port == 0 || slices.Contains(ports, int(port)) }
-	for _, st := range cfg.Allow.Static {
-		if st.Allows(addr, proto, port, cfg.Allow.Ports) {
-			e.Allowed = true
-			e.Reason = fmt.Sprintf("%s is in allow.cidrs %q", addr, st.String())
-			if len(st.Ports) == 0 && !st.AnyPort {
-				e.Reason += fmt.Sprintf(" (tcp, allow.ports %v)", cfg.Allow.Ports)
-			}
-			return e
+	v := verdict(cfg, d.fw, addr, port, proto)
+	if v.Static != nil {
+		e.Allowed = true
+		e.Reason = fmt.Sprintf("%s is in allow.cidrs %q", addr, v.Static.String())
+		if len(v.Static.Ports) == 0 && !v.Static.AnyPort {
+			e.Reason += fmt.Sprintf(" (tcp, allow.ports %v)", cfg.Allow.Ports)
 		}
+		return e
 	}
 	if proto == "udp" {
 		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
@@ -260,22 +258,21 @@ func (d *daemon) explain(q string) Explanation {
 	if addr.Is6() {
 		set = rules.SetAllow6
 	}
-	if el, live := d.fw.Lookup(addr); live {
-		left := time.Until(el.Expires).Round(time.Second)
-		what := fmt.Sprintf("%s in %s for another %v (answered for %s)", addr, set, left, el.Names)
-		if !portOK(cfg.Allow.Ports) {
+	switch {
+	case v.Live != nil:
+		left := time.Until(v.Live.Expires).Round(time.Second)
+		what := fmt.Sprintf("%s in %s for another %v (answered for %s)", addr, set, left, v.Live.Names)
+		if v.Reason == Port {
 			e.Reason = fmt.Sprintf("port %d is not allowed (allow.ports %v); %s", port, cfg.Allow.Ports, what)
 			return auditNote(cfg, e)
 		}
 		e.Allowed = true
 		e.Reason = what
 		return e
-	}
-	switch names, known := d.fw.Names(addr); {
-	case !guard(cfg).Allows(addr):
+	case v.NonPublic:
 		e.Reason = fmt.Sprintf("%s is a private, loopback or otherwise non-public address: never opened from DNS", addr)
-	case known:
-		e.Reason = fmt.Sprintf("%s was answered for %s, but its time is up; a new answer opens it again", addr, names)
+	case v.Reason == Expired:
+		e.Reason = fmt.Sprintf("%s was answered for %s, but its time is up; a new answer opens it again", addr, v.Names)
 	default:
 		e.Reason = fmt.Sprintf("%s was not answered by egressd (no allowed name resolved to it) and is in no allow.cidrs", addr)
 	}
