@@ -8,13 +8,13 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/ifname"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -67,7 +67,7 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *
 			if isForwarder(u.Link) || u.Link.Type() == "veth" || name == cfg().DNS.LocalInterface {
 				settle.Reset(settleTime)
 			}
-			pattern, match := matchIface(name, cfg().Firewall.Containers)
+			pattern, match := ifname.MatchAny(name, cfg().Firewall.Containers)
 			if !match {
 				continue
 			}
@@ -83,17 +83,6 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *
 			}
 		}
 	}
-}
-
-// matchIface reports the pattern that matches an interface name, with the
-// same meaning as in the ruleset: exact, or a prefix before a trailing "*".
-func matchIface(name string, patterns []string) (string, bool) {
-	for _, p := range patterns {
-		if prefix, ok := strings.CutSuffix(p, "*"); ok && strings.HasPrefix(name, prefix) || p == name {
-			return p, true
-		}
-	}
-	return "", false
 }
 
 // watchAddrs calls changed whenever the host's addresses change: the
@@ -199,7 +188,7 @@ func checkUplinks(cfg *config.Config) error {
 	sort.Strings(names)
 	for i, p := range cfg.Firewall.Containers {
 		for _, n := range names {
-			if _, ok := matchIface(n, []string{p}); ok {
+			if p.Match(n) {
 				return fmt.Errorf("firewall.containers[%d]: %q matches %s, which carries the default route: its traffic would not be filtered and the proxy would answer the outside; narrow the pattern", i, p, n)
 			}
 		}
@@ -223,8 +212,8 @@ func unknownForwarders(cfg *config.Config) ([]string, error) {
 	var out []string
 	for _, l := range links {
 		name := l.Attrs().Name
-		_, ctr := matchIface(name, cfg.Firewall.Containers)
-		_, exempt := matchIface(name, cfg.Firewall.Unfiltered)
+		_, ctr := ifname.MatchAny(name, cfg.Firewall.Containers)
+		_, exempt := ifname.MatchAny(name, cfg.Firewall.Unfiltered)
 		if isForwarder(l) && !ctr && !exempt && !uplinks[name] {
 			out = append(out, name)
 		}
@@ -264,7 +253,7 @@ func onLinkPrefixes(cfg *config.Config) ([]netip.Prefix, error) {
 		if err != nil {
 			continue
 		}
-		if _, ctr := matchIface(l.Attrs().Name, cfg.Firewall.Containers); ctr || l.Attrs().Name == "lo" {
+		if _, ctr := ifname.MatchAny(l.Attrs().Name, cfg.Firewall.Containers); ctr || l.Attrs().Name == "lo" {
 			continue
 		}
 		ip, ok := netip.AddrFromSlice(a.IP)

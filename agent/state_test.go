@@ -85,12 +85,3 @@ func TestStateBadFiles(t *testing.T) {
 		t.Errorf("missing state: %v, %v", out, err)
 	}
 }
-
-func TestMatchIface(t *testing.T) {
-	pats := []string{"docker0", "br-*"}
-	for name, want := range map[string]bool{"docker0": true, "docker01": false, "br-1234": true, "br-": true, "br0": false, "eth0": false} {
-		if _, got := matchIface(name, pats); got != want {
-			t.Errorf("matchIface(%q) = %v, want %v", name, got, want)
-		}
-	}
-}

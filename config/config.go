@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/dnsname"
+	"github.com/egressd/egressd/ifname"
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/viper"
 )
@@ -83,15 +84,15 @@ type DNS struct {
 // Firewall configures the ruleset.
 type Firewall struct {
 	// Mode is ModeEnforce or ModeAudit.
-	Mode       string   `mapstructure:"mode"`
-	Containers []string `mapstructure:"containers"`
-	Unfiltered []string `mapstructure:"unfiltered"`
-	Antispoof  []string `mapstructure:"antispoof"`
-	Host       bool     `mapstructure:"host"`
-	Action     string   `mapstructure:"action"`
-	Mark       uint32   `mapstructure:"mark"`
-	NFLOGGroup uint16   `mapstructure:"nflog_group"`
-	MaxLearned int      `mapstructure:"max_learned"`
+	Mode       string           `mapstructure:"mode"`
+	Containers []ifname.Pattern `mapstructure:"containers"`
+	Unfiltered []ifname.Pattern `mapstructure:"unfiltered"`
+	Antispoof  []ifname.Pattern `mapstructure:"antispoof"`
+	Host       bool             `mapstructure:"host"`
+	Action     string           `mapstructure:"action"`
+	Mark       uint32           `mapstructure:"mark"`
+	NFLOGGroup uint16           `mapstructure:"nflog_group"`
+	MaxLearned int              `mapstructure:"max_learned"`
 }
 
 // Firewall modes.
@@ -323,17 +324,17 @@ func (c *Config) validate() error {
 	}
 	for _, list := range []struct {
 		field    string
-		patterns []string
+		patterns []ifname.Pattern
 	}{{"firewall.containers", c.Firewall.Containers}, {"firewall.unfiltered", c.Firewall.Unfiltered}, {"firewall.antispoof", c.Firewall.Antispoof}} {
 		for i, p := range list.patterns {
-			if list.field == "firewall.antispoof" && p == "*" {
+			if list.field == "firewall.antispoof" && p == ifname.Any {
 				continue // every interface
 			}
-			if err := checkIfacePattern(p); err != nil {
+			if err := p.Check(); err != nil {
 				bad("%s[%d]: %q %v", list.field, i, p, err)
 			}
 		}
-		dupes(&errs, list.field, list.patterns, strings.TrimSpace)
+		dupes(&errs, list.field, list.patterns, func(p ifname.Pattern) string { return strings.TrimSpace(string(p)) })
 	}
 	for i, p := range c.Firewall.Unfiltered {
 		if slices.Contains(c.Firewall.Containers, p) {
@@ -446,20 +447,4 @@ func ParseUpstream(s string) (netip.AddrPort, error) {
 		return ap, errors.New("is a loopback, unspecified or multicast address: its queries would be redirected back into egressd")
 	}
 	return netip.AddrPortFrom(a.WithZone(ap.Addr().Zone()), ap.Port()), nil
-}
-
-// checkIfacePattern accepts interface names and trailing-"*" globs, the
-// patterns nftables can match on an interface name.
-func checkIfacePattern(p string) error {
-	if p == "" || p == "*" {
-		return errors.New("must name an interface or a prefix glob such as \"br-*\"")
-	}
-	name := strings.TrimSuffix(p, "*")
-	if strings.ContainsAny(name, "*?[]/ \t\"") {
-		return errors.New("may only have \"*\" at its end")
-	}
-	if len(name) > 15 {
-		return errors.New("is longer than an interface name (15 characters)")
-	}
-	return nil
 }

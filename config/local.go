@@ -1,6 +1,8 @@
 package config
 
 import (
+	"github.com/egressd/egressd/ifname"
+
 	"errors"
 	"fmt"
 	"net/netip"
@@ -26,15 +28,15 @@ func (c *Config) validateLocal() []error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	d := &c.DNS
-	if err := checkIfaceName(d.LocalInterface); err != nil {
+	if err := ifname.CheckName(d.LocalInterface); err != nil {
 		bad("dns.local_interface: %q %v", d.LocalInterface, err)
 	} else {
 		for _, list := range []struct {
 			field    string
-			patterns []string
+			patterns []ifname.Pattern
 		}{{"firewall.containers", c.Firewall.Containers}, {"firewall.unfiltered", c.Firewall.Unfiltered}} {
 			for i, p := range list.patterns {
-				if prefix, ok := strings.CutSuffix(p, "*"); ok && strings.HasPrefix(d.LocalInterface, prefix) || p == d.LocalInterface {
+				if p.Match(d.LocalInterface) {
 					bad("dns.local_interface: %q matches %s[%d] (%q): name another interface", d.LocalInterface, list.field, i, p)
 				}
 			}
@@ -48,21 +50,6 @@ func (c *Config) validateLocal() []error {
 		bad("dns.local_ipv6: %q %v", d.LocalIPv6, err)
 	}
 	return errs
-}
-
-// checkIfaceName accepts a name the kernel would give a new interface.
-func checkIfaceName(n string) error {
-	switch {
-	case n == "":
-		return errors.New("is empty")
-	case len(n) > 15:
-		return errors.New("is longer than an interface name (15 characters)")
-	case n == "lo" || n == "." || n == "..":
-		return errors.New("cannot be created")
-	case strings.ContainsAny(n, "*?[]/: \t\"'"):
-		return errors.New("has a character an interface name cannot have")
-	}
-	return nil
 }
 
 // parseLocal parses a local proxy address of one family: a unicast

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/ifname"
 )
 
 // Chain priorities. Filter chains run at the standard filter priority, next
@@ -117,7 +118,10 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 
 	// Container interfaces, and forwarding interfaces (bridges, veths)
 	// that match no pattern: their DNS goes to the proxy as well.
-	ctrIfaces := append(slices.Clip(fw.Containers), host.Unknown...)
+	ctrIfaces := slices.Clip(fw.Containers)
+	for _, u := range host.Unknown {
+		ctrIfaces = append(ctrIfaces, ifname.Pattern(u))
+	}
 	fromContainers := func(target string) []Rule {
 		var rs []Rule
 		for _, c := range ctrIfaces {
@@ -290,7 +294,7 @@ func staticRules(st config.Static) []Rule {
 // send datagrams with the upstream resolver's address to the host's
 // sockets (answers to egressd's own queries), or queries to the proxy with
 // an internet address as source, whose answers the host then sends there.
-func antispoof(fw config.Firewall, ctrIfaces []string) []Chain {
+func antispoof(fw config.Firewall, ctrIfaces []ifname.Pattern) []Chain {
 	check := Chain{Name: "spoofed", Comment: "sources not routed back through their interface are forged",
 		Rules: []Rule{{Stmts: blocking(fw.Mode == config.ModeAudit, fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
 	pre := Chain{Name: "antispoof", Hook: &Hook{"filter", "prerouting", priorityRaw},
@@ -299,7 +303,7 @@ func antispoof(fw config.Firewall, ctrIfaces []string) []Chain {
 			{Comment: "DHCP clients without an address yet", Stmts: []Stmt{SaddrPrefix(netip.MustParsePrefix("0.0.0.0/32")), Ports{Proto: UDP, Sport: 68, Dport: 67}, Return}},
 			{Comment: "IPv6 duplicate address detection", Stmts: []Stmt{SaddrPrefix(netip.MustParsePrefix("::/128")), Return}},
 		}}
-	if slices.Contains(fw.Antispoof, "*") {
+	if slices.Contains(fw.Antispoof, ifname.Any) {
 		pre.Rules = append(pre.Rules,
 			Rule{Comment: "every interface but loopback", Stmts: []Stmt{IfName{Pattern: "lo"}, Return}},
 			Rule{Stmts: []Stmt{Jump("spoofed")}})

@@ -15,6 +15,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/ifname"
 )
 
 // TableName is the one nftables table egressd owns (family inet).
@@ -94,7 +96,7 @@ func (r Rule) Text() string {
 // matches a prefix.
 type IfName struct {
 	Out     bool
-	Pattern string
+	Pattern ifname.Pattern
 }
 
 func (s IfName) text() string {
@@ -110,7 +112,7 @@ func (s IfName) exprs(map[string]*nftables.Set) []expr.Any {
 		key = expr.MetaKeyOIFNAME
 	}
 	var data []byte
-	if prefix, ok := strings.CutSuffix(s.Pattern, "*"); ok {
+	if prefix, ok := s.Pattern.Prefix(); ok {
 		data = []byte(prefix)
 	} else {
 		// Exact names are compared NUL-padded to IFNAMSIZ, as nft does.
