@@ -127,7 +127,7 @@ func Remove(ctx context.Context) (bool, error) {
 
 func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
 	refuse := dns.RcodeRefused
-	if cfg.DNS.RefuseWith == "nxdomain" {
+	if cfg.DNS.RefuseWith == config.RefuseNXDomain {
 		refuse = dns.RcodeNameError
 	}
 	var fwd []dnsresolve.ForwardZone

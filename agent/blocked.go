@@ -65,7 +65,7 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		}
 		if b.Reason == NotAnswered {
 			// The catch-all reject: say which of the allow rules missed.
-			v := verdict(cfg(), fw, b.To.Addr(), b.To.Port(), b.Proto)
+			v := verdict(cfg(), fw, b.To.Addr(), b.To.Port(), config.Proto(b.Proto))
 			b.Names = v.Names
 			if !v.Allowed { // allowed: the configuration changed since
 				b.Reason = v.Reason

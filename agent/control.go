@@ -32,7 +32,7 @@ type Status struct {
 	Healthy bool   `json:"healthy"`
 	// Mode is firewall.mode; Enforced is false in audit mode, where
 	// nothing is blocked.
-	Mode         string                    `json:"mode"`
+	Mode         config.Mode               `json:"mode"`
 	Enforced     bool                      `json:"enforced"`
 	Ruleset      string                    `json:"ruleset"` // "in place" or what drifted
 	LearnedIPv4  int                       `json:"learned_ipv4"`
@@ -208,10 +208,10 @@ func (d *daemon) explain(q string) Explanation {
 	var port uint16
 	// "ADDR:PORT/udp" asks about UDP; TCP otherwise (the only protocol
 	// DNS answers open).
-	proto := "tcp"
+	proto := config.ProtoTCP
 	q, p, hasProto := strings.Cut(q, "/")
-	if hasProto && (p == "udp" || p == "tcp") {
-		proto = p
+	if hasProto && (config.Proto(p) == config.ProtoUDP || config.Proto(p) == config.ProtoTCP) {
+		proto = config.Proto(p)
 	} else if hasProto {
 		q = e.Query // a prefix, not an address: not a destination
 	}
@@ -250,7 +250,7 @@ func (d *daemon) explain(q string) Explanation {
 		}
 		return e
 	}
-	if proto == "udp" {
+	if proto == config.ProtoUDP {
 		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
 		return auditNote(cfg, e)
 	}

@@ -82,13 +82,13 @@ type Verdict struct {
 	NonPublic bool
 }
 
-// verdict decides a new connection to addr:port over proto ("tcp",
-// "udp", ...) from the configuration and the learned sets, as the
+// verdict decides a new connection to addr:port over proto (tcp, udp,
+// icmp, a protocol number) from the configuration and the learned sets, as the
 // ruleset's allow rules do: an allow.cidrs entry, or a live learned
 // address on an allowed TCP port. Port 0 means any port (a question
 // about an address alone). It serves `egressd explain`, the
 // blocked-connection log and its metrics.
-func verdict(cfg *config.Config, learned learnedState, addr netip.Addr, port uint16, proto string) Verdict {
+func verdict(cfg *config.Config, learned learnedState, addr netip.Addr, port uint16, proto config.Proto) Verdict {
 	addr = addr.Unmap()
 	for i, st := range cfg.Allow.Static {
 		if st.Allows(addr, proto, port, cfg.Allow.Ports) {
@@ -102,7 +102,7 @@ func verdict(cfg *config.Config, learned learnedState, addr netip.Addr, port uin
 	switch {
 	case live:
 		v.Live, v.Names = &el, el.Names
-		if proto == "tcp" && (port == 0 || slices.Contains(cfg.Allow.Ports, int(port))) {
+		if proto == config.ProtoTCP && (port == 0 || slices.Contains(cfg.Allow.Ports, int(port))) {
 			v.Allowed, v.Reason = true, ""
 		} else {
 			v.Reason = Port

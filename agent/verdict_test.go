@@ -59,7 +59,7 @@ func TestVerdict(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			v := verdict(cfg, learned, a(tt.addr), tt.port, tt.proto)
+			v := verdict(cfg, learned, a(tt.addr), tt.port, config.Proto(tt.proto))
 			if v.Allowed != tt.allowed || v.Reason != tt.reason || v.Names != tt.names || (v.Static != nil) != tt.static || v.NonPublic != tt.nonPublic {
 				t.Errorf("verdict = %+v; want allowed %v, reason %q, names %q, static %v, non-public %v", v, tt.allowed, tt.reason, tt.names, tt.static, tt.nonPublic)
 			}

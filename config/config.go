@@ -8,6 +8,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path"
@@ -59,7 +60,7 @@ type DNS struct {
 	MinTTL     time.Duration `mapstructure:"min_ttl"`
 	MaxTTL     time.Duration `mapstructure:"max_ttl"`
 	Grace      time.Duration `mapstructure:"grace"`
-	RefuseWith string        `mapstructure:"refuse_with"`
+	RefuseWith Refusal       `mapstructure:"refuse_with"`
 	// RebindingExempt are raw prefixes that answers may point into although
 	// they are not globally reachable; Exempt holds them parsed.
 	RebindingExempt []string       `mapstructure:"rebinding_exempt"`
@@ -83,27 +84,80 @@ type DNS struct {
 
 // Firewall configures the ruleset.
 type Firewall struct {
-	// Mode is ModeEnforce or ModeAudit.
-	Mode       string           `mapstructure:"mode"`
+	Mode       Mode             `mapstructure:"mode"`
 	Containers []ifname.Pattern `mapstructure:"containers"`
 	Unfiltered []ifname.Pattern `mapstructure:"unfiltered"`
 	Antispoof  []ifname.Pattern `mapstructure:"antispoof"`
 	Host       bool             `mapstructure:"host"`
-	Action     string           `mapstructure:"action"`
+	Action     Action           `mapstructure:"action"`
 	Mark       uint32           `mapstructure:"mark"`
 	NFLOGGroup uint16           `mapstructure:"nflog_group"`
 	MaxLearned int              `mapstructure:"max_learned"`
 }
 
+// Mode is firewall.mode.
+type Mode string
+
 // Firewall modes.
 const (
 	// ModeEnforce blocks what the allow-list does not allow.
-	ModeEnforce = "enforce"
+	ModeEnforce Mode = "enforce"
 	// ModeAudit installs the same ruleset, but blocking verdicts only log
 	// and count (would_block) and names that are not allowed are answered
 	// (logged as would-refuse): for rolling egressd out onto running
 	// systems.
-	ModeAudit = "audit"
+	ModeAudit Mode = "audit"
+)
+
+// Action is firewall.action: what enforce mode does with a connection it
+// blocks.
+type Action string
+
+const (
+	// ActionReject answers with a TCP reset or an ICMP error, so that
+	// clients fail fast.
+	ActionReject Action = "reject"
+	// ActionDrop drops silently.
+	ActionDrop Action = "drop"
+)
+
+// Refusal is dns.refuse_with: the answer to a name that is not allowed.
+type Refusal string
+
+const (
+	RefuseRefused  Refusal = "refused"  // REFUSED
+	RefuseNXDomain Refusal = "nxdomain" // NXDOMAIN: the name does not exist
+)
+
+// LogLevel is log.level.
+type LogLevel string
+
+const (
+	LevelDebug LogLevel = "debug"
+	LevelInfo  LogLevel = "info"
+	LevelWarn  LogLevel = "warn"
+	LevelError LogLevel = "error"
+)
+
+// Slog returns the level as slog's.
+func (l LogLevel) Slog() slog.Level {
+	switch l {
+	case LevelDebug:
+		return slog.LevelDebug
+	case LevelWarn:
+		return slog.LevelWarn
+	case LevelError:
+		return slog.LevelError
+	}
+	return slog.LevelInfo
+}
+
+// LogFormat is log.format.
+type LogFormat string
+
+const (
+	FormatText LogFormat = "text"
+	FormatJSON LogFormat = "json"
 )
 
 // Metrics configures the Prometheus endpoint.
@@ -118,8 +172,8 @@ type Control struct {
 
 // Log configures logging.
 type Log struct {
-	Level  string `mapstructure:"level"`
-	Format string `mapstructure:"format"`
+	Level  LogLevel  `mapstructure:"level"`
+	Format LogFormat `mapstructure:"format"`
 }
 
 // Load reads the embedded default, then the YAML file at path (if path is
@@ -313,7 +367,7 @@ func (c *Config) validate() error {
 	}
 	errs = append(errs, c.validateForward()...)
 	errs = append(errs, c.validateLocal()...)
-	if c.DNS.RefuseWith != "refused" && c.DNS.RefuseWith != "nxdomain" {
+	if !slices.Contains([]Refusal{RefuseRefused, RefuseNXDomain}, c.DNS.RefuseWith) {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
 	}
 
@@ -341,12 +395,12 @@ func (c *Config) validate() error {
 			bad("firewall.unfiltered[%d]: %q is also in firewall.containers: filter it or not", i, p)
 		}
 	}
-	if c.Firewall.Mode != ModeEnforce && c.Firewall.Mode != ModeAudit {
+	if !slices.Contains([]Mode{ModeEnforce, ModeAudit}, c.Firewall.Mode) {
 		bad("firewall.mode: %q must be \"enforce\" or \"audit\"", c.Firewall.Mode)
 	} else if c.Firewall.Mode == ModeAudit && c.Firewall.NFLOGGroup == 0 {
 		bad("firewall.mode: audit reports what it would block through firewall.nflog_group, which is 0; set a group")
 	}
-	if c.Firewall.Action != "reject" && c.Firewall.Action != "drop" {
+	if !slices.Contains([]Action{ActionReject, ActionDrop}, c.Firewall.Action) {
 		bad("firewall.action: %q must be \"reject\" or \"drop\"", c.Firewall.Action)
 	}
 	if c.Firewall.MaxLearned < 1 {
@@ -366,12 +420,10 @@ func (c *Config) validate() error {
 	if !path.IsAbs(c.StateDir) {
 		bad("state_dir: %q must be an absolute path", c.StateDir)
 	}
-	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
-	default:
+	if !slices.Contains([]LogLevel{LevelDebug, LevelInfo, LevelWarn, LevelError}, c.Log.Level) {
 		bad("log.level: %q must be debug, info, warn or error", c.Log.Level)
 	}
-	if c.Log.Format != "text" && c.Log.Format != "json" {
+	if !slices.Contains([]LogFormat{FormatText, FormatJSON}, c.Log.Format) {
 		bad("log.format: %q must be \"text\" or \"json\"", c.Log.Format)
 	}
 	return errors.Join(errs...)

@@ -216,7 +216,7 @@ func TestStaticAllows(t *testing.T) {
 		{"10.245.0.0/16 any", "tcp", 443, false},
 	}
 	for _, tt := range tests {
-		if got := parse(tt.entry).Allows(a, tt.proto, tt.port, []int{443}); got != tt.want {
+		if got := parse(tt.entry).Allows(a, Proto(tt.proto), tt.port, []int{443}); got != tt.want {
 			t.Errorf("%q allows %s/%d: %v, want %v", tt.entry, tt.proto, tt.port, got, tt.want)
 		}
 	}

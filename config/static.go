@@ -13,14 +13,23 @@ import (
 // Static is a destination allowed without DNS (an allow.cidrs entry).
 type Static struct {
 	Prefix netip.Prefix
-	// Proto is "tcp", "udp" or "any" (every transport protocol, ICMP
-	// included when AnyPort).
-	Proto string
+	// Proto is ProtoTCP, ProtoUDP or ProtoAny (every transport protocol,
+	// ICMP included when AnyPort).
+	Proto Proto
 	// Ports are the allowed destination ports; empty with AnyPort false:
 	// Allow.Ports (the old form "ADDRESS[/LEN]", TCP only).
 	Ports   []PortRange
 	AnyPort bool
 }
+
+// Proto is the protocol of an allow.cidrs entry, or of a connection.
+type Proto string
+
+const (
+	ProtoTCP Proto = "tcp"
+	ProtoUDP Proto = "udp"
+	ProtoAny Proto = "any" // allow.cidrs only
+)
 
 // PortRange is an inclusive range of ports; Lo == Hi for one port.
 type PortRange struct{ Lo, Hi uint16 }
@@ -37,7 +46,7 @@ func (s Static) String() string {
 	out := s.Prefix.String()
 	switch {
 	case s.AnyPort:
-		return out + " " + s.Proto + " any"
+		return out + " " + string(s.Proto) + " any"
 	case len(s.Ports) == 0:
 		return out // TCP, allow.ports
 	}
@@ -45,20 +54,20 @@ func (s Static) String() string {
 	for i, p := range s.Ports {
 		ps[i] = p.String()
 	}
-	return out + " " + s.Proto + " " + strings.Join(ps, ",")
+	return out + " " + string(s.Proto) + " " + strings.Join(ps, ",")
 }
 
-// Allows reports whether the entry opens proto ("tcp" or "udp") port on
-// addr; defaultPorts are allow.ports.
-func (s Static) Allows(addr netip.Addr, proto string, port uint16, defaultPorts []int) bool {
-	if !s.Prefix.Contains(addr) || (s.Proto != "any" && s.Proto != proto) {
+// Allows reports whether the entry opens proto (ProtoTCP or ProtoUDP)
+// port on addr; defaultPorts are allow.ports.
+func (s Static) Allows(addr netip.Addr, proto Proto, port uint16, defaultPorts []int) bool {
+	if !s.Prefix.Contains(addr) || (s.Proto != ProtoAny && s.Proto != proto) {
 		return false
 	}
 	if s.AnyPort || port == 0 {
 		return true
 	}
 	if len(s.Ports) == 0 {
-		return proto == "tcp" && slices.Contains(defaultPorts, int(port))
+		return proto == ProtoTCP && slices.Contains(defaultPorts, int(port))
 	}
 	return slices.ContainsFunc(s.Ports, func(r PortRange) bool { return r.Lo <= port && port <= r.Hi })
 }
@@ -112,7 +121,7 @@ func parseStatic(s string) (Static, error) {
 	return st, nil
 }
 
-func isProto(s string) bool { return s == "tcp" || s == "udp" || s == "any" }
+func isProto(s string) bool { return slices.Contains([]Proto{ProtoTCP, ProtoUDP, ProtoAny}, Proto(s)) }
 
 // parseStaticMap parses the structured form.
 func parseStaticMap(m map[string]any) (Static, error) {
@@ -199,9 +208,9 @@ func buildStatic(cidr, proto, ports string, inString bool) (Static, error) {
 	if proto != "" && !isProto(proto) {
 		return Static{}, fmt.Errorf("%sprotocol %q must be tcp, udp or any", field("protocol"), proto)
 	}
-	st.Proto = proto
+	st.Proto = Proto(proto)
 	if st.Proto == "" {
-		st.Proto = "tcp"
+		st.Proto = ProtoTCP
 	}
 	switch {
 	case ports == "any":

@@ -96,7 +96,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	// host share it so they follow exactly the same rules.
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
 		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
-		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, reject(fw.Action, true))},
+		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, rejectTCP(fw.Action))},
 		{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: SetAllow4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 	}}
@@ -107,7 +107,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	case audit:
 		egress.Rules = append(egress.Rules, Rule{Comment: "audit mode: everything else would be blocked; logged, let through",
 			Stmts: blocking(audit, fw.NFLOGGroup, LogBlocked, Drop)})
-	case fw.Action == "drop":
+	case fw.Action == config.ActionDrop:
 		egress.Rules = append(egress.Rules, Rule{Comment: "everything else", Stmts: logged(fw.NFLOGGroup, LogBlocked, Drop)})
 	default:
 		egress.Rules = append(egress.Rules,
@@ -261,13 +261,13 @@ func staticRules(st config.Static) []Rule {
 	}
 	protos := []Proto{TCP, UDP}
 	switch st.Proto {
-	case "tcp":
+	case config.ProtoTCP:
 		protos = []Proto{TCP}
-	case "udp":
+	case config.ProtoUDP:
 		protos = []Proto{UDP}
 	}
 	switch {
-	case st.AnyPort && st.Proto == "any":
+	case st.AnyPort && st.Proto == config.ProtoAny:
 		add() // every protocol, ICMP included
 	case st.AnyPort:
 		add(L4Proto(protos[0]))
@@ -384,15 +384,12 @@ func blocking(audit bool, group uint16, prefix string, stmts ...Stmt) []Stmt {
 	return logged(group, LogAudit+strings.TrimPrefix(prefix, "egressd-"), append(stmts[:last:last], Accept)...)
 }
 
-func reject(action string, tcp bool) Stmt {
-	switch {
-	case action == "drop":
+// rejectTCP is how action blocks a TCP connection.
+func rejectTCP(action config.Action) Stmt {
+	if action == config.ActionDrop {
 		return Drop
-	case tcp:
-		return RejectTCP{}
-	default:
-		return RejectAdmin{}
 	}
+	return RejectTCP{}
 }
 
 // Summary is a one-line description for humans.

@@ -8,10 +8,8 @@ import (
 )
 
 func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(cfg.Log.Level)) // validated by config
-	opts := &slog.HandlerOptions{Level: level}
-	if cfg.Log.Format == "json" {
+	opts := &slog.HandlerOptions{Level: cfg.Log.Level.Slog()}
+	if cfg.Log.Format == config.FormatJSON {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
