@@ -32,28 +32,22 @@ var ErrPinnedPending = errors.New("ruleset installed (closed), pinned names pend
 // stays installed (closed) and Apply returns an error wrapping
 // ErrPinnedPending.
 func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, error) {
-	ups, upErr := upstreams(cfg)
-	host, err := hostFor(cfg, ups, ownCgroup(log))
-	if err != nil {
-		return "", err // a config that would leave the uplink open: nothing changed
-	}
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return "", err
 	}
-	fw.Limit(cfg.Firewall.MaxLearned)
-	rs := rules.BuildFor(cfg, host)
-	if err := install(ctx, cfg, fw, rs, log); err != nil {
+	pl, err := start(ctx, cfg, fw, log)
+	if err != nil {
 		return "", err
 	}
-	sum := []string{"installed " + rs.Summary()}
-	if upErr != nil {
+	sum := []string{"installed " + pl.rs.Summary()}
+	if pl.upErr != nil {
 		if len(cfg.Allow.Names) > 0 {
-			return "", fmt.Errorf("%w: %v", ErrPinnedPending, upErr)
+			return "", fmt.Errorf("%w: %v", ErrPinnedPending, pl.upErr)
 		}
-		sum = append(sum, "no usable upstream yet: "+upErr.Error())
+		sum = append(sum, "no usable upstream yet: "+pl.upErr.Error())
 	}
-	p := dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, nil))
+	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -71,6 +65,42 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		return "", fmt.Errorf("%w: %w", ErrPinnedPending, errors.Join(errs...))
 	}
 	return strings.Join(sum, "\n"), nil
+}
+
+// plan is the ruleset of a config on this host and what it was built
+// from.
+type plan struct {
+	ups   []netip.AddrPort // the upstreams the ruleset lets egressd reach
+	upErr error            // none is usable yet: the proxy answers SERVFAIL
+	host  rules.Host
+	rs    *rules.Ruleset
+}
+
+// planFor builds the ruleset of cfg for this host, with egressd's cgroup
+// cg. A container pattern matching an uplink is an error.
+func planFor(cfg *config.Config, cg *rules.Cgroup) (plan, error) {
+	p := plan{}
+	p.ups, p.upErr = upstreams(cfg)
+	host, err := hostFor(cfg, p.ups, cg)
+	if err != nil {
+		return p, err
+	}
+	p.host, p.rs = host, rules.BuildFor(cfg, host)
+	return p, nil
+}
+
+// start is what Apply and Run share: it installs the ruleset of cfg into
+// fw with the learned addresses cfg still allows. The ruleset goes in
+// before anything that needs the network: without a usable upstream it
+// is installed all the same (closed) and plan.upErr says why. A config
+// that would leave the uplink open changes nothing.
+func start(ctx context.Context, cfg *config.Config, fw *rules.Firewall, log *slog.Logger) (plan, error) {
+	p, err := planFor(cfg, ownCgroup(log))
+	if err != nil {
+		return p, err
+	}
+	fw.Limit(cfg.Firewall.MaxLearned)
+	return p, install(ctx, cfg, fw, p.rs, log)
 }
 
 // install loads the state file and installs rs keeping the learned

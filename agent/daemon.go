@@ -70,10 +70,6 @@ func (d *daemon) config() *config.Config { return d.cfg.Load() }
 // and DNS stays redirected to the (then silent) proxy port. Only
 // `egressd remove` opens egress again.
 func Run(ctx context.Context, path, version string, cfg *config.Config, log *slog.Logger) error {
-	// The ruleset goes in before anything that needs the network: without
-	// a usable upstream the proxy answers SERVFAIL and the daemon waits
-	// for dns.resolv_conf to name one (rediscover).
-	ups, upErr := upstreams(cfg)
 	fw, err := rules.NewFirewall()
 	if err != nil {
 		return err
@@ -86,15 +82,14 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		repairLog: rate.NewLimiter(rate.Every(time.Second), 10), reported: map[string]bool{}}
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
-	fw.Limit(cfg.Firewall.MaxLearned)
-	if d.host, err = hostFor(cfg, ups, ownCgroup(log)); err != nil {
+	// Without a usable upstream the proxy answers SERVFAIL and the daemon
+	// waits for dns.resolv_conf to name one (rediscover).
+	pl, err := start(ctx, cfg, fw, log)
+	if err != nil {
 		return err
 	}
-	rs := rules.BuildFor(cfg, d.host)
-	if err := install(ctx, cfg, fw, rs, log); err != nil {
-		return err
-	}
-	log.Info("ruleset installed", "ruleset", rs.Summary(), "kept", d.learned(), "upstreams", ups, "mode", cfg.Firewall.Mode)
+	d.host = pl.host
+	log.Info("ruleset installed", "ruleset", pl.rs.Summary(), "kept", d.learned(), "upstreams", pl.ups, "mode", cfg.Firewall.Mode)
 	d.announceMode(nil, cfg)
 	if l, err := fw.ProbeLifetimes(); err != nil {
 		log.Error("set element lifetimes", "err", err)
@@ -104,9 +99,9 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		d.kernel = l.String()
 	}
 	d.reportUnknown()
-	d.setWaiting(upErr)
+	d.setWaiting(pl.upErr)
 
-	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, ups, fw, log, d.metrics))
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -319,29 +314,27 @@ func (d *daemon) reload(ctx context.Context) {
 		return
 	}
 	stillAllowed := learnedAllowed(cfg, time.Now())
-	ups, upErr := upstreams(cfg)
-	host, err := hostFor(cfg, ups, d.host.Cgroup)
+	pl, err := planFor(cfg, d.host.Cgroup)
 	if err != nil {
 		d.log.Error("reload failed; the old config stays in force", "err", err)
 		return
 	}
-	rs := rules.BuildFor(cfg, host)
 	if _, err := ensureLocal(cfg); err != nil {
 		d.log.Error("reload failed; the old config stays in force", "err", err)
 		return
 	}
-	if err := d.fw.Install(ctx, rs, nil, stillAllowed); err != nil {
+	if err := d.fw.Install(ctx, pl.rs, nil, stillAllowed); err != nil {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
 		return
 	}
 	forget(cfg, d.log)
-	d.host = host
-	d.setWaiting(upErr)
+	d.host = pl.host
+	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
-	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.log, d.metrics))
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics))
 	d.startPinned(ctx)
-	d.log.Info("config reloaded", "ruleset", rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)
+	d.log.Info("config reloaded", "ruleset", pl.rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)
 	d.announceMode(old, cfg)
 }
 
