@@ -3,18 +3,14 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/egressd/egressd/config"
@@ -77,52 +73,6 @@ type Entry struct {
 	ExpiresIn string     `json:"expires_in"`
 }
 
-// errorLog is a slog.Handler that passes records on and keeps the last
-// warnings and errors for `egressd status`.
-type errorLog struct {
-	slog.Handler
-	mu   *sync.Mutex
-	last *[]string
-}
-
-const keepErrors = 10
-
-func newErrorLog(h slog.Handler) *errorLog {
-	return &errorLog{Handler: h, mu: &sync.Mutex{}, last: &[]string{}}
-}
-
-func (h *errorLog) Handle(ctx context.Context, r slog.Record) error {
-	if r.Level >= slog.LevelWarn {
-		var b strings.Builder
-		fmt.Fprintf(&b, "%s %s %s", r.Time.Format(time.RFC3339), r.Level, r.Message)
-		r.Attrs(func(a slog.Attr) bool {
-			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
-			return true
-		})
-		h.mu.Lock()
-		*h.last = append(*h.last, b.String())
-		if len(*h.last) > keepErrors {
-			*h.last = (*h.last)[len(*h.last)-keepErrors:]
-		}
-		h.mu.Unlock()
-	}
-	return h.Handler.Handle(ctx, r)
-}
-
-func (h *errorLog) WithAttrs(as []slog.Attr) slog.Handler {
-	return &errorLog{Handler: h.Handler.WithAttrs(as), mu: h.mu, last: h.last}
-}
-
-func (h *errorLog) WithGroup(name string) slog.Handler {
-	return &errorLog{Handler: h.Handler.WithGroup(name), mu: h.mu, last: h.last}
-}
-
-func (h *errorLog) recent() []string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return slices.Clone(*h.last)
-}
-
 // serveControl answers on the control socket until ctx ends.
 func (d *daemon) serveControl(ctx context.Context, path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -146,28 +96,6 @@ func (d *daemon) serveControl(ctx context.Context, path string) error {
 	mux.HandleFunc("GET /v1/explain", func(w http.ResponseWriter, r *http.Request) { reply(w, d.explain(r.URL.Query().Get("q"))) })
 	mux.HandleFunc("GET /v1/list", func(w http.ResponseWriter, r *http.Request) { reply(w, d.list()) })
 	return serveHTTP(ctx, ln, mux)
-}
-
-// serveMetrics exposes /metrics on addr until ctx ends.
-func (d *daemon) serveMetrics(ctx context.Context, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("metrics listener: %w", err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", d.metrics.Handler())
-	return serveHTTP(ctx, ln, mux)
-}
-
-// serveHTTP serves h on ln until ctx ends.
-func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
-	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
-	defer stop()
-	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
 }
 
 func (d *daemon) status(ctx context.Context) Status {
@@ -316,52 +244,4 @@ func (d *daemon) list() []Entry {
 		out = append(out, Entry{Addr: el.Addr, Names: names, ExpiresIn: time.Until(el.Expires).Round(time.Second).String()})
 	}
 	return out
-}
-
-// Client talks to a running egressd over its control socket.
-type Client struct {
-	http *http.Client
-}
-
-// NewClient returns a Client for the socket at path.
-func NewClient(path string) *Client {
-	return &Client{http: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", path)
-		},
-	}}}
-}
-
-func (c *Client) get(ctx context.Context, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://egressd"+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("ask egressd (is `egressd run` running?): %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("ask egressd: %s", resp.Status)
-	}
-	return json.NewDecoder(resp.Body).Decode(v)
-}
-
-// Status asks for the daemon's status.
-func (c *Client) Status(ctx context.Context) (Status, error) {
-	var s Status
-	return s, c.get(ctx, "/v1/status", &s)
-}
-
-// Explain asks whether a name or address[:port] is allowed, and why.
-func (c *Client) Explain(ctx context.Context, q string) (Explanation, error) {
-	var e Explanation
-	return e, c.get(ctx, "/v1/explain?"+url.Values{"q": {q}}.Encode(), &e)
-}
-
-// List asks for the learned addresses.
-func (c *Client) List(ctx context.Context) ([]Entry, error) {
-	var l []Entry
-	return l, c.get(ctx, "/v1/list", &l)
 }
