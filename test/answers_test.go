@@ -2,8 +2,6 @@ package test
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -28,13 +26,6 @@ reserved A 240.0.0.1
 reserved A 203.0.113.44
 forever 2147483647 A 203.0.113.45
 `}
-
-// answersConfig is the lab's config with *.answers.test allowed and a TTL
-// cap of maxTTL.
-func (l *Lab) answersConfig(maxTTL string) string {
-	cfg := strings.Replace(l.baseConfig(), "domains: [", `domains: ["*.answers.test", `, 1)
-	return strings.Replace(cfg, "min_ttl: 1s", "min_ttl: 1s\n  max_ttl: "+maxTTL, 1)
-}
 
 // Addresses that lead into private networks, directly or through an
 // embedded IPv4 address, are removed from answers and never opened.
@@ -128,25 +119,6 @@ func elementTimeout(listing, addr string) (time.Duration, error) {
 		d += rest
 	}
 	return d, nil
-}
-
-// writeState writes a state file of learned addresses: address -> names
-// (comma-separated, "" for unknown) and expiry.
-func (l *Lab) writeState(entries [][3]string) {
-	l.t.Helper()
-	var b strings.Builder
-	b.WriteString("egressd-learned 1\n")
-	for _, e := range entries {
-		fmt.Fprintf(&b, "%s\t%s\t%s\n", e[0], e[1], e[2])
-	}
-	fmt.Fprintf(&b, "end %d\n", len(entries))
-	dir := filepath.Join(l.Dir, "state")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		l.t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "learned.tsv"), []byte(b.String()), 0o600); err != nil {
-		l.t.Fatal(err)
-	}
 }
 
 // At start (run and apply), learned addresses from the state file are

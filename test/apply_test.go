@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"regexp"
 	"strings"
 	"testing"
@@ -11,20 +12,6 @@ import (
 
 const shortWait = 2 * time.Second
 
-func (l *Lab) mustReach(ns, addr string) {
-	l.t.Helper()
-	if err := dial(ns, addr, shortWait); err != nil {
-		l.t.Errorf("%s -> %s: want connected, got %v", nsRole(l, ns), addr, err)
-	}
-}
-
-func (l *Lab) mustNotReach(ns, addr string) {
-	l.t.Helper()
-	if err := dial(ns, addr, shortWait); err == nil {
-		l.t.Errorf("%s -> %s: connected, want blocked", nsRole(l, ns), addr)
-	}
-}
-
 func nsRole(l *Lab, ns string) string {
 	switch ns {
 	case l.Ctr:
@@ -33,19 +20,6 @@ func nsRole(l *Lab, ns string) string {
 		return "host"
 	}
 	return "internet"
-}
-
-// listing returns `nft list table inet egressd` without the volatile
-// "timeout" and "expires" of learned elements: they count down.
-func (l *Lab) listing() string {
-	l.t.Helper()
-	return withoutExpiry(l.in(l.Host, "nft list table inet egressd"))
-}
-
-// ruleset returns `nft list ruleset` of the host without element timeouts.
-func (l *Lab) ruleset() string {
-	l.t.Helper()
-	return withoutExpiry(l.in(l.Host, "nft list ruleset"))
 }
 
 func withoutExpiry(s string) string {
@@ -102,7 +76,7 @@ func TestApplyKeepsInboundAndHidesProxy(t *testing.T) {
 	l.listen(l.Ctr, "0.0.0.0:8080")
 	l.in(l.Host, "nft add table ip publish")
 	l.in(l.Host, "nft add chain ip publish pre { type nat hook prerouting priority dstnat ; }")
-	l.in(l.Host, "nft add rule ip publish pre iifname up0 tcp dport 8080 dnat to 172.30.0.2:8080")
+	l.in(l.Host, "nft add rule ip publish pre iifname up0 tcp dport 8080 dnat to "+ctrIP+":8080")
 	if out, err := l.runEgressd("apply", "--config", cfg); err != nil {
 		t.Fatalf("apply: %v\n%s", err, out)
 	}
@@ -111,9 +85,9 @@ func TestApplyKeepsInboundAndHidesProxy(t *testing.T) {
 
 	// Even with a process listening on the proxy port, the outside cannot
 	// reach it.
-	l.listen(l.Host, "0.0.0.0:10053")
-	l.mustNotReach(l.Inet, hostUplink+":10053")
-	l.mustReach(l.Host, "127.0.0.1:10053")
+	l.listen(l.Host, fmt.Sprintf("0.0.0.0:%d", proxyPort))
+	l.mustNotReach(l.Inet, fmt.Sprintf("%s:%d", hostUplink, proxyPort))
+	l.mustReach(l.Host, fmt.Sprintf("127.0.0.1:%d", proxyPort))
 }
 
 // tableText returns the table block of a printed script without comments.

@@ -1,8 +1,6 @@
 package test
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
 	"net/netip"
 	"os"
@@ -69,52 +67,6 @@ type dnsperfResult struct {
 	sent, lost        int
 }
 
-func (l *Lab) dnsperf(server string, names []string, runs int, duration time.Duration, outstanding int) dnsperfResult {
-	l.t.Helper()
-	data := filepath.Join(l.Dir, "queries.txt")
-	var b strings.Builder
-	for _, n := range names {
-		b.WriteString(n + " A\n")
-	}
-	if err := os.WriteFile(data, []byte(b.String()), 0o644); err != nil {
-		l.t.Fatal(err)
-	}
-	args := []string{"netns", "exec", l.Ctr, "dnsperf", "-s", server, "-d", data, "-q", strconv.Itoa(outstanding), "-t", "2", "-v"}
-	if runs > 0 {
-		args = append(args, "-n", strconv.Itoa(runs))
-	}
-	if duration > 0 {
-		args = append(args, "-l", fmt.Sprintf("%.0f", duration.Seconds()))
-	}
-	out, err := exec.Command("ip", args...).Output()
-	if err != nil {
-		l.t.Fatalf("dnsperf: %v\n%s", err, out)
-	}
-	var r dnsperfResult
-	var lat []float64
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		switch {
-		case len(f) == 5 && f[0] == ">":
-			if v, err := strconv.ParseFloat(f[4], 64); err == nil {
-				lat = append(lat, v*1000)
-			}
-		case strings.HasPrefix(sc.Text(), "  Queries sent:"):
-			r.sent, _ = strconv.Atoi(f[2])
-		case strings.HasPrefix(sc.Text(), "  Queries lost:"):
-			r.lost, _ = strconv.Atoi(f[2])
-		case strings.HasPrefix(sc.Text(), "  Queries per second:"):
-			r.qps, _ = strconv.ParseFloat(f[3], 64)
-		case strings.HasPrefix(sc.Text(), "  Average Latency (s):"):
-			v, _ := strconv.ParseFloat(f[3], 64)
-			r.avgMs = v * 1000
-		}
-	}
-	r.p99Ms = percentile(lat, 0.99)
-	return r
-}
-
 func percentile(v []float64, p float64) float64 {
 	if len(v) == 0 {
 		return 0
@@ -122,29 +74,6 @@ func percentile(v []float64, p float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[min(len(s)-1, int(float64(len(s))*p))]
-}
-
-// resolveToConnect measures, for fresh names, the time from sending the
-// query to an established TCP connection on 443.
-func (l *Lab) resolveToConnect(server string, names []string) (p50, p99 float64, fails int) {
-	var ms []float64
-	for _, n := range names {
-		start := time.Now()
-		r, err := query(l.Ctr, server, n, dns.TypeA, "udp")
-		if err == nil && len(addrs(r)) == 0 {
-			err = fmt.Errorf("no address: %v", r)
-		}
-		if err == nil {
-			err = dial(l.Ctr, hostPort(addrs(r)[0], 443), time.Second)
-		}
-		if err != nil {
-			l.t.Logf("resolve-to-connect %s: %v", n, err)
-			fails++
-			continue
-		}
-		ms = append(ms, float64(time.Since(start).Microseconds())/1000)
-	}
-	return percentile(ms, 0.5), percentile(ms, 0.99), fails
 }
 
 // dnsmasqRuleset is what an admin would write by hand for dnsmasq --nftset:
@@ -173,10 +102,7 @@ func TestDNSBenchmark(t *testing.T) {
 	p, full := benchConfig()
 	for _, tool := range []string{"dnsperf", "dnsmasq"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("%s is not installed (apt-get install dnsperf dnsmasq-base)", tool)
-			}
-			t.Skipf("%s is not installed (apt-get install dnsperf dnsmasq-base)", tool)
+			need(t, "%s is not installed (apt-get install dnsperf dnsmasq-base)", tool)
 		}
 	}
 	total := p.warm + 3*(p.fresh+p.connects) + p.load

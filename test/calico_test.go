@@ -28,43 +28,6 @@ const (
 	localIPv6    = "fd65:6772:6573::53"
 )
 
-// addCalicoPod adds the pod's namespace and returns its name.
-func (l *Lab) addCalicoPod() string {
-	l.t.Helper()
-	pod := strings.TrimSuffix(l.Ctr, "-ctr") + "-pod"
-	l.sh("ip netns add " + pod)
-	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", pod).Run() })
-	l.in(pod, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
-	l.in(pod, "ip link set lo up")
-	l.sh("ip link add eth0 netns " + pod + " type veth peer name cali1234 netns " + l.Host)
-	// host end: Calico's fixed MAC, no address but the kernel's link-local
-	l.in(l.Host, "ip link set cali1234 address ee:ee:ee:ee:ee:ee")
-	l.in(l.Host, "sysctl -qw net.ipv4.conf.cali1234.proxy_arp=1 net.ipv6.conf.cali1234.accept_dad=0")
-	l.in(l.Host, "ip link set cali1234 up")
-	l.in(l.Host, "ip route add "+calicoPodIP+"/32 dev cali1234")
-	l.in(l.Host, "ip -6 route add "+calicoPodIP6+"/128 dev cali1234")
-	// pod
-	l.in(pod, "ip link set eth0 up")
-	l.in(pod, "ip addr add "+calicoPodIP+"/32 dev eth0")
-	l.in(pod, "ip addr add "+calicoPodIP6+"/128 dev eth0 nodad")
-	l.in(pod, "ip route add 169.254.1.1 dev eth0 scope link")
-	l.in(pod, "ip route add default via 169.254.1.1 dev eth0 onlink")
-	l.in(pod, "ip -6 route add default via fe80::ecee:eeff:feee:eeee dev eth0")
-	// the internet routes the pod range back to the host
-	l.in(l.Inet, "ip route add 10.244.0.0/16 via "+hostUplink)
-	l.in(l.Inet, "ip -6 route add fd00:244::/64 via 2001:db8:1::1")
-	if out := l.in(l.Host, "ip -4 addr show dev cali1234"); strings.Contains(out, "inet ") {
-		l.t.Fatalf("cali1234 has an IPv4 address:\n%s", out)
-	}
-	return pod
-}
-
-// calicoConfig is the lab's config filtering cali* as well.
-func (l *Lab) calicoConfig() string {
-	return l.writeConfig("calico.yaml", strings.Replace(l.baseConfig(),
-		`containers: ["docker0"]`, `containers: ["docker0", "cali*"]`, 1))
-}
-
 // A pod on an address-less Calico veth resolves allowed names through
 // any resolver, over UDP and TCP, IPv4 and IPv6, and connects to them; an
 // unlisted name is refused and stays closed; its DNS never leaves the

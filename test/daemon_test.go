@@ -15,25 +15,6 @@ import (
 // repairDeadline is how long egressd may take to notice and repair drift.
 const repairDeadline = 5 * time.Second
 
-func (l *Lab) mustResolve(ns, name string, qtype uint16, want string) {
-	l.t.Helper()
-	r := l.resolve(ns, name, qtype)
-	if got := addrs(r); len(got) == 0 || got[len(got)-1] != want {
-		l.t.Fatalf("%s %s: %v, want %s", name, dns.TypeToString[qtype], got, want)
-	}
-}
-
-func (l *Lab) stateHas(addr string) error {
-	data, err := os.ReadFile(filepath.Join(l.Dir, "state", "learned.tsv"))
-	if err != nil {
-		return err
-	}
-	if !strings.Contains(string(data), "\n"+addr+"\t") {
-		return os.ErrNotExist
-	}
-	return nil
-}
-
 func TestKill9FailsClosed(t *testing.T) {
 	l := newLab(t)
 	l.startDaemon(l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "min_ttl: 1s", "min_ttl: 60s", 1)))
@@ -196,7 +177,7 @@ func TestNewBridgeIsFiltered(t *testing.T) {
 	l.in(ctr2, "ip link set eth0 up")
 	l.in(ctr2, "ip addr add 172.31.0.2/24 dev eth0")
 	l.in(ctr2, "ip route add default via 172.31.0.1")
-	l.in(l.Inet, "ip route add 172.31.0.0/24 via 192.0.2.1")
+	l.in(l.Inet, "ip route add 172.31.0.0/24 via "+hostUplink)
 
 	l.mustNotReach(ctr2, "203.0.113.31:443")
 	l.mustNotReach(ctr2, "203.0.113.10:443")

@@ -60,7 +60,7 @@ func TestDemo(t *testing.T) {
 	say("egressd demo: a throw-away sandbox of network namespaces")
 	say("  internet   upstream DNS %s, HTTPS and HTTP servers on 203.0.113.0/24", upstreamDNS)
 	say("  host       egressd run, embedded default config (the Azure AI container allow-list)")
-	say("  container  172.30.0.2 behind the host's docker0 bridge")
+	say("  container  " + ctrIP + " behind the host's docker0 bridge")
 	say("")
 	// Only where it keeps state and its socket moves into the sandbox.
 	l.env = []string{"EGRESSD_STATE_DIR=" + filepath.Join(l.Dir, "state"), "EGRESSD_CONTROL_SOCKET=" + filepath.Join(l.Dir, "egressd.sock")}

@@ -5,11 +5,8 @@ package test
 // run in the kernel matrix (make test-kernels).
 
 import (
-	"cmp"
 	"fmt"
 	"os"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,69 +18,6 @@ import (
 var lifeZone = map[string]string{"life.cognitive.microsoft.com": "steady 6 A 203.0.113.60\n"}
 
 const steadyName, steadyAddr = "steady.life.cognitive.microsoft.com", "203.0.113.60"
-
-// kernelExpires returns how long the kernel still holds addr in its set
-// (zero if not at all).
-func (l *Lab) kernelExpires(addr string) time.Duration {
-	l.t.Helper()
-	set := "allow4"
-	if strings.Contains(addr, ":") {
-		set = "allow6"
-	}
-	out := l.in(l.Host, "nft list set inet egressd "+set)
-	m := regexp.MustCompile(regexp.QuoteMeta(addr) + ` timeout \S+ expires ([0-9dhms]+)`).FindStringSubmatch(out)
-	if m == nil {
-		return 0
-	}
-	// nft counts days too, which Go's durations do not.
-	var days time.Duration
-	if ds, rest, ok := strings.Cut(m[1], "d"); ok {
-		n, err := strconv.Atoi(ds)
-		if err != nil {
-			l.t.Fatalf("nft expires %q: %v", m[1], err)
-		}
-		days, m[1] = time.Duration(n)*24*time.Hour, cmp.Or(rest, "0s")
-	}
-	d, err := time.ParseDuration(m[1])
-	d += days
-	if err != nil {
-		l.t.Fatalf("nft expires %q: %v", m[1], err)
-	}
-	return d
-}
-
-// listedExpires returns how long `egressd list` says addr stays open.
-func (l *Lab) listedExpires(cfg, addr string) time.Duration {
-	l.t.Helper()
-	var entries []struct {
-		Addr      string `json:"addr"`
-		ExpiresIn string `json:"expires_in"`
-	}
-	l.egressdJSON(&entries, "list", "--config", cfg)
-	for _, e := range entries {
-		if e.Addr == addr {
-			d, err := time.ParseDuration(e.ExpiresIn)
-			if err != nil {
-				l.t.Fatalf("expires_in %q: %v", e.ExpiresIn, err)
-			}
-			return d
-		}
-	}
-	return 0
-}
-
-// checkKernelHolds fails if the kernel lets addr expire before egressd
-// says it does.
-func (l *Lab) checkKernelHolds(cfg, addr string) {
-	l.t.Helper()
-	// The kernel first: egressd list takes a moment, which can only make
-	// its answer smaller.
-	kernel := l.kernelExpires(addr)
-	listed := l.listedExpires(cfg, addr)
-	if kernel < listed-time.Second {
-		l.t.Errorf("%s: the kernel expires it in %v, egressd list says %v", addr, kernel, listed)
-	}
-}
 
 // A name answered, answered again from upstream after its TTL while the
 // address was still open, then from egressd's cache after the first life
@@ -158,18 +92,6 @@ func TestTamperSameShapeIsRepaired(t *testing.T) {
 	if log := l.egressdLog.String(); !strings.Contains(log, "drift repaired") || !strings.Contains(log, "nomatch0") && !strings.Contains(log, "is not") {
 		t.Errorf("the repairs were not logged with what differed")
 	}
-}
-
-// replaceRule replaces, in place (same handle), the rule of chain that
-// reads from with to, as another process with CAP_NET_ADMIN could.
-func (l *Lab) replaceRule(chain, from, to string) {
-	l.t.Helper()
-	out := l.in(l.Host, "nft -a list chain inet egressd "+chain)
-	m := regexp.MustCompile(regexp.QuoteMeta(from) + ` # handle (\d+)`).FindStringSubmatch(out)
-	if m == nil {
-		l.t.Fatalf("chain %s has no rule %q:\n%s", chain, from, out)
-	}
-	l.in(l.Host, fmt.Sprintf("nft replace rule inet egressd %s handle %s %s", chain, m[1], to))
 }
 
 // Elements of egressd's sets changed by another process are put back to

@@ -12,27 +12,6 @@ import (
 	"github.com/miekg/dns"
 )
 
-// resolve asks name from ns through "another resolver" (any port-53
-// traffic is redirected to egressd) and returns the answer.
-func (l *Lab) resolve(ns, name string, qtype uint16) *dns.Msg {
-	l.t.Helper()
-	r, err := query(ns, otherDNS+":53", name, qtype, "udp")
-	if err != nil {
-		l.t.Fatalf("%s: query %s %s: %v", nsRole(l, ns), name, dns.TypeToString[qtype], err)
-	}
-	return r
-}
-
-func (l *Lab) inSet(addr string) bool {
-	l.t.Helper()
-	set := "allow4"
-	if strings.Contains(addr, ":") {
-		set = "allow6"
-	}
-	out := l.in(l.Host, "nft list set inet egressd "+set)
-	return strings.Contains(out, " "+addr+" ") || strings.Contains(out, "{ "+addr) || strings.Contains(out, ", "+addr)
-}
-
 func hostPort(addr string, port int) string {
 	return net.JoinHostPort(addr, fmt.Sprint(port))
 }

@@ -20,20 +20,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// noResolverConfig is the lab's config on a host whose resolv.conf names
-// only systemd-resolved's stub and whose resolved list does not exist yet:
-// early boot, before DHCP.
-func (l *Lab) noResolverConfig() (cfg, resolvedList string) {
-	stub := filepath.Join(l.Dir, "resolv.conf")
-	resolvedList = filepath.Join(l.Dir, "resolved.conf")
-	if err := os.WriteFile(stub, []byte("nameserver 127.0.0.53\noptions edns0\n"), 0o644); err != nil {
-		l.t.Fatal(err)
-	}
-	body := strings.Replace(l.baseConfig(), fmt.Sprintf("  upstreams: [\"%s\"]\n", upstreamDNS),
-		fmt.Sprintf("  resolv_conf: [%q, %q]\n", stub, resolvedList), 1)
-	return l.writeConfig("noresolver.yaml", body), resolvedList
-}
-
 func TestApplyWithoutResolverInstallsClosed(t *testing.T) {
 	l := newLab(t)
 	cfg, _ := l.noResolverConfig()
@@ -292,27 +278,6 @@ func TestForgedSourcesAreDropped(t *testing.T) {
 	})
 	// The container itself still works.
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
-}
-
-// addPodman adds a bridge podman0 (10.88.0.1/24) to the host with a second
-// container namespace behind it, as Podman does; it returns that
-// namespace.
-func (l *Lab) addPodman() string {
-	l.t.Helper()
-	ns := l.Ctr + "p"
-	l.sh("ip netns add " + ns)
-	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	l.in(ns, "ip link set lo up")
-	l.sh("ip link add eth0 netns " + ns + " type veth peer name vethp0 netns " + l.Host)
-	l.in(l.Host, "ip link add podman0 type bridge")
-	l.in(l.Host, "ip link set podman0 up")
-	l.in(l.Host, "ip link set vethp0 master podman0 up")
-	l.in(l.Host, "ip addr add 10.88.0.1/24 dev podman0")
-	l.in(ns, "ip link set eth0 up")
-	l.in(ns, "ip addr add 10.88.0.2/24 dev eth0")
-	l.in(ns, "ip route add default via 10.88.0.1")
-	l.in(l.Inet, "ip route add 10.88.0.0/24 via 192.0.2.1")
-	return ns
 }
 
 func TestUnknownBridgeFailsClosed(t *testing.T) {
