@@ -83,10 +83,10 @@ type Verdict struct {
 }
 
 // verdict decides a new connection to addr:port over proto (tcp, udp,
-// icmp, a protocol number) from the configuration and the learned sets, as the
-// ruleset's allow rules do: an allow.cidrs entry, or a live learned
-// address on an allowed TCP port. Port 0 means any port (a question
-// about an address alone). It serves `egressd explain`, the
+// icmp, a protocol number) from the configuration and the learned sets,
+// as the ruleset's allow rules do: an allow.cidrs entry, or a live
+// learned address on an allowed TCP port. Port 0 means any port (a
+// question about an address alone). It serves `egressd explain`, the
 // blocked-connection log and its metrics.
 func verdict(cfg *config.Config, learned learnedState, addr netip.Addr, port uint16, proto config.Proto) Verdict {
 	addr = addr.Unmap()
