@@ -178,8 +178,12 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 		Grace:          cfg.DNS.Grace,
 		Guard:          guard(cfg),
 		RefuseRcode:    refuse,
-		Logger:         log,
-		Metrics:        m,
+		QueryBudget:    cfg.DNS.QueryBudget,
+		Limits: dnsresolve.Limits{TCPPerClient: cfg.DNS.Limits.TCPConnectionsPerClient, TCPTotal: cfg.DNS.Limits.TCPConnections,
+			TCPIdleTimeout: cfg.DNS.Limits.TCPIdleTimeout, TCPReadTimeout: cfg.DNS.Limits.TCPReadTimeout,
+			InFlightPerClient: cfg.DNS.Limits.InFlightPerClient, RatePerClient: cfg.DNS.Limits.RatePerClient, Clients: cfg.DNS.Limits.Clients},
+		Logger:  log,
+		Metrics: m,
 	}
 }
 

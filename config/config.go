@@ -75,11 +75,24 @@ type DNS struct {
 	// LocalInterface is the dummy interface egressd creates to own the
 	// proxy's local addresses, LocalIPv4 and LocalIPv6 (raw; Local4 and
 	// Local6 parsed): container DNS is DNATed there (localaddr.go).
-	LocalInterface string     `mapstructure:"local_interface"`
-	LocalIPv4      string     `mapstructure:"local_ipv4"`
-	LocalIPv6      string     `mapstructure:"local_ipv6"`
-	Local4         netip.Addr `mapstructure:"-"`
-	Local6         netip.Addr `mapstructure:"-"`
+	LocalInterface string        `mapstructure:"local_interface"`
+	LocalIPv4      string        `mapstructure:"local_ipv4"`
+	LocalIPv6      string        `mapstructure:"local_ipv6"`
+	Local4         netip.Addr    `mapstructure:"-"`
+	Local6         netip.Addr    `mapstructure:"-"`
+	QueryBudget    time.Duration `mapstructure:"query_budget"`
+	Limits         Limits        `mapstructure:"limits"`
+}
+
+// Limits bound what one client address can hold of the proxy.
+type Limits struct {
+	TCPConnectionsPerClient int           `mapstructure:"tcp_connections_per_client"`
+	TCPConnections          int           `mapstructure:"tcp_connections"`
+	TCPIdleTimeout          time.Duration `mapstructure:"tcp_idle_timeout"`
+	TCPReadTimeout          time.Duration `mapstructure:"tcp_read_timeout"`
+	InFlightPerClient       int           `mapstructure:"in_flight_per_client"`
+	RatePerClient           float64       `mapstructure:"rate_per_client"`
+	Clients                 int           `mapstructure:"clients"`
 }
 
 // Firewall configures the ruleset.
@@ -340,6 +353,33 @@ func (c *Config) validate() error {
 	dupes(&errs, "dns.upstreams", c.DNS.Upstreams, strings.TrimSpace)
 	if c.DNS.Timeout <= 0 {
 		bad("dns.timeout: %v must be positive", c.DNS.Timeout)
+	}
+	if c.DNS.QueryBudget < 100*time.Millisecond {
+		bad("dns.query_budget: %v must be at least 100ms", c.DNS.QueryBudget)
+	}
+	lim := c.DNS.Limits
+	for _, n := range []struct {
+		field string
+		v     int
+	}{{"tcp_connections_per_client", lim.TCPConnectionsPerClient}, {"tcp_connections", lim.TCPConnections},
+		{"in_flight_per_client", lim.InFlightPerClient}, {"clients", lim.Clients}} {
+		if n.v < 1 {
+			bad("dns.limits.%s: %d must be at least 1", n.field, n.v)
+		}
+	}
+	if lim.TCPConnectionsPerClient > lim.TCPConnections && lim.TCPConnections >= 1 {
+		bad("dns.limits.tcp_connections_per_client: %d is more than dns.limits.tcp_connections (%d)", lim.TCPConnectionsPerClient, lim.TCPConnections)
+	}
+	for _, d := range []struct {
+		field string
+		v     time.Duration
+	}{{"tcp_idle_timeout", lim.TCPIdleTimeout}, {"tcp_read_timeout", lim.TCPReadTimeout}} {
+		if d.v < 100*time.Millisecond {
+			bad("dns.limits.%s: %v must be at least 100ms", d.field, d.v)
+		}
+	}
+	if lim.RatePerClient < 0 {
+		bad("dns.limits.rate_per_client: %v must not be negative (0: no rate limit)", lim.RatePerClient)
 	}
 	if c.DNS.MinTTL < 0 {
 		bad("dns.min_ttl: %v must not be negative", c.DNS.MinTTL)

@@ -56,6 +56,13 @@ type Options struct {
 	// RefuseRcode answers names that are not allowed (dns.RcodeRefused or
 	// dns.RcodeNameError).
 	RefuseRcode int
+	// Limits bound what one client can hold (see limits.go); zero fields
+	// take DefaultLimits.
+	Limits Limits
+	// QueryBudget is the most one client query may take, upstream tries
+	// and firewall update included, before it is answered SERVFAIL
+	// (0: DefaultQueryBudget).
+	QueryBudget time.Duration
 	Logger      *slog.Logger
 	Metrics     *metrics.Metrics // may be nil
 	// Forward lists zones answered by other servers (see ForwardZone).
@@ -89,12 +96,17 @@ type Proxy struct {
 	// refusals and failures limit log lines so that a noisy client cannot
 	// flood the journal.
 	refusals, failures *rate.Limiter
+	limits             *limiter
 }
 
 // Time budgets for one client query.
 const (
-	queryTimeout = 5 * time.Second // upstream work, all servers
-	allowTimeout = 2 * time.Second // firewall update before SERVFAIL
+	// DefaultQueryBudget is the whole budget of one query when
+	// Options.QueryBudget is 0: below the 5 s that stub resolvers wait.
+	DefaultQueryBudget = 4 * time.Second
+	// queryTimeout bounds forwarded queries (forward.go).
+	queryTimeout = DefaultQueryBudget
+	allowTimeout       = 2 * time.Second // firewall update before SERVFAIL
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232
@@ -120,6 +132,7 @@ func NewProxy(o Options) *Proxy {
 		now:      time.Now,
 		refusals: rate.NewLimiter(rate.Limit(5), 20),
 		failures: rate.NewLimiter(rate.Limit(5), 20),
+		limits:   newLimiter(o.Limits, o.Logger, o.Metrics),
 	}
 	p.Update(o)
 	return p
@@ -136,6 +149,7 @@ func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().match
 // is not replaced.
 func (p *Proxy) Update(o Options) {
 	old := p.conf.Swap(&proxyConf{opts: o, matcher: dnsname.NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
+	p.limits.update(o.Limits, o.Metrics)
 	if old != nil && old.opts.Upstream != o.Upstream {
 		old.opts.Upstream.Close()
 	}
@@ -192,6 +206,7 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 	actx, cancel := context.WithTimeout(ctx, allowTimeout)
 	defer cancel()
 	if err := o.Allower.Allow(actx, name, addrs, ans.Until); err != nil {
+		o.Metrics.SetUpdateFailed()
 		return nil, fmt.Errorf("open %v for %s: %w", addrs, name, err)
 	}
 	return ans, nil
@@ -215,8 +230,20 @@ func soa(ns []dns.RR) []dns.RR {
 
 // ServeDNS answers one client query.
 func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	_, udp := w.RemoteAddr().(*net.UDPAddr)
+	client := addrOf(w.RemoteAddr())
+	if !p.limits.begin(client, !udp) {
+		if udp {
+			return // as if lost: the client retries later
+		}
+		m := new(dns.Msg)
+		m.SetRcode(r, dns.RcodeServerFailure)
+		_ = w.WriteMsg(m)
+		return
+	}
+	defer p.limits.end(client)
 	m := p.reply(r)
-	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+	if udp {
 		size := dns.MinMsgSize
 		if opt := r.IsEdns0(); opt != nil {
 			size = min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPAnswer)
@@ -294,13 +321,14 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 				ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
 				defer cancel()
 				if err := conf.opts.Allower.Allow(ctx, k.name, e.addrs, until); err != nil {
+					conf.opts.Metrics.SetUpdateFailed()
 					return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
 				}
 			}
 		}
 		return e.ans, age, nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), cmp.Or(conf.opts.QueryBudget, DefaultQueryBudget))
 	defer cancel()
 	v, err, _ := p.flight.Do(k.name+dns.TypeToString[qtype], func() (any, error) {
 		ans, err := p.resolve(ctx, conf.opts, k.name, qtype)
@@ -346,12 +374,15 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 			if pc, err = lc.ListenPacket(ctx, "udp"+family, addr); err != nil {
 				break
 			}
-			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: maxQuerySize})
+			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: maxQuerySize,
+				DecorateReader: func(r dns.Reader) dns.Reader { return &rateReader{Reader: r, lm: p.limits} }})
 		}
 		if err == nil {
 			var ln net.Listener
 			if ln, err = net.Listen("tcp"+family, addr); err == nil {
-				fam = append(fam, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: ln, Handler: p})
+				fam = append(fam, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: p,
+					ReadTimeout: p.limits.limits.Load().TCPReadTimeout,
+					IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }})
 			}
 		}
 		if err != nil {

@@ -37,6 +37,8 @@ type Metrics struct {
 	setRepairs   *prometheus.CounterVec
 	audit        prometheus.Histogram
 	saveErrors   prometheus.Counter
+	limited      *prometheus.CounterVec
+	setErrors    prometheus.Counter
 }
 
 // New returns the metrics of one egressd. learned reports the live
@@ -92,9 +94,20 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			Name: "egressd_state_save_errors_total",
 			Help: "Failed saves of the learned addresses to state_dir.",
 		}),
+		limited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_dns_limited_total",
+			Help: "Client queries or TCP connections turned away because the client hit a bound of dns.limits, by reason: rate, in_flight, tcp_per_client, tcp_total, clients.",
+		}, []string{"reason"}),
+		setErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_set_update_errors_total",
+			Help: "Answers not sent (SERVFAIL) because the firewall did not open their addresses: the kernel refused the set update, it timed out, or firewall.max_learned was reached.",
+		}),
 	}
 	for _, r := range []string{Allowed, Refused, Servfail, Rebinding, Forwarded, WouldRefuse} {
 		m.queries.WithLabelValues(r)
+	}
+	for _, r := range []string{"rate", "in_flight", "tcp_per_client", "tcp_total", "clients"} {
+		m.limited.WithLabelValues(r)
 	}
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "egressd_build_info",
@@ -112,7 +125,7 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 		}
 	}
 	m.enforcing.Set(1)
-	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, info,
+	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, m.limited, m.setErrors, info,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
 			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
@@ -192,6 +205,21 @@ func (m *Metrics) Audited(d time.Duration, repairs map[string]int) {
 func (m *Metrics) SaveFailed() {
 	if m != nil {
 		m.saveErrors.Inc()
+	}
+}
+
+// Limited counts one query or connection turned away by a client bound.
+func (m *Metrics) Limited(reason string) {
+	if m != nil {
+		m.limited.WithLabelValues(reason).Inc()
+	}
+}
+
+// SetUpdateFailed counts one answer whose addresses the firewall did not
+// open.
+func (m *Metrics) SetUpdateFailed() {
+	if m != nil {
+		m.setErrors.Inc()
 	}
 }
 
