@@ -35,6 +35,7 @@ type Status struct {
 	LearnedIPv6  int                       `json:"learned_ipv6"`
 	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
 	NotAnswering string                    `json:"not_answering,omitempty"` // why the proxy answers SERVFAIL
+	StateSave    string                    `json:"state_save,omitempty"`    // why learned addresses are not being saved
 	DriftRepairs int                       `json:"drift_repairs"`
 	Audit        *AuditStatus              `json:"audit,omitempty"` // the last audit of the learned sets
 	Kernel       string                    `json:"kernel"`          // how the kernel treats extended lifetimes
@@ -107,6 +108,9 @@ func (d *daemon) status(ctx context.Context) Status {
 	if why := d.waiting.Load(); why != nil {
 		s.NotAnswering = *why
 	}
+	if f := d.saveFailing.Load(); f != nil {
+		s.StateSave = fmt.Sprintf("failing since %s: %v", f.Since.Format(time.RFC3339), f.Err)
+	}
 	if drift, err := d.fw.Drift(ctx); err != nil {
 		s.Ruleset = "unknown: " + err.Error()
 	} else if drift != "" {
@@ -125,7 +129,7 @@ func (d *daemon) status(ctx context.Context) Status {
 		}
 	}
 	s.Healthy = s.Ruleset == "in place" && slices.ContainsFunc(s.Upstreams, dnsresolve.ServerHealth.Healthy) &&
-		(s.Audit == nil || s.Audit.Error == "") && !strings.HasPrefix(s.Kernel, "probe failed")
+		(s.Audit == nil || s.Audit.Error == "") && !strings.HasPrefix(s.Kernel, "probe failed") && s.StateSave == ""
 	return s
 }
 

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -56,7 +57,19 @@ type daemon struct {
 	reported   map[string]bool // unknown forwarding interfaces already logged
 
 	waiting atomic.Pointer[string] // why the proxy cannot answer, for status
+	// saveFailing says since when and why the learned addresses cannot
+	// be saved (nil: the last save worked), for status.
+	saveFailing atomic.Pointer[saveFailure]
 }
+
+type saveFailure struct {
+	Since  time.Time
+	Err    error
+	logged time.Time // owned by the main loop
+}
+
+// saveLogInterval is how often a failing save is logged again.
+const saveLogInterval = time.Minute
 
 func (d *daemon) config() *config.Config { return d.cfg.Load() }
 
@@ -258,16 +271,35 @@ func (d *daemon) notify(state string) {
 	_, _ = sd.SdNotify(false, status)
 }
 
+// save writes the learned addresses to state_dir. A failure (state_dir
+// read-only, full, gone) changes nothing in what egressd serves: it is
+// counted, logged when it starts and once a minute while it lasts, makes
+// status unhealthy, and the main loop tries again every saveInterval
+// (the version stays unsaved) until a save works.
 func (d *daemon) save() {
 	start := time.Now()
 	learned, version := d.fw.Learned()
-	if err := saveState(d.config().StateDir, learned); err != nil {
-		d.metrics.SaveFailed()
-		d.log.Error("learned addresses not saved", "err", err)
-	} else {
-		d.saved = version
-	}
+	err := saveState(d.config().StateDir, learned)
 	d.nextSave = start.Add(20 * time.Since(start))
+	prev := d.saveFailing.Load()
+	if err == nil {
+		d.saved = version
+		if prev != nil {
+			d.saveFailing.Store(nil)
+			d.log.Info("learned addresses saved again", "failing_since", prev.Since, "entries", len(learned))
+		}
+		return
+	}
+	d.metrics.SaveFailed()
+	f := &saveFailure{Since: start, Err: err, logged: start}
+	if prev != nil {
+		f.Since, f.logged = prev.Since, prev.logged
+	}
+	if prev == nil || start.Sub(prev.logged) >= saveLogInterval {
+		f.logged = start
+		d.log.Error("learned addresses not saved; serving goes on, saving is retried every second", "err", err, "failing_since", f.Since)
+	}
+	d.saveFailing.Store(f)
 }
 
 // repair reinstalls the ruleset if it drifted. reason is the event that
@@ -279,6 +311,9 @@ func (d *daemon) repair(ctx context.Context, reason string) {
 	if err != nil {
 		d.log.Error("drift check failed", "err", err)
 		return
+	}
+	if strings.HasPrefix(reason, rules.ReasonEventsLost) && d.repairLog.Allow() {
+		d.log.Warn("nftables events lost: checking the ruleset and auditing the learned sets", "event", reason)
 	}
 	if drift == "" {
 		if reason != "" {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"reflect"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/google/nftables"
@@ -225,7 +226,13 @@ func (f *Firewall) watch(ctx context.Context, changed func(string)) error {
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
-	_ = c.SetReadBuffer(8 << 20) // bursts of element notifications
+	buf := 8 << 20 // bursts of element notifications
+	// Test only: a small buffer, so that a test can make it overflow
+	// (test/faults_test.go).
+	if n, err := strconv.Atoi(os.Getenv("EGRESSD_TEST_EVENT_BUFFER")); err == nil {
+		buf = n
+	}
+	_ = c.SetReadBuffer(buf)
 	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
 		return err
 	}

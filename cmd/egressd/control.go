@@ -64,6 +64,9 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 				if s.NotAnswering != "" {
 					fmt.Fprintf(w, "dns:       %s\n", s.NotAnswering)
 				}
+				if s.StateSave != "" {
+					fmt.Fprintf(w, "state:     not saved, %s\n", s.StateSave)
+				}
 				if a := s.Audit; a != nil {
 					result := fmt.Sprintf("%d elements match", a.Elements)
 					if a.Error != "" {
