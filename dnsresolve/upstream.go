@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,18 +26,47 @@ import (
 // random ID, and the kernel delivers only datagrams from that server's
 // address and port. An off-path attacker must guess both port and ID
 // within one query's lifetime, instead of aiming at a few long-lived
-// pooled sockets. The answer must also carry the question asked.
+// pooled sockets. A datagram that is not an answer to the question asked
+// (garbage, another ID, another question, not a response) is ignored and
+// the socket keeps waiting for the real one until the try's deadline:
+// nothing is opened from it, and a forger cannot make egressd give up on a
+// server either.
+//
+// The work per query is bounded whatever the servers do: every try has a
+// deadline (the server's retransmission timeout, at most the configured
+// timeout), tries go round the servers at most maxRounds times, and all of
+// it ends with the caller's context (the proxy's query budget).
 type Upstream struct {
 	servers []string
-	udp     *dns.Client
+	timeout time.Duration // longest wait for one try
+	dialer  *net.Dialer
 	tcp     *dns.Client
-	// preferred is the index of the server that answered last; a failing
-	// server is skipped until the next one fails.
+	// preferred is the index of the server that answered last: it is
+	// asked first for as long as it answers, so a single lost packet
+	// elsewhere does not move the traffic around (no flapping).
 	preferred atomic.Uint32
 
 	mu     sync.Mutex
 	health map[string]*ServerHealth
+	state  []serverState // by index of servers
 }
+
+// serverState is what the Upstream learned about one server's timing.
+type serverState struct {
+	srtt      time.Duration // smoothed round-trip time; 0 until a first answer
+	rto       time.Duration // deadline of the next try
+	fails     int           // consecutive failed tries
+	downUntil time.Time     // after 2 consecutive failures: asked only when all others fail
+}
+
+// Bounds of the retransmission timeout of one try. The floor is well above
+// any LAN round trip and keeps a slow but working server from being
+// abandoned for a jitter; the ceiling is dns.timeout.
+const (
+	minRTO    = 200 * time.Millisecond
+	maxRounds = 3 // passes over the servers within one query
+	maxDown   = 30 * time.Second
+)
 
 // Close releases the Upstream. It keeps no sockets between queries, so
 // there is nothing to close; queries under way finish.
@@ -64,15 +94,59 @@ func (u *Upstream) Health() []ServerHealth {
 	return out
 }
 
-func (u *Upstream) record(server string, err error) {
+// record notes the outcome of one try of server idx: rtt for an answer,
+// timedOut when the try's deadline passed.
+func (u *Upstream) record(idx int, err error, rtt time.Duration, timedOut bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	h := u.health[server]
+	h, st, now := u.health[u.servers[idx]], &u.state[idx], time.Now()
 	if err == nil {
-		h.LastOK = time.Now()
+		h.LastOK = now
+		if st.srtt == 0 {
+			st.srtt = rtt
+		} else {
+			st.srtt += (rtt - st.srtt) / 4
+		}
+		// Twice the last sample as well: a server that just became slow
+		// is not cut off while the average catches up.
+		st.rto = min(max(4*st.srtt, 2*rtt, minRTO), u.timeout)
+		st.fails, st.downUntil = 0, time.Time{}
 		return
 	}
-	h.LastError, h.LastErrAt = err.Error(), time.Now()
+	h.LastError, h.LastErrAt = err.Error(), now
+	st.fails++
+	if timedOut {
+		st.rto = min(2*st.rto, u.timeout)
+	}
+	if st.fails >= 2 {
+		st.downUntil = now.Add(min(time.Second<<(st.fails-2), maxDown))
+	}
+}
+
+// order returns the servers to try, best first: those not down, starting
+// from the preferred one in configured order, then those down, the one
+// back soonest first.
+func (u *Upstream) order() []int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	now, start := time.Now(), int(u.preferred.Load())
+	var up, down []int
+	for i := range u.servers {
+		idx := (start + i) % len(u.servers)
+		if now.Before(u.state[idx].downUntil) {
+			down = append(down, idx)
+		} else {
+			up = append(up, idx)
+		}
+	}
+	slices.SortStableFunc(down, func(a, b int) int { return u.state[a].downUntil.Compare(u.state[b].downUntil) })
+	return append(up, down...)
+}
+
+func (u *Upstream) rto(idx int) time.Duration {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.state[idx].rto
 }
 
 // NewUpstream returns an Upstream for servers; each try of one server may
@@ -80,17 +154,18 @@ func (u *Upstream) record(server string, err error) {
 func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *Upstream {
 	dialer := &net.Dialer{Timeout: timeout, Control: markControl(mark)}
 	u := &Upstream{
-		udp: &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
-		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
+		timeout: timeout,
+		dialer:  dialer,
+		tcp:     &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
 	}
 	u.health = make(map[string]*ServerHealth, len(servers))
 	for _, s := range servers {
 		u.servers = append(u.servers, s.String())
 		u.health[s.String()] = &ServerHealth{Server: s.String()}
+		u.state = append(u.state, serverState{rto: timeout})
 	}
 	return u
 }
-
 func markControl(mark uint32) func(network, address string, c syscall.RawConn) error {
 	if mark == 0 {
 		return nil // tests without CAP_NET_ADMIN
@@ -111,71 +186,172 @@ func markControl(mark uint32) func(network, address string, c syscall.RawConn) e
 }
 
 // Exchange asks the upstreams name/qtype with recursion desired, trying
-// each server in turn until one gives a usable answer (not SERVFAIL or
-// REFUSED). A truncated UDP answer is asked again over TCP.
+// servers in turn (see order) until one gives a usable answer (not
+// SERVFAIL or REFUSED), for at most maxRounds passes and until ctx ends
+// (DefaultQueryBudget if ctx has no deadline). A truncated UDP answer is
+// asked again over TCP.
+//
+// A try that is not answered within the server's retransmission timeout
+// is not abandoned: its socket keeps listening while the next try goes
+// out, so a slow answer (a recursive resolver's cache miss) still counts.
+// At most maxRounds × servers sockets are open for one query.
 func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	if len(u.servers) == 0 {
 		return nil, errors.New("no upstream resolvers")
 	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultQueryBudget)
+		defer cancel()
+	}
+	ctx, cancel := context.WithCancel(ctx) // ends the tries still listening
+	defer cancel()
 	q := new(dns.Msg)
 	q.SetQuestion(dns.Fqdn(name), qtype)
 	q.SetEdns0(dns.DefaultMsgSize, false)
 
-	start := int(u.preferred.Load())
+	type result struct {
+		idx  int
+		resp *dns.Msg
+		err  error
+		rtt  time.Duration
+		late bool // its retransmission timeout had passed
+	}
+	order := u.order()
+	results := make(chan result, maxRounds*len(u.servers))
+	answered := make([]bool, len(u.servers)) // SERVFAIL or REFUSED: not asked again
+	next, pending := 0, 0                    // next try (round*len+i), tries listening
 	var errs []error
-	for i := range u.servers {
-		idx := (start + i) % len(u.servers)
-		server := u.servers[idx]
-		resp, err := u.exchangeOne(ctx, q, server)
-		if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
-			err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
-		}
-		if err != nil && ctx.Err() == nil {
-			u.record(server, err) // not a failure of the server if the client gave up
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", server, err))
-			if ctx.Err() != nil {
-				break
+	launch := func() (time.Duration, bool) {
+		for ; next < maxRounds*len(order); next++ {
+			idx := order[next%len(order)]
+			if answered[idx] {
+				continue
 			}
-			continue
+			next++
+			pending++
+			go func() {
+				start := time.Now()
+				resp, err := u.exchangeOne(ctx, q.Copy(), u.servers[idx])
+				results <- result{idx: idx, resp: resp, err: err, rtt: time.Since(start)}
+			}()
+			return u.rto(idx), true
 		}
-		u.record(server, nil)
-		u.preferred.Store(uint32(idx))
-		return resp, nil
+		return 0, false
+	}
+	wait, more := launch()
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	tries := []int{next - 1}
+	for pending > 0 {
+		select {
+		case r := <-results:
+			pending--
+			err := r.err
+			if err == nil && (r.resp.Rcode == dns.RcodeServerFailure || r.resp.Rcode == dns.RcodeRefused) {
+				err = fmt.Errorf("answered %s", dns.RcodeToString[r.resp.Rcode])
+				answered[r.idx] = true
+			}
+			if err == nil {
+				u.record(r.idx, nil, r.rtt, false)
+				u.preferred.Store(uint32(r.idx))
+				return r.resp, nil
+			}
+			if ctx.Err() == nil {
+				// Not the server's failure if the query's budget ran out.
+				u.record(r.idx, err, r.rtt, false)
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", u.servers[r.idx], err))
+		case <-timer.C:
+			// The newest try is late: count it against its server and
+			// send the next one, the late one still listening.
+			last := tries[len(tries)-1]
+			idx := order[last%len(order)]
+			u.record(idx, errors.New("no answer within the retransmission timeout"), 0, true)
+			if !more {
+				continue
+			}
+		case <-ctx.Done():
+			// The tries still listening end at once (their deadline is
+			// the context's): collect why, for the log.
+			for ; pending > 0; pending-- {
+				if r := <-results; r.err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", u.servers[r.idx], r.err))
+				}
+			}
+			errs = append(errs, fmt.Errorf("query budget spent: %w", context.Cause(ctx)))
+			return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
+		}
+		if more && ctx.Err() == nil {
+			var w time.Duration
+			if w, more = launch(); more {
+				tries = append(tries, next-1)
+				timer.Reset(w)
+			}
+		}
 	}
 	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
 }
 
+// exchangeOne makes one try of server, listening until ctx ends.
 func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
 	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
-	conn, err := u.udp.DialContext(ctx, server)
+	out, err := q.Pack()
 	if err != nil {
 		return nil, err
 	}
-	// miekg/dns skips datagrams with another ID; the connected socket
-	// only receives from server.
-	resp, _, err := u.udp.ExchangeWithConnContext(ctx, q, conn)
-	conn.Close()
-	if err == nil && !sameQuestion(q, resp) {
+	conn, err := u.dialer.DialContext(ctx, "udp", server)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	defer stop()
+	if _, err := conn.Write(out); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, dns.MaxMsgSize)
+	ignored := 0
+	for {
+		n, err := conn.Read(buf)
+		if err != nil {
+			if ignored > 0 {
+				err = fmt.Errorf("%w (ignored %d datagrams that did not answer the question)", err, ignored)
+			}
+			return nil, err
+		}
+		resp := new(dns.Msg)
+		if resp.Unpack(buf[:n]) != nil || !answers(q, resp) {
+			ignored++
+			continue
+		}
+		if !resp.Truncated {
+			return resp, nil
+		}
+		break
+	}
+	q.Id = dns.Id()
+	tctx, cancel := context.WithTimeout(ctx, u.timeout)
+	defer cancel()
+	resp, _, err := u.tcp.ExchangeContext(tctx, q, server)
+	if err == nil && !answers(q, resp) {
 		err = errors.New("answer does not match the question")
 	}
 	if err != nil {
-		return nil, err
-	}
-	if resp.Truncated {
-		q.Id = dns.Id()
-		resp, _, err = u.tcp.ExchangeContext(ctx, q, server)
-		if err == nil && !sameQuestion(q, resp) {
-			err = errors.New("answer does not match the question")
-		}
-		if err != nil {
-			return nil, fmt.Errorf("over TCP after truncation: %w", err)
-		}
+		return nil, fmt.Errorf("over TCP after truncation: %w", err)
 	}
 	return resp, nil
 }
 
+// answers reports whether r is a response to q: same ID, a response, the
+// same single question.
+func answers(q, r *dns.Msg) bool {
+	return r.Id == q.Id && r.Response && r.Opcode == dns.OpcodeQuery && len(r.Question) == 1 &&
+		r.Question[0].Qtype == q.Question[0].Qtype && r.Question[0].Qclass == q.Question[0].Qclass &&
+		strings.EqualFold(r.Question[0].Name, q.Question[0].Name)
+}
+
+// sameQuestion reports whether r carries q's single question (forward.go).
 func sameQuestion(q, r *dns.Msg) bool {
 	return len(r.Question) == 1 && r.Question[0].Qtype == q.Question[0].Qtype &&
 		strings.EqualFold(r.Question[0].Name, q.Question[0].Name)

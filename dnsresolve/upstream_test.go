@@ -71,8 +71,9 @@ func TestUpstreamFreshSourcePort(t *testing.T) {
 	}
 }
 
-// An answer from the server's address with the wrong ID is skipped, and
-// one for another question is refused.
+// Answers from the server's address with the wrong ID or for another
+// question are ignored: the try waits for the real answer, and without one
+// the query fails within its budget, having opened nothing.
 func TestUpstreamChecksIDAndQuestion(t *testing.T) {
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -105,12 +106,18 @@ func TestUpstreamChecksIDAndQuestion(t *testing.T) {
 		}
 	}()
 	u := NewUpstream([]netip.AddrPort{netip.MustParseAddrPort(pc.LocalAddr().String())}, 0, 500*time.Millisecond)
-	r, err := u.Exchange(context.Background(), "a.cognitive.microsoft.com", dns.TypeA)
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	r, err := u.Exchange(ctx, "a.cognitive.microsoft.com", dns.TypeA)
 	if err == nil {
 		t.Fatalf("accepted %v", r)
 	}
-	if !strings.Contains(err.Error(), "does not match the question") {
-		t.Errorf("error %v, want the question mismatch (the wrong ID skipped)", err)
+	if took := time.Since(start); took > 1700*time.Millisecond {
+		t.Errorf("took %v, beyond the 1.5 s budget", took)
+	}
+	if !strings.Contains(err.Error(), "ignored 2 datagrams") {
+		t.Errorf("error %v, want the wrong ID and the wrong question ignored", err)
 	}
 }
 
@@ -147,6 +154,152 @@ func BenchmarkUpstreamExchange(b *testing.B) {
 				b.Error(err)
 				return
 			}
+		}
+	})
+}
+
+// faultyServer is a loopback UDP DNS server whose behaviour per query is
+// chosen by mode: "ok", "servfail", "blackhole", "garbage" (garbage first,
+// then the answer), "slow" (answer after delay).
+type faultyServer struct {
+	addr    netip.AddrPort
+	mu      sync.Mutex
+	mode    string
+	delay   time.Duration
+	queries int
+}
+
+func startFaulty(t *testing.T, mode string) *faultyServer {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	f := &faultyServer{addr: netip.MustParseAddrPort(pc.LocalAddr().String()), mode: mode}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			q := new(dns.Msg)
+			if q.Unpack(buf[:n]) != nil {
+				continue
+			}
+			f.mu.Lock()
+			f.queries++
+			mode, delay := f.mode, f.delay
+			f.mu.Unlock()
+			m := new(dns.Msg)
+			m.SetReply(q)
+			rr, _ := dns.NewRR(q.Question[0].Name + " 60 IN A 203.0.113.1")
+			m.Answer = append(m.Answer, rr)
+			switch mode {
+			case "blackhole":
+				continue
+			case "servfail":
+				m.Answer, m.Rcode = nil, dns.RcodeServerFailure
+			case "garbage":
+				_, _ = pc.WriteTo([]byte("\x00\x01garbage that is no DNS message"), from)
+			}
+			out, _ := m.Pack()
+			go func() {
+				time.Sleep(delay)
+				_, _ = pc.WriteTo(out, from)
+			}()
+		}
+	}()
+	return f
+}
+
+func (f *faultyServer) set(mode string, delay time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.mode, f.delay = mode, delay
+}
+
+func (f *faultyServer) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.queries
+}
+
+// TestUpstreamFaults: whatever the servers do, a query ends within its
+// budget, a healthy server is preferred from then on, and a late answer
+// still counts.
+func TestUpstreamFaults(t *testing.T) {
+	ask := func(u *Upstream, budget time.Duration) (*dns.Msg, time.Duration, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), budget)
+		defer cancel()
+		start := time.Now()
+		r, err := u.Exchange(ctx, "a.cognitive.microsoft.com", dns.TypeA)
+		return r, time.Since(start), err
+	}
+	t.Run("black hole then healthy", func(t *testing.T) {
+		hole, good := startFaulty(t, "blackhole"), startFaulty(t, "ok")
+		u := NewUpstream([]netip.AddrPort{hole.addr, good.addr}, 0, 300*time.Millisecond)
+		if _, took, err := ask(u, 2*time.Second); err != nil || took > 400*time.Millisecond {
+			t.Fatalf("first query: %v after %v, want an answer after one timeout", err, took)
+		}
+		for range 10 {
+			if _, took, err := ask(u, 2*time.Second); err != nil || took > 50*time.Millisecond {
+				t.Fatalf("later query: %v after %v, want the healthy server at once", err, took)
+			}
+		}
+		if n := hole.count(); n != 1 {
+			t.Errorf("black hole asked %d times, want 1: the healthy server stays preferred", n)
+		}
+	})
+	t.Run("all black holes", func(t *testing.T) {
+		a, b := startFaulty(t, "blackhole"), startFaulty(t, "blackhole")
+		u := NewUpstream([]netip.AddrPort{a.addr, b.addr}, 0, 300*time.Millisecond)
+		if _, took, err := ask(u, time.Second); err == nil || took > 1100*time.Millisecond {
+			t.Errorf("%v after %v, want an error within the 1 s budget", err, took)
+		}
+		if n := a.count() + b.count(); n > maxRounds*2 {
+			t.Errorf("%d tries, want at most %d", n, maxRounds*2)
+		}
+	})
+	t.Run("servfail", func(t *testing.T) {
+		bad, good := startFaulty(t, "servfail"), startFaulty(t, "ok")
+		u := NewUpstream([]netip.AddrPort{bad.addr}, 0, time.Second)
+		if _, took, err := ask(u, 2*time.Second); err == nil || took > 100*time.Millisecond || bad.count() != 1 {
+			t.Errorf("only SERVFAIL: %v after %v and %d tries, want an error at once after one", err, took, bad.count())
+		}
+		u = NewUpstream([]netip.AddrPort{bad.addr, good.addr}, 0, time.Second)
+		for range 3 {
+			if r, _, err := ask(u, 2*time.Second); err != nil || len(r.Answer) != 1 {
+				t.Fatalf("SERVFAIL then healthy: %v %v", r, err)
+			}
+		}
+		if n := bad.count(); n != 2 {
+			t.Errorf("SERVFAIL server asked %d times in all, want 2 (once per Upstream)", n)
+		}
+	})
+	t.Run("garbage", func(t *testing.T) {
+		g := startFaulty(t, "garbage")
+		u := NewUpstream([]netip.AddrPort{g.addr}, 0, time.Second)
+		if r, _, err := ask(u, 2*time.Second); err != nil || len(r.Answer) != 1 {
+			t.Errorf("garbage before the answer: %v %v, want the answer", r, err)
+		}
+	})
+	t.Run("late answer", func(t *testing.T) {
+		s := startFaulty(t, "ok")
+		u := NewUpstream([]netip.AddrPort{s.addr}, 0, 2*time.Second)
+		for range 5 { // learn a short round trip: the next try waits minRTO
+			if _, _, err := ask(u, time.Second); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.set("slow", 400*time.Millisecond)
+		r, took, err := ask(u, 2*time.Second)
+		if err != nil || len(r.Answer) != 1 || took > 550*time.Millisecond {
+			t.Errorf("slow answer: %v after %v, want it accepted after about 400ms", err, took)
+		}
+		if n := s.count(); n != 7 {
+			t.Errorf("%d queries, want 7: one retransmission at the timeout, the first try still listening", n)
 		}
 	})
 }
