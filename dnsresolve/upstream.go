@@ -34,8 +34,7 @@ import (
 //
 // The work per query is bounded whatever the servers do: every try has a
 // deadline (the server's retransmission timeout, at most the configured
-// timeout), tries go round the servers at most maxRounds times, and all of
-// it ends with the caller's context (the proxy's query budget).
+// timeout), a query makes at most maxTries tries, and all of it ends with the caller's context (the proxy's query budget).
 type Upstream struct {
 	servers []string
 	timeout time.Duration // longest wait for one try
@@ -63,9 +62,12 @@ type serverState struct {
 // any LAN round trip and keeps a slow but working server from being
 // abandoned for a jitter; the ceiling is dns.timeout.
 const (
-	minRTO    = 200 * time.Millisecond
-	maxRounds = 3 // passes over the servers within one query
-	maxDown   = 30 * time.Second
+	minRTO = 200 * time.Millisecond
+	// maxTries bounds the tries (and sockets) of one query: enough that
+	// 30 % loss each way (half the tries lost) almost never fails a query
+	// within the budget, few enough that a query is never a flood.
+	maxTries = 16
+	maxDown  = 30 * time.Second
 )
 
 // Close releases the Upstream. It keeps no sockets between queries, so
@@ -94,9 +96,9 @@ func (u *Upstream) Health() []ServerHealth {
 	return out
 }
 
-// record notes the outcome of one try of server idx: rtt for an answer,
-// timedOut when the try's deadline passed.
-func (u *Upstream) record(idx int, err error, rtt time.Duration, timedOut bool) {
+// record notes the outcome of one try of server idx, with its round
+// trip for an answer.
+func (u *Upstream) record(idx int, err error, rtt time.Duration) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	h, st, now := u.health[u.servers[idx]], &u.state[idx], time.Now()
@@ -113,11 +115,11 @@ func (u *Upstream) record(idx int, err error, rtt time.Duration, timedOut bool) 
 		st.fails, st.downUntil = 0, time.Time{}
 		return
 	}
+	// No exponential backoff of the retransmission timeout: losses are
+	// not congestion here, and a query has a fixed budget. A server that
+	// stopped answering is put last in the order instead.
 	h.LastError, h.LastErrAt = err.Error(), now
 	st.fails++
-	if timedOut {
-		st.rto = min(2*st.rto, u.timeout)
-	}
 	if st.fails >= 2 {
 		st.downUntil = now.Add(min(time.Second<<(st.fails-2), maxDown))
 	}
@@ -187,14 +189,14 @@ func markControl(mark uint32) func(network, address string, c syscall.RawConn) e
 
 // Exchange asks the upstreams name/qtype with recursion desired, trying
 // servers in turn (see order) until one gives a usable answer (not
-// SERVFAIL or REFUSED), for at most maxRounds passes and until ctx ends
+// SERVFAIL or REFUSED), at most maxTries tries and until ctx ends
 // (DefaultQueryBudget if ctx has no deadline). A truncated UDP answer is
 // asked again over TCP.
 //
 // A try that is not answered within the server's retransmission timeout
 // is not abandoned: its socket keeps listening while the next try goes
 // out, so a slow answer (a recursive resolver's cache miss) still counts.
-// At most maxRounds × servers sockets are open for one query.
+// At most maxTries sockets are open for one query.
 func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	if len(u.servers) == 0 {
 		return nil, errors.New("no upstream resolvers")
@@ -218,12 +220,12 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		late bool // its retransmission timeout had passed
 	}
 	order := u.order()
-	results := make(chan result, maxRounds*len(u.servers))
+	results := make(chan result, maxTries)
 	answered := make([]bool, len(u.servers)) // SERVFAIL or REFUSED: not asked again
 	next, pending := 0, 0                    // next try (round*len+i), tries listening
 	var errs []error
 	launch := func() (time.Duration, bool) {
-		for ; next < maxRounds*len(order); next++ {
+		for ; next < maxTries; next++ {
 			idx := order[next%len(order)]
 			if answered[idx] {
 				continue
@@ -253,13 +255,13 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 				answered[r.idx] = true
 			}
 			if err == nil {
-				u.record(r.idx, nil, r.rtt, false)
+				u.record(r.idx, nil, r.rtt)
 				u.preferred.Store(uint32(r.idx))
 				return r.resp, nil
 			}
 			if ctx.Err() == nil {
 				// Not the server's failure if the query's budget ran out.
-				u.record(r.idx, err, r.rtt, false)
+				u.record(r.idx, err, r.rtt)
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", u.servers[r.idx], err))
 		case <-timer.C:
@@ -267,7 +269,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 			// send the next one, the late one still listening.
 			last := tries[len(tries)-1]
 			idx := order[last%len(order)]
-			u.record(idx, errors.New("no answer within the retransmission timeout"), 0, true)
+			u.record(idx, errors.New("no answer within the retransmission timeout"), 0)
 			if !more {
 				continue
 			}
