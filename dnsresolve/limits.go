@@ -1,15 +1,18 @@
 package dnsresolve
 
 import (
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
 	"github.com/egressd/egressd/metrics"
@@ -24,7 +27,7 @@ type Limits struct {
 	TCPIdleTimeout    time.Duration // between queries on a TCP connection
 	TCPReadTimeout    time.Duration // for the first query of a connection, all of its bytes
 	InFlightPerClient int           // queries of one client being answered at once
-	RatePerClient     float64       // queries per second per client; 0: no rate limit
+	RatePerClient     float64       // queries per second per client (bursts of twice as many); < 0: no rate limit
 	Clients           int           // clients tracked at once (memory bound)
 }
 
@@ -35,6 +38,7 @@ var DefaultLimits = Limits{
 	TCPIdleTimeout:    10 * time.Second,
 	TCPReadTimeout:    2 * time.Second,
 	InFlightPerClient: 256,
+	RatePerClient:     2000,
 	Clients:           10000,
 }
 
@@ -58,7 +62,9 @@ func (l Limits) withDefaults() Limits {
 	if l.Clients > 0 {
 		d.Clients = l.Clients
 	}
-	d.RatePerClient = l.RatePerClient
+	if l.RatePerClient != 0 {
+		d.RatePerClient = l.RatePerClient
+	}
 	return d
 }
 
@@ -175,19 +181,28 @@ func (lm *limiter) sweep(size int) {
 }
 
 // admitPacket decides, before a UDP query is even parsed, whether the
-// client's rate allows it.
+// client may send it: within its rate, and not already at its bound of
+// queries in flight (begin counts them exactly; this early look spares
+// the parsing and the goroutine of queries that would be turned away).
 func (lm *limiter) admitPacket(addr netip.Addr) bool {
-	if lm.limits.Load().RatePerClient <= 0 {
-		return true
-	}
+	l := lm.limits.Load()
 	lm.mu.Lock()
 	c := lm.get(addr, time.Now())
-	ok := c != nil && (c.rate == nil || c.rate.Allow())
-	lm.mu.Unlock()
-	if !ok {
-		lm.limited(addr, reasonOf(c == nil, LimitRate))
+	reason := ""
+	switch {
+	case c == nil:
+		reason = LimitClients
+	case c.inFlight >= l.InFlightPerClient:
+		reason = LimitInFlight
+	case c.rate != nil && !c.rate.Allow():
+		reason = LimitRate
 	}
-	return ok
+	lm.mu.Unlock()
+	if reason != "" {
+		lm.limited(addr, reason)
+		return false
+	}
+	return true
 }
 
 func reasonOf(full bool, reason string) string {
@@ -359,4 +374,44 @@ func (r *rateReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, 
 			return append([]byte(nil), r.buf[:n]...), s, nil
 		}
 	}
+}
+
+// udpSockets is the number of UDP listeners per address family. Queries
+// are steered to them by client address (steerBySource), so a client
+// flooding the proxy fills its own receive queue only: another client
+// shares it with a chance of 1 in udpSockets.
+const udpSockets = 16
+
+// skfNetOff is SKF_NET_OFF: a classic BPF load from this offset on reads
+// the network (IP) header.
+const skfNetOff = -0x100000
+
+// steerBySource makes the kernel pick the SO_REUSEPORT socket of a UDP
+// group by the client's address (its last 32 bits modulo the group size),
+// instead of by the 4-tuple, which a flooder spreads over every socket
+// by varying its source port.
+func steerBySource(pc net.PacketConn, v6 bool, n int) error {
+	sc, ok := pc.(syscall.Conn)
+	if !ok {
+		return errors.New("not a socket")
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	off := 12 // IPv4 source address
+	if v6 {
+		off = 8 + 12 // last 4 bytes of the IPv6 source address
+	}
+	prog := []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: uint32(int32(skfNetOff + off))},
+		{Code: unix.BPF_ALU | unix.BPF_MOD | unix.BPF_K, K: uint32(n)},
+		{Code: unix.BPF_RET | unix.BPF_A},
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF,
+			&unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]})
+	})
+	return errors.Join(err, serr)
 }

@@ -16,7 +16,7 @@ import (
 
 func TestLimiterBounds(t *testing.T) {
 	a, b := netip.MustParseAddr("172.30.0.2"), netip.MustParseAddr("172.30.0.3")
-	lm := newLimiter(Limits{TCPPerClient: 2, TCPTotal: 3, InFlightPerClient: 2, Clients: 4}, slog.New(slog.DiscardHandler), nil)
+	lm := newLimiter(Limits{TCPPerClient: 2, TCPTotal: 3, InFlightPerClient: 2, Clients: 4, RatePerClient: -1}, slog.New(slog.DiscardHandler), nil)
 
 	// TCP: per client, then in total; closing frees the slot.
 	for i, want := range []bool{true, true, false} {
@@ -78,10 +78,10 @@ func TestLimiterRate(t *testing.T) {
 	if !lm.admitPacket(b) {
 		t.Errorf("b must not feel a's rate")
 	}
-	off := newLimiter(Limits{}, slog.New(slog.DiscardHandler), nil)
+	off := newLimiter(Limits{RatePerClient: -1}, slog.New(slog.DiscardHandler), nil)
 	for range 1000 {
 		if !off.admitPacket(a) {
-			t.Fatal("rate 0 must not limit")
+			t.Fatal("a negative rate must not limit")
 		}
 	}
 }

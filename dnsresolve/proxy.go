@@ -113,6 +113,8 @@ const (
 	// maxQuerySize is the read buffer per UDP query; real queries are far
 	// smaller, and every query in flight holds one.
 	maxQuerySize = 4096
+	// udpReceiveBuffer is the receive queue of each UDP listener.
+	udpReceiveBuffer = 1 << 20
 )
 
 type proxyConf struct {
@@ -344,14 +346,22 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 }
 
 // Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
-// ends. ready is called once every socket listens. Each UDP family gets one
-// SO_REUSEPORT socket per CPU, so reading queries is not one goroutine's
-// job.
+// ends. ready is called once every socket listens. Each UDP family gets
+// udpSockets SO_REUSEPORT sockets (at least one per CPU), each read by its
+// own goroutine, with queries steered to them by client address.
 func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			// A receive queue that absorbs a flood while the readers are
+			// off the CPU for a few ms, so that other clients' queries
+			// are not dropped with it (limits.go drops the flood's
+			// excess cheaply once read). Best effort: FORCE needs
+			// CAP_NET_ADMIN.
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpReceiveBuffer) != nil {
+				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, udpReceiveBuffer)
+			}
 		})
 		return errors.Join(err, serr)
 	}}
@@ -369,10 +379,17 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 		addr := net.JoinHostPort(host, strconv.Itoa(port))
 		var fam []*dns.Server
 		var err error
-		for range runtime.GOMAXPROCS(0) {
+		for i := range max(runtime.GOMAXPROCS(0), udpSockets) {
 			var pc net.PacketConn
 			if pc, err = lc.ListenPacket(ctx, "udp"+family, addr); err != nil {
 				break
+			}
+			if i == 0 {
+				// The group's program: set on one socket, it steers
+				// for all of them.
+				if serr := steerBySource(pc, family == "6", max(runtime.GOMAXPROCS(0), udpSockets)); serr != nil {
+					p.log.Warn("UDP queries not steered by client address", "err", serr)
+				}
 			}
 			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: maxQuerySize,
 				DecorateReader: func(r dns.Reader) dns.Reader { return &rateReader{Reader: r, lm: p.limits} }})
