@@ -38,6 +38,7 @@ type Metrics struct {
 	audit        prometheus.Histogram
 	saveErrors   prometheus.Counter
 	limited      *prometheus.CounterVec
+	limitedBy    map[string]prometheus.Counter // resolved once: counting a dropped flood packet must not allocate
 	setErrors    prometheus.Counter
 }
 
@@ -106,8 +107,9 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 	for _, r := range []string{Allowed, Refused, Servfail, Rebinding, Forwarded, WouldRefuse} {
 		m.queries.WithLabelValues(r)
 	}
+	m.limitedBy = map[string]prometheus.Counter{}
 	for _, r := range []string{"rate", "in_flight", "tcp_per_client", "tcp_total", "clients"} {
-		m.limited.WithLabelValues(r)
+		m.limitedBy[r] = m.limited.WithLabelValues(r)
 	}
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "egressd_build_info",
@@ -210,9 +212,14 @@ func (m *Metrics) SaveFailed() {
 
 // Limited counts one query or connection turned away by a client bound.
 func (m *Metrics) Limited(reason string) {
-	if m != nil {
-		m.limited.WithLabelValues(reason).Inc()
+	if m == nil {
+		return
 	}
+	if c, ok := m.limitedBy[reason]; ok {
+		c.Inc()
+		return
+	}
+	m.limited.WithLabelValues(reason).Inc()
 }
 
 // SetUpdateFailed counts one answer whose addresses the firewall did not

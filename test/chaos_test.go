@@ -4,12 +4,14 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -263,6 +265,7 @@ func slowQueries(ctx context.Context, ns string, n int, lived *latencies, mu *sy
 func chaosNoisyNeighbour(t *testing.T, row *chaosRow) {
 	const rate, unloaded, loaded = 200, 10 * time.Second, 20 * time.Second
 	const rssBound = 150.0 // MiB
+	const p99Floor = 5 * time.Millisecond
 	l := chaosLab(t)
 	b := l.addContainer("b", "172.30.0.3")
 	l.restart(l.chaosConfig(fmt.Sprintf(`["%s"]`, upstreamDNS), ""))
@@ -271,31 +274,46 @@ func chaosNoisyNeighbour(t *testing.T, row *chaosRow) {
 	base := resolveLoad(l.Ctr, freshNames(int(unloaded.Seconds())*rate), rate, time.Second, 3, true)
 	t.Logf("A alone: %v", base)
 
-	ctx, cancel := context.WithCancel(context.Background())
-	var sent, answered, held, peakHeld atomic.Int64
-	var slowLived latencies
-	var slowMu sync.Mutex
-	var bg sync.WaitGroup
-	bg.Add(3)
-	go func() { defer bg.Done(); _ = udpFlood(ctx, b, 2, &sent, &answered) }()
-	go func() { defer bg.Done(); tcpHold(ctx, b, 2000, &held, &peakHeld) }()
-	go func() { defer bg.Done(); slowQueries(ctx, b, 50, &slowLived, &slowMu) }()
+	// B is a process of its own, as a container is: its goroutines must
+	// not compete with A's client inside one Go runtime.
+	bctx, bcancel := context.WithCancel(context.Background())
+	defer bcancel()
+	bcmd := exec.CommandContext(bctx, os.Args[0], "-test.run=^TestChaosNeighbourB$", "-test.v")
+	bcmd.Env = append(os.Environ(), "CHAOS_B_NS="+b, "CHAOS_B_FOR="+(loaded+3*time.Second).String())
+	bcmd.Cancel = func() error { return bcmd.Process.Signal(os.Interrupt) }
+	var bout strings.Builder
+	bcmd.Stdout, bcmd.Stderr = &bout, &bout
+	if err := bcmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if cpus := os.Getenv("CHAOS_B_CPUS"); cpus != "" { // B as a container with --cpus
+		l.cpuLimit(bcmd.Process.Pid, cpus)
+	}
 	stopRSS := make(chan struct{})
 	peak := l.peakRSS(stopRSS)
 	time.Sleep(2 * time.Second) // B at full speed
-	sentBefore, floodStart := sent.Load(), time.Now()
 	res := resolveLoad(l.Ctr, freshNames(int(loaded.Seconds())*rate), rate, time.Second, 3, true)
-	floodRate := float64(sent.Load()-sentBefore) / time.Since(floodStart).Seconds()
-	cancel()
-	bg.Wait()
+	if err := bcmd.Wait(); err != nil {
+		t.Errorf("neighbour B: %v\n%s", err, bout.String())
+	}
 	close(stopRSS)
 	rss := <-peak
+	var bs struct {
+		Rate            float64
+		Answered, Held  int64
+		SlowLivedMedian time.Duration
+	}
+	if i := strings.Index(bout.String(), "B-STATS "); i < 0 {
+		t.Fatalf("no statistics from B:\n%s", bout.String())
+	} else if err := json.NewDecoder(strings.NewReader(bout.String()[i+8:])).Decode(&bs); err != nil {
+		t.Fatal(err)
+	}
 	limited := scrape(t, l, chaosMetrics)
 	t.Logf("A beside B: %v", res)
 
 	row.Measured = fmt.Sprintf("A alone p50 %s p99 %s; beside B: %d/%d answered, %d lost, %d retried, p50 %s, p99 %s (%.1f× alone), %d/%d connects; B sent %.0f q/s (%d answered in all), held at most %d TCP connections, slow queries cut after %s (median); limited: rate %.0f, in_flight %.0f, tcp_per_client %.0f; peak RSS %.1f MiB (bound %.0f)",
 		ms(base.Lat.pct(0.5)), ms(base.Lat.pct(0.99)), res.Answered, res.Queries, res.Lost, res.Retried, ms(res.Lat.pct(0.5)), ms(res.Lat.pct(0.99)),
-		float64(res.Lat.pct(0.99))/float64(base.Lat.pct(0.99)), res.ConnectOK, res.Queries, floodRate, answered.Load(), peakHeld.Load(), ms(slowLived.pct(0.5)),
+		float64(res.Lat.pct(0.99))/float64(base.Lat.pct(0.99)), res.ConnectOK, res.Queries, bs.Rate, bs.Answered, bs.Held, ms(bs.SlowLivedMedian),
 		limited[`egressd_dns_limited_total{reason="rate"}`], limited[`egressd_dns_limited_total{reason="in_flight"}`], limited[`egressd_dns_limited_total{reason="tcp_per_client"}`], rss, rssBound)
 	if base.Lost+base.ConnectFail > 0 || base.Answered != base.Queries {
 		t.Errorf("A alone: %v", base)
@@ -303,14 +321,75 @@ func chaosNoisyNeighbour(t *testing.T, row *chaosRow) {
 	if res.Lost > 0 || res.Answered != res.Queries || res.ConnectFail > 0 {
 		t.Errorf("A lost queries or connections beside B: %v", res)
 	}
-	if p, b := res.Lat.pct(0.99), base.Lat.pct(0.99); p > 5*b {
-		t.Errorf("A's p99 beside B %v is more than 5× its p99 alone (%v)", p, b)
+	// 5× the unloaded p99, counted from at least 5 ms: below that, a
+	// p99 on two shared CPUs is scheduler noise (the table shows the raw
+	// ratio).
+	if p, b := res.Lat.pct(0.99), max(base.Lat.pct(0.99), p99Floor); p > 5*b {
+		t.Errorf("A's p99 beside B %v is more than 5× its p99 alone (%v, at least %v)", p, base.Lat.pct(0.99), p99Floor)
 	}
 	if rss > rssBound {
 		t.Errorf("peak RSS %.1f MiB over the bound of %.0f MiB", rss, rssBound)
 	}
-	if peakHeld.Load() > 16 {
-		t.Errorf("B held %d TCP connections, over dns.limits.tcp_connections_per_client (16)", peakHeld.Load())
+	if bs.Held > 16 {
+		t.Errorf("B held %d TCP connections, over dns.limits.tcp_connections_per_client (16)", bs.Held)
+	}
+}
+
+// TestChaosNeighbourB is neighbour B of the noisy-neighbour scenario, run
+// by it as a process of its own (CHAOS_B_NS, CHAOS_B_FOR); it prints its
+// statistics as JSON after "B-STATS ".
+func TestChaosNeighbourB(t *testing.T) {
+	ns := os.Getenv("CHAOS_B_NS")
+	if ns == "" {
+		t.Skip("run by the noisy-neighbour scenario")
+	}
+	d, err := time.ParseDuration(os.Getenv("CHAOS_B_FOR"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var sent, answered, held, peakHeld atomic.Int64
+	var slowLived latencies
+	var slowMu sync.Mutex
+	var bg sync.WaitGroup
+	bg.Add(3)
+	start := time.Now()
+	go func() { defer bg.Done(); _ = udpFlood(ctx, ns, 2, &sent, &answered) }()
+	go func() { defer bg.Done(); tcpHold(ctx, ns, 2000, &held, &peakHeld) }()
+	go func() { defer bg.Done(); slowQueries(ctx, ns, 50, &slowLived, &slowMu) }()
+	bg.Wait()
+	out, _ := json.Marshal(map[string]any{"Rate": float64(sent.Load()) / time.Since(start).Seconds(), "Answered": answered.Load(),
+		"Held": peakHeld.Load(), "SlowLivedMedian": slowLived.pct(0.5)})
+	fmt.Printf("B-STATS %s\n", out)
+}
+
+// cpuLimit puts pid into a CPU cgroup of cpus CPUs (a container's
+// --cpus), cgroup v1 or v2.
+func (l *Lab) cpuLimit(pid int, cpus string) {
+	l.t.Helper()
+	n, err := strconv.ParseFloat(cpus, 64)
+	if err != nil {
+		l.t.Fatalf("CHAOS_B_CPUS=%q: %v", cpus, err)
+	}
+	quota := strconv.Itoa(int(n * 100000))
+	dir := "/sys/fs/cgroup/cpu/egressd-chaos-b"
+	files := map[string]string{"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": quota}
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		dir = "/sys/fs/cgroup/egressd-chaos-b"
+		files = map[string]string{"cpu.max": quota + " 100000"}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { _ = os.Remove(dir) })
+	for f, v := range files {
+		if err := os.WriteFile(dir+"/"+f, []byte(v), 0o644); err != nil {
+			l.t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(dir+"/cgroup.procs", []byte(strconv.Itoa(pid)), 0o644); err != nil {
+		l.t.Fatal(err)
 	}
 }
 

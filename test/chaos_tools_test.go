@@ -302,8 +302,9 @@ func (l *Lab) fakeUpstream(addr, mode string) {
 		if mode == "delay" {
 			time.Sleep(500 * time.Millisecond)
 		}
-		c := &dns.Client{Net: "udp", Timeout: 2 * time.Second}
-		r, _, err := c.Exchange(q, upstreamDNS+":53")
+		// Asked from the internet namespace (the handler runs on any
+		// thread).
+		r, err := queryTimeout(l.Inet, upstreamDNS+":53", q.Question[0].Name, q.Question[0].Qtype, "udp", 2*time.Second)
 		if err != nil {
 			return
 		}
