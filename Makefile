@@ -12,7 +12,7 @@ DEB_VERSION ?= $(shell git describe --tags 2>/dev/null | sed 's/^v//' || true)
 
 IMAGE       ?= egressd:dev
 
-.PHONY: build demo test test-kernels unit lint bench install deb image clean
+.PHONY: build demo test test-kernels unit lint bench chaos chaos-short install deb image clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -41,6 +41,19 @@ unit:
 # DNS load benchmark (direct vs dnsmasq vs egressd) and Go benchmarks; root.
 bench:
 	bash bench/run.sh
+
+# Fault scenarios in the namespace lab (noisy neighbour, upstream loss,
+# delay, black hole, SERVFAIL, junk, truncation, spoofing, kill -9, soak);
+# root. Prints a table and writes it to test/chaos/results.md.
+# CHAOS_SOAK sets the soak (30m for the full run).
+CHAOS_SOAK ?= 30m
+chaos:
+	CHAOS_SOAK=$(CHAOS_SOAK) CHAOS_RESULTS=$(CURDIR)/test/chaos/results.md \
+		$(GO) test -tags chaos -count=1 -v -timeout 120m -run '^TestChaos$$' ./test
+
+# The same with a 60 s soak, results printed only (CI).
+chaos-short:
+	CHAOS_SOAK=60s $(GO) test -tags chaos -count=1 -v -timeout 20m -run '^TestChaos$$' ./test
 
 lint:
 	$(GO) vet ./...
