@@ -39,7 +39,7 @@ var DefaultLimits = Limits{
 	TCPIdleTimeout:    10 * time.Second,
 	TCPReadTimeout:    2 * time.Second,
 	InFlightPerClient: 32,
-	RatePerClient:     2000,
+	RatePerClient:     500,
 	Clients:           10000,
 }
 

@@ -106,7 +106,7 @@ const (
 	DefaultQueryBudget = 4 * time.Second
 	// queryTimeout bounds forwarded queries (forward.go).
 	queryTimeout = DefaultQueryBudget
-	allowTimeout       = 2 * time.Second // firewall update before SERVFAIL
+	allowTimeout = 2 * time.Second // firewall update before SERVFAIL
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232

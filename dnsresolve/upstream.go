@@ -295,6 +295,10 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
 }
 
+// answerBuffers hold upstream answers while they are read: a buffer per
+// try would make the garbage collector work for every cache miss.
+var answerBuffers = sync.Pool{New: func() any { b := make([]byte, dns.DefaultMsgSize); return &b }}
+
 // exchangeOne makes one try of server, listening until ctx ends.
 func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
 	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
@@ -312,7 +316,11 @@ func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (
 	if _, err := conn.Write(out); err != nil {
 		return nil, err
 	}
-	buf := make([]byte, dns.MaxMsgSize)
+	// The query offers dns.DefaultMsgSize (EDNS0): a longer datagram is
+	// cut, fails to parse and is ignored like any other junk.
+	bp := answerBuffers.Get().(*[]byte)
+	defer answerBuffers.Put(bp)
+	buf := *bp
 	ignored := 0
 	for {
 		n, err := conn.Read(buf)

@@ -93,9 +93,11 @@ func (l *Lab) chaosConfig(upstreams string, extra string) string {
 	return l.writeConfig("chaos.yaml", c+"metrics:\n  listen: "+chaosMetrics+"\n")
 }
 
-// restart stops a running egressd (SIGTERM) and starts it with cfg.
+// restart stops a running egressd (SIGTERM) and starts it with cfg, with
+// CHAOS_EGRESSD_ENV (space-separated NAME=VALUE) in its environment.
 func (l *Lab) restart(cfg string, env ...string) {
 	l.t.Helper()
+	env = append(strings.Fields(os.Getenv("CHAOS_EGRESSD_ENV")), env...)
 	if l.egressd != nil {
 		select {
 		case <-l.egressdDone: // it had ended
