@@ -22,7 +22,10 @@ func (d *daemon) serveMetrics(ctx context.Context, addr string) error {
 
 // serveHTTP serves h on ln until ctx ends.
 func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	// IdleTimeout: a client that leaves a keep-alive connection behind (a
+	// scraper that made a new one) must not hold a goroutine and a file
+	// forever; the chaos soak saw one more of each per abandoned scrape.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute}
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()
 	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
