@@ -12,7 +12,7 @@ DEB_VERSION ?= $(shell git describe --tags 2>/dev/null | sed 's/^v//' || true)
 
 IMAGE       ?= egressd:dev
 
-.PHONY: build demo test test-kernels unit lint bench chaos chaos-short install deb image clean
+.PHONY: build demo test check test-kernels unit lint bench chaos chaos-short install deb image clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o egressd ./cmd/egressd
@@ -21,8 +21,13 @@ build:
 demo:
 	bash demo/run.sh
 
-# The whole suite: unit tests, fuzz seeds, end-to-end tests in namespaces.
-test:
+# The whole suite: everything of check, the fault scenarios with a short
+# soak, and the kernel matrix; root.
+test: check chaos-short test-kernels
+
+# Unit tests, fuzz seeds and end-to-end tests in namespaces, on this
+# machine's kernel.
+check:
 	$(GO) vet ./...
 	$(GO) test -count=1 -race ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
