@@ -686,14 +686,18 @@ func chaosSoak(t *testing.T, row *chaosRow, d time.Duration) {
 		return err
 	}
 	hasAddr := func(r *dns.Msg) bool { return len(addrs(r)) > 0 }
-	worker(0, 20*time.Millisecond, func(i int) error { return want(fmt.Sprintf("w%d.s%d.soak.cognitive.microsoft.com", i%50, i%10), "udp", hasAddr) })
+	worker(0, 20*time.Millisecond, func(i int) error {
+		return want(fmt.Sprintf("w%d.s%d.soak.cognitive.microsoft.com", i%50, i%10), "udp", hasAddr)
+	})
 	worker(1, 20*time.Millisecond, func(i int) error {
 		return want(fmt.Sprintf("f%d-%d.s%d.soak.cognitive.microsoft.com", time.Now().UnixNano(), i, i%10), "udp", hasAddr)
 	})
 	worker(2, 20*time.Millisecond, func(i int) error {
 		return want(fmt.Sprintf("x%d.evil.example", i), "udp", func(r *dns.Msg) bool { return r.Rcode == dns.RcodeRefused })
 	})
-	worker(3, 100*time.Millisecond, func(i int) error { return want(fmt.Sprintf("t%d.s%d.soak.cognitive.microsoft.com", i, i%10), "tcp", hasAddr) })
+	worker(3, 100*time.Millisecond, func(i int) error {
+		return want(fmt.Sprintf("t%d.s%d.soak.cognitive.microsoft.com", i, i%10), "tcp", hasAddr)
+	})
 	worker(4, 100*time.Millisecond, func(i int) error {
 		r, err := queryTimeout(l.Ctr, upstreamDNS+":53", fmt.Sprintf("c%d.s%d.soak.cognitive.microsoft.com", i, i%10), dns.TypeA, "udp", 2*time.Second)
 		if err != nil || len(addrs(r)) == 0 {

@@ -115,23 +115,6 @@ func stub(ns, name string, network string, timeout time.Duration, attempts int) 
 	return nil, time.Since(start), attempts, err
 }
 
-func queryTimeout(ns, server, name string, qtype uint16, network string, timeout time.Duration) (*dns.Msg, error) {
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), qtype)
-	c := &dns.Client{Net: network, Timeout: timeout}
-	var conn *dns.Conn
-	err := inNS(ns, func() (err error) {
-		conn, err = c.Dial(server)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	r, _, err := c.ExchangeWithConn(m, conn)
-	return r, err
-}
-
 // latencies summarises durations.
 type latencies []time.Duration
 

@@ -302,9 +302,14 @@ func dial(ns, addr string, timeout time.Duration) error {
 
 // query sends one DNS question from ns to server ("ip:port").
 func query(ns, server, name string, qtype uint16, network string) (*dns.Msg, error) {
+	return queryTimeout(ns, server, name, qtype, network, 3*time.Second)
+}
+
+// queryTimeout is query with a timeout of its own.
+func queryTimeout(ns, server, name string, qtype uint16, network string, timeout time.Duration) (*dns.Msg, error) {
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), qtype)
-	c := &dns.Client{Net: network, Timeout: 3 * time.Second}
+	c := &dns.Client{Net: network, Timeout: timeout}
 	var conn *dns.Conn
 	err := inNS(ns, func() (err error) {
 		conn, err = c.Dial(server)
