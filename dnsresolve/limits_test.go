@@ -24,19 +24,19 @@ func TestLimiterBounds(t *testing.T) {
 			t.Errorf("tcp %d of a: %v, want %v", i, got, want)
 		}
 	}
-	if !lm.openTCP(b) || lm.openTCP(b) {
+	if first, second := lm.openTCP(b), lm.openTCP(b); !first || second {
 		t.Errorf("b's first connection must pass (a's bound is a's), its second meets the total")
 	}
 	lm.closeTCP(a)
-	if !lm.openTCP(b) == false {
-		// total back to 2 after a's close: b gets its second
+	if !lm.openTCP(b) {
+		t.Errorf("b's second connection must pass once a closed one (total back to 2)")
 	}
 	if _, tcp := lm.stats(); tcp != 3 {
 		t.Errorf("open TCP connections = %d, want 3", tcp)
 	}
 
 	// In flight: a's bound does not touch b.
-	if !lm.begin(a, false) || !lm.begin(a, false) || lm.begin(a, false) {
+	if first, second, third := lm.begin(a, false), lm.begin(a, false), lm.begin(a, false); !first || !second || third {
 		t.Errorf("a: two in flight pass, the third must not")
 	}
 	if !lm.begin(b, false) {

@@ -217,7 +217,6 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		resp *dns.Msg
 		err  error
 		rtt  time.Duration
-		late bool // its retransmission timeout had passed
 	}
 	order := u.order()
 	results := make(chan result, maxTries)
