@@ -10,8 +10,18 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# shellcheck source=/dev/null
+. /run/vm/job
+# The tmpfs below may cover the repository (a clone under /tmp or /root):
+# keep it visible at its own path.
+mkdir -p /run/repo
+mount --bind "$REPO" /run/repo
 for d in /tmp /var/tmp /var/lib /var/log /var/cache /root; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
 chmod 1777 /tmp /var/tmp
+if [ ! -d "$REPO/test" ]; then
+	mkdir -p "$REPO"
+	mount --bind /run/repo "$REPO"
+fi
 ip link set lo up
 # What egressd's ruleset and the lab use, loaded up front: the kernel would
 # load them on demand too, but under emulation each load costs a second or
@@ -20,8 +30,6 @@ modprobe -a nf_tables nft_chain_nat nft_ct nft_fib_inet nft_fib_ipv4 nft_fib_ipv
 	nft_redir nft_reject_inet nft_socket nft_limit nfnetlink_log nf_conntrack_netlink veth bridge ||
 	echo "egressd-vm: modprobe failed"
 
-# shellcheck source=/dev/null
-. /run/vm/job
 echo "egressd-vm: kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo)"
 start=$(date +%s)
 cd "$REPO/test" || exit 1
