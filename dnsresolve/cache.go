@@ -1,8 +1,8 @@
 package dnsresolve
 
 import (
+	"encoding/binary"
 	"net/netip"
-	"strings"
 	"sync"
 	"time"
 
@@ -19,34 +19,37 @@ const (
 // opens its addresses again (for the remaining TTL), so a cached answer can
 // never point at an address that has expired from the sets.
 type cache struct {
-	mu sync.Mutex
-	m  map[cacheKey]*cacheEntry
-}
-
-type cacheKey struct {
-	name  string // lower case, fully qualified
-	qtype uint16
+	mu sync.RWMutex
+	m  map[string]*cacheEntry // by cacheKey
 }
 
 type cacheEntry struct {
+	name    string // lower case, fully qualified
 	ans     *Answer
 	addrs   []netip.Addr
 	ttl     uint32 // smallest TTL of the answer when stored
 	stored  time.Time
 	expires time.Time
+	// The answer as the fast path sends it (wire.go); nil if it has
+	// none.
+	wire []byte
+	ttls []uint16
 }
 
-func newCache() *cache { return &cache{m: make(map[cacheKey]*cacheEntry)} }
+func newCache() *cache { return &cache{m: make(map[string]*cacheEntry)} }
 
-func key(name string, qtype uint16) cacheKey {
-	return cacheKey{name: strings.ToLower(dns.Fqdn(name)), qtype: qtype}
+// cacheKey is the name in lower case and fully qualified, followed by the
+// query type's two bytes. The fast path builds it in a buffer and looks it
+// up without allocating.
+func cacheKey(name string, qtype uint16) []byte {
+	return binary.BigEndian.AppendUint16([]byte(name), qtype)
 }
 
 // get returns a live entry and how many whole seconds it has aged.
-func (c *cache) get(k cacheKey, now time.Time) (*cacheEntry, uint32) {
-	c.mu.Lock()
-	e := c.m[k]
-	c.mu.Unlock()
+func (c *cache) get(k []byte, now time.Time) (*cacheEntry, uint32) {
+	c.mu.RLock()
+	e := c.m[string(k)]
+	c.mu.RUnlock()
 	if e == nil || !now.Before(e.expires) {
 		return nil, 0
 	}
@@ -56,7 +59,7 @@ func (c *cache) get(k cacheKey, now time.Time) (*cacheEntry, uint32) {
 // put stores ans if it may be cached: a positive answer for its smallest
 // TTL, a negative one (NXDOMAIN, or NOERROR without addresses) for its SOA's
 // negative TTL.
-func (c *cache) put(k cacheKey, ans *Answer, now time.Time) {
+func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time) {
 	var ttl uint32
 	addrs, attl := ans.Chain.Addresses()
 	switch {
@@ -77,7 +80,8 @@ func (c *cache) put(k cacheKey, ans *Answer, now time.Time) {
 	if ttl == 0 {
 		return
 	}
-	e := &cacheEntry{ans: ans, addrs: addrs, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
+	e := &cacheEntry{name: name, ans: ans, addrs: addrs, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
+	e.wire, e.ttls, _ = packAnswer(answerMsg(name, qtype, ans))
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.m) >= cacheSize {
@@ -88,7 +92,7 @@ func (c *cache) put(k cacheKey, ans *Answer, now time.Time) {
 			}
 		}
 	}
-	c.m[k] = e
+	c.m[string(cacheKey(name, qtype))] = e
 }
 
 // aged returns copies of rrs with their TTLs reduced by age.

@@ -10,9 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
-	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
@@ -303,6 +301,8 @@ func (lm *limiter) stats() (clients, tcp int) {
 
 func addrOf(a net.Addr) netip.Addr {
 	switch a := a.(type) {
+	case *peer:
+		return addrOf(&a.UDPAddr)
 	case *net.UDPAddr:
 		ip, _ := netip.AddrFromSlice(a.IP)
 		return ip.Unmap()
@@ -350,88 +350,6 @@ type limitedConn struct {
 func (c *limitedConn) Close() error {
 	c.once.Do(func() { c.lm.closeTCP(c.addr) })
 	return c.Conn.Close()
-}
-
-// rateReader drops UDP queries over the client's bounds before miekg/dns
-// parses them or starts a goroutine for them: a flood costs a read and a
-// map lookup per packet. It reads into its own buffer and passes on a
-// copy of the query's size.
-//
-// A reader that drops floodDrops packets in a row pauses for floodPause:
-// its socket's queue (which, steered by client address, the flooder
-// fills) then overflows and the kernel drops the flood without any work
-// here, while the CPU goes to the other clients' sockets.
-type rateReader struct {
-	dns.Reader
-	lm      *limiter
-	buf     []byte
-	dropped int // in a row
-	rc      syscall.RawConn
-	rsa     unix.RawSockaddrAny
-}
-
-const (
-	floodDrops = 256
-	floodPause = 2 * time.Millisecond
-)
-
-func (r *rateReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, *dns.SessionUDP, error) {
-	if r.buf == nil {
-		r.buf = make([]byte, maxQuerySize)
-		var err error
-		if r.rc, err = conn.SyscallConn(); err != nil {
-			return nil, nil, err
-		}
-	}
-	for {
-		// The source is looked at without taking the datagram, and
-		// without allocating: a flood must not feed the garbage
-		// collector, whose work would delay every client.
-		from, err := r.recvFrom(unix.MSG_PEEK)
-		if err != nil {
-			return nil, nil, err
-		}
-		if r.lm.admitPacket(from) {
-			r.dropped = 0
-			n, s, err := dns.ReadFromSessionUDP(conn, r.buf)
-			if err != nil {
-				return nil, nil, err
-			}
-			return append([]byte(nil), r.buf[:n]...), s, nil
-		}
-		if _, err := r.recvFrom(0); err != nil { // drop it
-			return nil, nil, err
-		}
-		if r.dropped++; r.dropped >= floodDrops {
-			r.dropped = 0
-			time.Sleep(floodPause)
-		}
-	}
-}
-
-// recvFrom receives (or with MSG_PEEK looks at) the next datagram's first
-// byte and returns its source address; only one goroutine reads a socket.
-func (r *rateReader) recvFrom(flags int) (netip.Addr, error) {
-	var errno syscall.Errno
-	err := r.rc.Read(func(fd uintptr) bool {
-		alen := uint32(unsafe.Sizeof(r.rsa))
-		_, _, errno = unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&r.buf[0])), 1,
-			uintptr(flags|unix.MSG_DONTWAIT), uintptr(unsafe.Pointer(&r.rsa)), uintptr(unsafe.Pointer(&alen)))
-		return errno != unix.EAGAIN
-	})
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	if errno != 0 {
-		return netip.Addr{}, &net.OpError{Op: "read", Net: "udp", Err: errno}
-	}
-	switch r.rsa.Addr.Family {
-	case unix.AF_INET:
-		return netip.AddrFrom4((*unix.RawSockaddrInet4)(unsafe.Pointer(&r.rsa)).Addr), nil
-	case unix.AF_INET6:
-		return netip.AddrFrom16((*unix.RawSockaddrInet6)(unsafe.Pointer(&r.rsa)).Addr).Unmap(), nil
-	}
-	return netip.Addr{}, nil
 }
 
 // udpSockets is the number of UDP listeners per address family. Queries

@@ -1,7 +1,6 @@
 package dnsresolve
 
 import (
-	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -92,23 +91,7 @@ func TestLimiterRate(t *testing.T) {
 func TestProxyTCPLimits(t *testing.T) {
 	p, _, _ := newTestProxy(t, &recorder{})
 	p.limits.update(Limits{TCPPerClient: 2, TCPReadTimeout: 300 * time.Millisecond, TCPIdleTimeout: 300 * time.Millisecond}, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan struct{})
-	done := make(chan error, 1)
-	go func() { done <- p.Serve(ctx, port, func() { close(ready) }) }()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case <-ready:
-	case err := <-done:
-		t.Fatal(err)
-	}
-	server := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	server := net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
 	dialFrom := func(src string) net.Conn {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 		c, err := d.Dial("tcp", server)
@@ -146,7 +129,7 @@ func TestProxyTCPLimits(t *testing.T) {
 	start := time.Now()
 	_, _ = slow.Write([]byte{0})
 	_ = slow.SetReadDeadline(time.Now().Add(3 * time.Second))
-	_, err = io.ReadAll(slow)
+	_, err := io.ReadAll(slow)
 	if took := time.Since(start); isTimeout(err) || took > 1500*time.Millisecond {
 		t.Errorf("slow partial query: closed after %v (%v), want about 300ms", took, err)
 	}

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -232,7 +233,7 @@ func soa(ns []dns.RR) []dns.RR {
 
 // ServeDNS answers one client query.
 func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
-	_, udp := w.RemoteAddr().(*net.UDPAddr)
+	udp := w.RemoteAddr().Network() == "udp"
 	client := addrOf(w.RemoteAddr())
 	if !p.limits.begin(client, !udp) {
 		if udp {
@@ -246,15 +247,21 @@ func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	defer p.limits.end(client)
 	m := p.reply(r)
 	if udp {
-		size := dns.MinMsgSize
-		if opt := r.IsEdns0(); opt != nil {
-			size = min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPAnswer)
-		}
-		m.Truncate(size)
+		fitUDP(m, r)
 	}
 	if err := w.WriteMsg(m); err != nil {
 		p.log.Debug("write answer", "client", w.RemoteAddr(), "err", err)
 	}
+}
+
+// fitUDP truncates m, the answer to r, to the size r's client accepts
+// over UDP.
+func fitUDP(m, r *dns.Msg) {
+	size := dns.MinMsgSize
+	if opt := r.IsEdns0(); opt != nil {
+		size = min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPAnswer)
+	}
+	m.Truncate(size)
 }
 
 func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
@@ -303,10 +310,25 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 	}
 	conf.opts.Metrics.Query(metrics.Allowed)
 	m.Rcode = ans.Rcode
-	m.Answer = aged(ans.Chain.Records(), age)
+	m.Answer, m.Ns = sections(ans, age)
+	return m
+}
+
+// sections are the answer and authority sections of the answer to a
+// query, aged by age seconds: the SOA of a negative answer only.
+func sections(ans *Answer, age uint32) (answer, ns []dns.RR) {
 	if len(ans.Chain.Addrs) == 0 {
-		m.Ns = aged(ans.SOA, age)
+		ns = aged(ans.SOA, age)
 	}
+	return aged(ans.Chain.Records(), age), ns
+}
+
+// answerMsg is the answer to name/qtype as reply makes it, less what
+// depends on the query: ID, RD and CD bits, OPT record.
+func answerMsg(name string, qtype uint16, ans *Answer) *dns.Msg {
+	m := &dns.Msg{Question: []dns.Question{{Name: name, Qtype: qtype, Qclass: dns.ClassINET}}}
+	m.Response, m.RecursionAvailable, m.Rcode = true, true, ans.Rcode
+	m.Answer, m.Ns = sections(ans, 0)
 	return m
 }
 
@@ -315,14 +337,14 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 // Deadlines are made only where waiting may happen: most cache hits find
 // their addresses open long enough and need none.
 func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uint32, error) {
-	k := key(name, qtype)
-	if e, age := conf.cache.get(k, p.now()); e != nil {
+	name = strings.ToLower(dns.Fqdn(name))
+	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
 			until := p.now().Add(Lifetime(e.ttl-min(age, e.ttl), conf.opts.MinTTL, conf.opts.Grace))
-			if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(k.name, e.addrs, until) {
+			if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(name, e.addrs, until) {
 				ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
 				defer cancel()
-				if err := conf.opts.Allower.Allow(ctx, k.name, e.addrs, until); err != nil {
+				if err := conf.opts.Allower.Allow(ctx, name, e.addrs, until); err != nil {
 					conf.opts.Metrics.SetUpdateFailed()
 					return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
 				}
@@ -332,10 +354,10 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cmp.Or(conf.opts.QueryBudget, DefaultQueryBudget))
 	defer cancel()
-	v, err, _ := p.flight.Do(k.name+dns.TypeToString[qtype], func() (any, error) {
-		ans, err := p.resolve(ctx, conf.opts, k.name, qtype)
+	v, err, _ := p.flight.Do(name+dns.TypeToString[qtype], func() (any, error) {
+		ans, err := p.resolve(ctx, conf.opts, name, qtype)
 		if err == nil {
-			conf.cache.put(k, ans, p.now())
+			conf.cache.put(name, qtype, ans, p.now())
 		}
 		return ans, err
 	})
@@ -391,8 +413,14 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 					p.log.Warn("UDP queries not steered by client address", "err", serr)
 				}
 			}
-			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: pc, Handler: p, UDPSize: maxQuerySize,
-				DecorateReader: func(r dns.Reader) dns.Reader { return &rateReader{Reader: r, lm: p.limits} }})
+			uc, uerr := newUDPConn(pc.(*net.UDPConn), family == "6")
+			if uerr != nil {
+				pc.Close()
+				err = fmt.Errorf("receive destination addresses: %w", uerr)
+				break
+			}
+			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: uc, Handler: p, UDPSize: maxQuerySize,
+				DecorateReader: func(r dns.Reader) dns.Reader { return newBatchReader(r, p, uc) }})
 		}
 		if err == nil {
 			var ln net.Listener
@@ -415,10 +443,14 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 		}
 		servers = append(servers, fam...)
 	}
-	var wg sync.WaitGroup
+	// Ready once every server runs: a server that has not started yet
+	// ignores Shutdown, and would serve on after Serve returned.
+	var wg, started sync.WaitGroup
 	errc := make(chan error, len(servers))
 	for _, s := range servers {
 		wg.Add(1)
+		started.Add(1)
+		s.NotifyStartedFunc = started.Done
 		go func() {
 			defer wg.Done()
 			if err := s.ActivateAndServe(); err != nil {
@@ -426,12 +458,18 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 			}
 		}()
 	}
-	if ready != nil {
-		ready()
-	}
+	allStarted := make(chan struct{})
+	go func() { started.Wait(); close(allStarted) }()
 	var err error
 	select {
-	case <-ctx.Done():
+	case <-allStarted:
+		if ready != nil {
+			ready()
+		}
+		select {
+		case <-ctx.Done():
+		case err = <-errc:
+		}
 	case err = <-errc:
 	}
 	shutdown()

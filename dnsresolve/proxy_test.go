@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -20,7 +21,7 @@ type upstreamServer struct {
 	queries atomic.Int32
 }
 
-func startUpstream(t *testing.T, zone map[string][]string) *upstreamServer {
+func startUpstream(t testing.TB, zone map[string][]string) *upstreamServer {
 	t.Helper()
 	u := &upstreamServer{}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
@@ -101,7 +102,7 @@ func itoa(i int) string { return netip.AddrFrom4([4]byte{0, 0, 0, byte(i)}).Stri
 
 // serve answers DNS with p over UDP and TCP on one loopback port and
 // returns its address.
-func serve(t *testing.T, p dns.Handler) string {
+func serve(t testing.TB, p dns.Handler) string {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -118,7 +119,7 @@ func serve(t *testing.T, p dns.Handler) string {
 	return pc.LocalAddr().String()
 }
 
-func newTestProxy(t *testing.T, allow *recorder) (*Proxy, *upstreamServer, string) {
+func newTestProxy(t testing.TB, allow Allower) (*Proxy, *upstreamServer, string) {
 	up := startUpstream(t, testZone)
 	p := NewProxy(Options{
 		Domains:     []string{"*.cognitive.microsoft.com", "*.cognitiveservices.azure.com"},
@@ -129,7 +130,30 @@ func newTestProxy(t *testing.T, allow *recorder) (*Proxy, *upstreamServer, strin
 		Grace:       2 * time.Second,
 		RefuseRcode: dns.RcodeRefused,
 	})
-	return p, up, serve(t, p)
+	return p, up, net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
+}
+
+// serveProxy runs p.Serve on a free port of every address until the test
+// ends, and returns the port.
+func serveProxy(t testing.TB, p *Proxy) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- p.Serve(ctx, port, func() { close(ready) }) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatal(err)
+	}
+	return port
 }
 
 func ask(t *testing.T, server, name string, qtype uint16, network string, edns bool) *dns.Msg {
@@ -281,7 +305,7 @@ func TestProxyCapsTTL(t *testing.T) {
 			MaxTTL:   tt.maxTTL,
 			Grace:    2 * time.Second,
 		})
-		addr := serve(t, p)
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
 		for i := range 2 { // the second answer comes from the cache
 			r := ask(t, addr, "long.cognitive.microsoft.com.", dns.TypeA, "udp", false)
 			if len(r.Answer) != 2 {
