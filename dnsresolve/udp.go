@@ -2,8 +2,10 @@ package dnsresolve
 
 import (
 	"net"
+	"net/netip"
 	"slices"
 	"time"
+	"unsafe"
 
 	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
@@ -52,7 +54,7 @@ func newUDPConn(c *net.UDPConn, v6 bool) (*udpConn, error) {
 // and the client, recognise only that.
 type peer struct {
 	net.UDPAddr
-	local net.IP
+	local netip.Addr
 }
 
 // WriteTo sends an answer of the slow path.
@@ -61,37 +63,57 @@ func (c *udpConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if !ok {
 		return c.UDPConn.WriteTo(b, addr)
 	}
-	n, _, err := c.WriteMsgUDP(b, c.source(p.local), &p.UDPAddr)
+	n, _, err := c.WriteMsgUDP(b, c.source(nil, p.local), &p.UDPAddr)
 	return n, err
 }
 
-// local returns the address a query was sent to, from its control
-// message.
-func (c *udpConn) local(oob []byte) net.IP {
-	if c.v6 {
-		var cm ipv6.ControlMessage
-		if cm.Parse(oob) != nil {
-			return nil
+// local returns the address a query was sent to, from its packet info
+// control message.
+func (c *udpConn) local(oob []byte) netip.Addr {
+	for len(oob) > 0 {
+		h, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			break
 		}
-		return cm.Dst
+		switch {
+		case !c.v6 && h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
+			info := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom4(info.Addr)
+		case c.v6 && h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
+			info := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom16(info.Addr)
+		}
+		oob = rest
 	}
-	var cm ipv4.ControlMessage
-	if cm.Parse(oob) != nil {
-		return nil
-	}
-	return cm.Dst
+	return netip.Addr{}
 }
 
-// source returns the control message that sends from local, as
+// sourceLen is the room a source control message takes.
+var sourceLen = unix.CmsgSpace(max(unix.SizeofInet4Pktinfo, unix.SizeofInet6Pktinfo))
+
+// source appends to dst the control message that sends from local, as
 // miekg/dns does for its own sockets.
-func (c *udpConn) source(local net.IP) []byte {
-	switch {
-	case local == nil || local.IsUnspecified() || local.IsMulticast():
-		return nil
-	case c.v6:
-		return (&ipv6.ControlMessage{Src: local}).Marshal()
+func (c *udpConn) source(dst []byte, local netip.Addr) []byte {
+	if !local.IsValid() || local.IsUnspecified() || local.IsMulticast() {
+		return dst
 	}
-	return (&ipv4.ControlMessage{Src: local}).Marshal()
+	level, typ, size := unix.IPPROTO_IP, unix.IP_PKTINFO, unix.SizeofInet4Pktinfo
+	if c.v6 {
+		level, typ, size = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO, unix.SizeofInet6Pktinfo
+	}
+	start := len(dst)
+	dst = append(dst, make([]byte, unix.CmsgSpace(size))...)
+	b := dst[start:]
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+	h.Level, h.Type = int32(level), int32(typ)
+	h.SetLen(unix.CmsgLen(size))
+	data := unsafe.Pointer(&b[unix.CmsgLen(0)])
+	if c.v6 {
+		(*unix.Inet6Pktinfo)(data).Addr = local.As16()
+	} else {
+		(*unix.Inet4Pktinfo)(data).Spec_dst = local.As4()
+	}
+	return dst
 }
 
 // batchReader reads one udpConn for miekg/dns (dns.Server.DecorateReader).
@@ -131,7 +153,7 @@ func newBatchReader(r dns.Reader, p *Proxy, c *udpConn) *batchReader {
 	b := &batchReader{Reader: r, p: p, conn: c, in: make([]ipv4.Message, readBatch), out: make([]ipv4.Message, readBatch)}
 	for i := range b.in {
 		b.in[i] = ipv4.Message{Buffers: [][]byte{make([]byte, maxQuerySize)}, OOB: make([]byte, oobLen)}
-		b.out[i] = ipv4.Message{Buffers: [][]byte{make([]byte, 0, maxUDPAnswer+optLen)}}
+		b.out[i] = ipv4.Message{Buffers: [][]byte{make([]byte, 0, maxUDPAnswer+optLen)}, OOB: make([]byte, 0, sourceLen)}
 	}
 	return b
 }
@@ -184,7 +206,7 @@ func (r *batchReader) serveBatch() error {
 			r.slow = append(r.slow, slowPath{msg: slices.Clone(query), from: &peer{UDPAddr: *from, local: local}})
 			continue
 		}
-		o.Buffers[0], o.OOB, o.Addr = reply, r.conn.source(local), from
+		o.Buffers[0], o.OOB, o.Addr = reply, r.conn.source(o.OOB[:0], local), from
 		out = out[:len(out)+1]
 	}
 	for len(out) > 0 {
