@@ -301,8 +301,6 @@ func (lm *limiter) stats() (clients, tcp int) {
 
 func addrOf(a net.Addr) netip.Addr {
 	switch a := a.(type) {
-	case *peer:
-		return addrOf(&a.UDPAddr)
 	case *net.UDPAddr:
 		ip, _ := netip.AddrFromSlice(a.IP)
 		return ip.Unmap()

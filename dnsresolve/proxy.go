@@ -233,7 +233,7 @@ func soa(ns []dns.RR) []dns.RR {
 
 // ServeDNS answers one client query.
 func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
-	udp := w.RemoteAddr().Network() == "udp"
+	_, udp := w.RemoteAddr().(*net.UDPAddr)
 	client := addrOf(w.RemoteAddr())
 	if !p.limits.begin(client, !udp) {
 		if udp {
@@ -387,9 +387,13 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 		})
 		return errors.Join(err, serr)
 	}}
-	var servers []*dns.Server
+	var udp []*udpServer
+	var tcp []*dns.Server
 	shutdown := func() {
-		for _, s := range servers {
+		for _, s := range udp {
+			s.shutdown()
+		}
+		for _, s := range tcp {
 			_ = s.Shutdown()
 		}
 	}
@@ -399,7 +403,8 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 			host = "::"
 		}
 		addr := net.JoinHostPort(host, strconv.Itoa(port))
-		var fam []*dns.Server
+		var fam []*udpServer
+		var ftcp *dns.Server
 		var err error
 		for i := range max(runtime.GOMAXPROCS(0), udpSockets) {
 			var pc net.PacketConn
@@ -413,26 +418,24 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 					p.log.Warn("UDP queries not steered by client address", "err", serr)
 				}
 			}
-			uc, uerr := newUDPConn(pc.(*net.UDPConn), family == "6")
-			if uerr != nil {
+			var s *udpServer
+			if s, err = newUDPServer(p, pc.(*net.UDPConn), family == "6"); err != nil {
 				pc.Close()
-				err = fmt.Errorf("receive destination addresses: %w", uerr)
 				break
 			}
-			fam = append(fam, &dns.Server{Net: "udp" + family, Addr: addr, PacketConn: uc, Handler: p, UDPSize: maxQuerySize,
-				DecorateReader: func(r dns.Reader) dns.Reader { return newBatchReader(r, p, uc) }})
+			fam = append(fam, s)
 		}
 		if err == nil {
 			var ln net.Listener
 			if ln, err = net.Listen("tcp"+family, addr); err == nil {
-				fam = append(fam, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: p,
+				ftcp = &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: p,
 					ReadTimeout: p.limits.limits.Load().TCPReadTimeout,
-					IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }})
+					IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }}
 			}
 		}
 		if err != nil {
 			for _, s := range fam {
-				_ = s.Shutdown()
+				s.conn.Close()
 			}
 			if family == "6" {
 				p.log.Warn("no IPv6 listener", "addr", addr, "err", err)
@@ -441,22 +444,27 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 			shutdown()
 			return fmt.Errorf("listen %s: %w", addr, err)
 		}
-		servers = append(servers, fam...)
+		udp, tcp = append(udp, fam...), append(tcp, ftcp)
 	}
-	// Ready once every server runs: a server that has not started yet
+	// Ready once every server runs: a TCP server that has not started yet
 	// ignores Shutdown, and would serve on after Serve returned.
 	var wg, started sync.WaitGroup
-	errc := make(chan error, len(servers))
-	for _, s := range servers {
-		wg.Add(1)
+	errc := make(chan error, len(udp)+len(tcp))
+	for _, s := range udp {
+		wg.Go(func() {
+			if err := s.serve(); err != nil {
+				errc <- fmt.Errorf("serve UDP %s: %w", s.conn.LocalAddr(), err)
+			}
+		})
+	}
+	for _, s := range tcp {
 		started.Add(1)
 		s.NotifyStartedFunc = started.Done
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			if err := s.ActivateAndServe(); err != nil {
 				errc <- fmt.Errorf("serve %s %s: %w", s.Net, s.Addr, err)
 			}
-		}()
+		})
 	}
 	allStarted := make(chan struct{})
 	go func() { started.Wait(); close(allStarted) }()

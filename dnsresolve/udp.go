@@ -4,6 +4,8 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -13,75 +15,213 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// UDP queries are read in batches (recvmmsg) by one goroutine per socket.
-// Cache hits are answered there on the fast path (wire.go) and their
-// answers sent in one batch (sendmmsg); the other queries are handed to
-// miekg/dns one by one, which answers each in a goroutine of its own
-// through ServeDNS.
-
-// readBatch is the number of datagrams read at once; each needs a buffer
-// of maxQuerySize, for each of the UDP sockets.
-const readBatch = 8
-
-// udpConn is a UDP listener. It is deliberately not a *net.UDPConn, so
-// that miekg/dns reads it through batchReader.ReadPacketConn and answers
-// through WriteTo, with the peer ReadPacketConn returned.
-type udpConn struct {
-	*net.UDPConn
-	v6    bool
+// udpServer answers DNS on one UDP socket. One goroutine reads the socket
+// in batches (recvmmsg). Cache hits are answered there on the fast path
+// (wire.go) and their answers sent in one batch (sendmmsg). Every other
+// query goes to a worker, which answers it through ServeDNS; a worker
+// waits for the next query a while before it ends, so that a busy socket
+// neither starts a goroutine per query nor grows a fresh stack for each.
+//
+// Before a query is parsed, the client's bounds are checked (limits.go): a
+// flood costs a read and a map lookup per datagram. A reader that drops
+// floodDrops datagrams in a row pauses for floodPause: its socket's queue
+// (which, steered by client address, the flooder fills) then overflows and
+// the kernel drops the flood without any work here, while the CPU goes to
+// the other clients' sockets.
+type udpServer struct {
+	p    *Proxy
+	conn *net.UDPConn
+	v6   bool
+	// batch reads and writes conn with control messages: the address
+	// each query was sent to comes with it, and its answer must leave
+	// from there (the reverse NAT of the DNS redirect, and the client,
+	// recognise only that).
 	batch interface {
 		ReadBatch([]ipv4.Message, int) (int, error)
 		WriteBatch([]ipv4.Message, int) (int, error)
 	}
+	in, out []ipv4.Message
+	key     []byte // cache key of the query being answered
+	dropped int    // datagrams dropped in a row
+
+	work    chan slowQuery // to an idle worker
+	workers sync.WaitGroup
+	closing atomic.Bool
 }
 
-func newUDPConn(c *net.UDPConn, v6 bool) (*udpConn, error) {
-	u := &udpConn{UDPConn: c, v6: v6}
-	// The address each query was sent to comes with it: answers must be
-	// sent from there.
+// slowQuery is a query for a worker.
+type slowQuery struct {
+	msg   []byte
+	from  *net.UDPAddr
+	local netip.Addr // the address it was sent to
+}
+
+const (
+	// readBatch is the number of datagrams read at once; each needs a
+	// buffer of maxQuerySize, for each of the UDP sockets.
+	readBatch  = 8
+	floodDrops = 256
+	floodPause = 2 * time.Millisecond
+	workerIdle = 10 * time.Second
+)
+
+func newUDPServer(p *Proxy, c *net.UDPConn, v6 bool) (*udpServer, error) {
+	s := &udpServer{p: p, conn: c, v6: v6, in: make([]ipv4.Message, readBatch), out: make([]ipv4.Message, readBatch), work: make(chan slowQuery)}
+	var err error
+	var oobLen int
 	if v6 {
 		pc := ipv6.NewPacketConn(c)
-		u.batch = pc
-		return u, pc.SetControlMessage(ipv6.FlagDst, true)
+		s.batch, err, oobLen = pc, pc.SetControlMessage(ipv6.FlagDst, true), len(ipv6.NewControlMessage(ipv6.FlagDst))
+	} else {
+		pc := ipv4.NewPacketConn(c)
+		s.batch, err, oobLen = pc, pc.SetControlMessage(ipv4.FlagDst, true), len(ipv4.NewControlMessage(ipv4.FlagDst))
 	}
-	pc := ipv4.NewPacketConn(c)
-	u.batch = pc
-	return u, pc.SetControlMessage(ipv4.FlagDst, true)
+	if err != nil {
+		return nil, err
+	}
+	for i := range s.in {
+		s.in[i] = ipv4.Message{Buffers: [][]byte{make([]byte, maxQuerySize)}, OOB: make([]byte, oobLen)}
+		s.out[i] = ipv4.Message{Buffers: [][]byte{make([]byte, 0, maxUDPAnswer+optLen)}, OOB: make([]byte, 0, sourceLen)}
+	}
+	return s, nil
 }
 
-// peer is a client's address and the address its query was sent to. The
-// answer must come from the latter: the reverse NAT of the DNS redirect,
-// and the client, recognise only that.
-type peer struct {
-	net.UDPAddr
-	local netip.Addr
+// serve answers queries until shutdown, then waits for its workers and
+// closes the socket.
+func (s *udpServer) serve() error {
+	defer s.conn.Close()
+	defer s.workers.Wait()
+	defer close(s.work)
+	for {
+		if err := s.serveBatch(); err != nil {
+			if s.closing.Load() {
+				return nil
+			}
+			return err
+		}
+	}
 }
 
-// WriteTo sends an answer of the slow path.
-func (c *udpConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	p, ok := addr.(*peer)
-	if !ok {
-		return c.UDPConn.WriteTo(b, addr)
+// shutdown makes serve return once the queries being answered are.
+func (s *udpServer) shutdown() {
+	s.closing.Store(true)
+	_ = s.conn.SetReadDeadline(time.Unix(1, 0))
+}
+
+// serveBatch reads the queries that are waiting (at least one), answers
+// those it can on the fast path and hands the others to workers.
+func (s *udpServer) serveBatch() error {
+	n, err := s.batch.ReadBatch(s.in, 0)
+	if err != nil {
+		return err
 	}
-	n, _, err := c.WriteMsgUDP(b, c.source(nil, p.local), &p.UDPAddr)
-	return n, err
+	conf, now := s.p.conf.Load(), s.p.now()
+	out := s.out[:0]
+	for i := range s.in[:n] {
+		m := &s.in[i]
+		from, _ := m.Addr.(*net.UDPAddr)
+		if from == nil {
+			continue
+		}
+		if !s.p.limits.admitPacket(addrOf(from)) {
+			if s.dropped++; s.dropped >= floodDrops {
+				s.dropped = 0
+				time.Sleep(floodPause)
+			}
+			continue
+		}
+		s.dropped = 0
+		if m.Flags&unix.MSG_TRUNC != 0 || m.N < headerLen {
+			continue // larger than any query egressd answers, or no DNS message
+		}
+		query, local := m.Buffers[0][:m.N], s.local(m.OOB[:m.NN])
+		o := &s.out[len(out)]
+		reply, ok := s.p.fastReply(conf, query, o.Buffers[0][:0], &s.key, now)
+		if !ok {
+			s.dispatch(slowQuery{msg: slices.Clone(query), from: from, local: local})
+			continue
+		}
+		o.Buffers[0], o.OOB, o.Addr = reply, s.source(o.OOB[:0], local), from
+		out = out[:len(out)+1]
+	}
+	for len(out) > 0 {
+		n, err := s.batch.WriteBatch(out, 0)
+		if err != nil {
+			s.p.log.Debug("write answer", "client", out[0].Addr, "err", err)
+			n = 1 // the first failed: go on with the others
+		}
+		out = out[max(n, 1):]
+	}
+	return nil
+}
+
+// dispatch hands q to an idle worker, or starts one: a query waiting for
+// the upstream or the firewall never holds up another.
+func (s *udpServer) dispatch(q slowQuery) {
+	select {
+	case s.work <- q:
+	default:
+		s.workers.Add(1)
+		go s.worker(q)
+	}
+}
+
+func (s *udpServer) worker(q slowQuery) {
+	defer s.workers.Done()
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	for ok := true; ok; {
+		s.answer(q)
+		idle.Reset(workerIdle)
+		select {
+		case q, ok = <-s.work:
+		case <-idle.C:
+			return
+		}
+	}
+}
+
+// answer answers q through ServeDNS, or, for a message that is not a query
+// it can take, as miekg/dns's server does: nothing for a response, FORMERR
+// or NOTIMP otherwise.
+func (s *udpServer) answer(q slowQuery) {
+	w := &udpResponse{s: s, to: q.from, local: q.local}
+	r := new(dns.Msg)
+	err := r.Unpack(q.msg) // leaves the header set if a section fails
+	b := q.msg
+	action := dns.DefaultMsgAcceptFunc(dns.Header{Id: r.Id, Bits: uint16(b[2])<<8 | uint16(b[3]),
+		Qdcount: uint16(b[4])<<8 | uint16(b[5]), Ancount: uint16(b[6])<<8 | uint16(b[7]),
+		Nscount: uint16(b[8])<<8 | uint16(b[9]), Arcount: uint16(b[10])<<8 | uint16(b[11])})
+	switch {
+	case action == dns.MsgIgnore:
+		return
+	case action == dns.MsgAccept && err == nil:
+		s.p.ServeDNS(w, r)
+		return
+	}
+	opcode := r.Opcode
+	r.SetRcodeFormatError(r)
+	r.Zero = false
+	if action == dns.MsgRejectNotImplemented {
+		r.Opcode, r.Rcode = opcode, dns.RcodeNotImplemented
+	}
+	r.Answer, r.Ns, r.Extra = nil, nil, nil
+	_ = w.WriteMsg(r)
 }
 
 // local returns the address a query was sent to, from its packet info
 // control message.
-func (c *udpConn) local(oob []byte) netip.Addr {
+func (s *udpServer) local(oob []byte) netip.Addr {
 	for len(oob) > 0 {
 		h, data, rest, err := unix.ParseOneSocketControlMessage(oob)
 		if err != nil {
 			break
 		}
 		switch {
-		case !c.v6 && h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
-			info := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom4(info.Addr)
-		case c.v6 && h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
-			info := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom16(info.Addr)
+		case !s.v6 && h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
+			return netip.AddrFrom4((*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0])).Addr)
+		case s.v6 && h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
+			return netip.AddrFrom16((*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0])).Addr)
 		}
 		oob = rest
 	}
@@ -93,12 +233,12 @@ var sourceLen = unix.CmsgSpace(max(unix.SizeofInet4Pktinfo, unix.SizeofInet6Pkti
 
 // source appends to dst the control message that sends from local, as
 // miekg/dns does for its own sockets.
-func (c *udpConn) source(dst []byte, local netip.Addr) []byte {
+func (s *udpServer) source(dst []byte, local netip.Addr) []byte {
 	if !local.IsValid() || local.IsUnspecified() || local.IsMulticast() {
 		return dst
 	}
 	level, typ, size := unix.IPPROTO_IP, unix.IP_PKTINFO, unix.SizeofInet4Pktinfo
-	if c.v6 {
+	if s.v6 {
 		level, typ, size = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO, unix.SizeofInet6Pktinfo
 	}
 	start := len(dst)
@@ -108,7 +248,7 @@ func (c *udpConn) source(dst []byte, local netip.Addr) []byte {
 	h.Level, h.Type = int32(level), int32(typ)
 	h.SetLen(unix.CmsgLen(size))
 	data := unsafe.Pointer(&b[unix.CmsgLen(0)])
-	if c.v6 {
+	if s.v6 {
 		(*unix.Inet6Pktinfo)(data).Addr = local.As16()
 	} else {
 		(*unix.Inet4Pktinfo)(data).Spec_dst = local.As4()
@@ -116,106 +256,30 @@ func (c *udpConn) source(dst []byte, local netip.Addr) []byte {
 	return dst
 }
 
-// batchReader reads one udpConn for miekg/dns (dns.Server.DecorateReader).
-//
-// Before a query is parsed, the client's bounds are checked (limits.go):
-// a flood costs a read and a map lookup per datagram. A reader that drops
-// floodDrops datagrams in a row pauses for floodPause: its socket's queue
-// (which, steered by client address, the flooder fills) then overflows
-// and the kernel drops the flood without any work here, while the CPU
-// goes to the other clients' sockets.
-type batchReader struct {
-	dns.Reader
-	p       *Proxy
-	conn    *udpConn
-	in, out []ipv4.Message
-	key     []byte     // cache key of the query being answered
-	slow    []slowPath // read, not yet handed to miekg/dns
-	next    int        // the next of slow to hand over
-	dropped int        // datagrams dropped in a row
+// udpResponse is the dns.ResponseWriter of a query a worker answers.
+type udpResponse struct {
+	s     *udpServer
+	to    *net.UDPAddr
+	local netip.Addr
 }
 
-type slowPath struct {
-	msg  []byte
-	from *peer
+func (w *udpResponse) LocalAddr() net.Addr  { return w.s.conn.LocalAddr() }
+func (w *udpResponse) RemoteAddr() net.Addr { return w.to }
+
+func (w *udpResponse) WriteMsg(m *dns.Msg) error {
+	b, err := m.Pack()
+	if err == nil {
+		_, err = w.Write(b)
+	}
+	return err
 }
 
-const (
-	floodDrops = 256
-	floodPause = 2 * time.Millisecond
-)
-
-func newBatchReader(r dns.Reader, p *Proxy, c *udpConn) *batchReader {
-	oobLen := len(ipv4.NewControlMessage(ipv4.FlagDst))
-	if c.v6 {
-		oobLen = len(ipv6.NewControlMessage(ipv6.FlagDst))
-	}
-	b := &batchReader{Reader: r, p: p, conn: c, in: make([]ipv4.Message, readBatch), out: make([]ipv4.Message, readBatch)}
-	for i := range b.in {
-		b.in[i] = ipv4.Message{Buffers: [][]byte{make([]byte, maxQuerySize)}, OOB: make([]byte, oobLen)}
-		b.out[i] = ipv4.Message{Buffers: [][]byte{make([]byte, 0, maxUDPAnswer+optLen)}, OOB: make([]byte, 0, sourceLen)}
-	}
-	return b
+func (w *udpResponse) Write(b []byte) (int, error) {
+	n, _, err := w.s.conn.WriteMsgUDP(b, w.s.source(nil, w.local), w.to)
+	return n, err
 }
 
-// ReadPacketConn returns the next query for the slow path, answering the
-// fast path's queries while it waits for one.
-func (r *batchReader) ReadPacketConn(net.PacketConn, time.Duration) ([]byte, net.Addr, error) {
-	for r.next == len(r.slow) {
-		clear(r.slow)
-		r.slow, r.next = r.slow[:0], 0
-		if err := r.serveBatch(); err != nil {
-			return nil, nil, err
-		}
-	}
-	q := r.slow[r.next]
-	r.next++
-	return q.msg, q.from, nil
-}
-
-// serveBatch reads the queries that are waiting (at least one), answers
-// those it can on the fast path and queues the others in r.slow.
-func (r *batchReader) serveBatch() error {
-	n, err := r.conn.batch.ReadBatch(r.in, 0)
-	if err != nil {
-		return err
-	}
-	conf, now := r.p.conf.Load(), r.p.now()
-	out := r.out[:0]
-	for i := range r.in[:n] {
-		m := &r.in[i]
-		from, _ := m.Addr.(*net.UDPAddr)
-		if from == nil {
-			continue
-		}
-		if !r.p.limits.admitPacket(addrOf(from)) {
-			if r.dropped++; r.dropped >= floodDrops {
-				r.dropped = 0
-				time.Sleep(floodPause)
-			}
-			continue
-		}
-		r.dropped = 0
-		if m.Flags&unix.MSG_TRUNC != 0 {
-			continue // larger than any query egressd answers
-		}
-		query, local := m.Buffers[0][:m.N], r.conn.local(m.OOB[:m.NN])
-		o := &r.out[len(out)]
-		reply, ok := r.p.fastReply(conf, query, o.Buffers[0][:0], &r.key, now)
-		if !ok {
-			r.slow = append(r.slow, slowPath{msg: slices.Clone(query), from: &peer{UDPAddr: *from, local: local}})
-			continue
-		}
-		o.Buffers[0], o.OOB, o.Addr = reply, r.conn.source(o.OOB[:0], local), from
-		out = out[:len(out)+1]
-	}
-	for len(out) > 0 {
-		n, err := r.conn.batch.WriteBatch(out, 0)
-		if err != nil {
-			r.p.log.Debug("write answer", "client", out[0].Addr, "err", err)
-			n = 1 // the first failed: go on with the others
-		}
-		out = out[max(n, 1):]
-	}
-	return nil
-}
+func (w *udpResponse) Close() error        { return nil }
+func (w *udpResponse) TsigStatus() error   { return nil }
+func (w *udpResponse) TsigTimersOnly(bool) {}
+func (w *udpResponse) Hijack()             {}

@@ -212,3 +212,47 @@ func BenchmarkFastReply(b *testing.B) {
 		}
 	}
 }
+
+// Messages that are not queries the proxy can take get what miekg/dns's
+// own server sends: nothing for a response, NOTIMP or FORMERR otherwise.
+func TestServeRejects(t *testing.T) {
+	_, _, addr := newTestProxy(t, &recorder{})
+	for _, tt := range []struct {
+		name  string
+		msg   []byte
+		rcode int // -1: no answer
+	}{
+		{"response", packQuery(t, "a.cognitive.microsoft.com.", dns.TypeA, func(m *dns.Msg) { m.Response = true }), -1},
+		{"UPDATE", packQuery(t, "a.cognitive.microsoft.com.", dns.TypeA, func(m *dns.Msg) { m.Opcode = dns.OpcodeUpdate }), dns.RcodeNotImplemented},
+		{"NOTIFY", packQuery(t, "a.cognitive.microsoft.com.", dns.TypeA, func(m *dns.Msg) { m.Opcode = dns.OpcodeNotify }), dns.RcodeNotImplemented},
+		{"two questions", packQuery(t, "a.cognitive.microsoft.com.", dns.TypeA, func(m *dns.Msg) { m.Question = append(m.Question, m.Question[0]) }), dns.RcodeFormatError},
+		{"cut short", packQuery(t, "a.cognitive.microsoft.com.", dns.TypeA, nil)[:20], dns.RcodeFormatError},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := net.Dial("udp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write(tt.msg); err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			buf := make([]byte, 512)
+			n, err := c.Read(buf)
+			if tt.rcode < 0 {
+				if err == nil {
+					t.Errorf("answered %x, want no answer", buf[:n])
+				}
+				return
+			}
+			r := new(dns.Msg)
+			if err != nil || r.Unpack(buf[:n]) != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			if r.Rcode != tt.rcode || r.Id != 0xbeef || !r.Response {
+				t.Errorf("answer %v, want rcode %s", r, dns.RcodeToString[tt.rcode])
+			}
+		})
+	}
+}
