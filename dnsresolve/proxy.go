@@ -369,8 +369,8 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 
 // Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
 // ends. ready is called once every socket listens. Each UDP family gets
-// udpSockets SO_REUSEPORT sockets (at least one per CPU), each read by its
-// own goroutine, with queries steered to them by client address.
+// udpSockets SO_REUSEPORT sockets (at least one per CPU), each served by a
+// udpServer, with queries steered to them by client address.
 func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
