@@ -1,14 +1,17 @@
 package rules
 
 import (
+	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+	"github.com/mdlayher/netlink/nltest"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,57 +51,47 @@ type Audit struct {
 	Repaired map[RepairKind]int // differences found and undone
 }
 
-// kernelElement is an element as an audit reads it: its address and when
-// it expires (Unix ms; 0: never).
-type kernelElement struct {
-	addr    netip.Addr
-	expires int64
-}
-
-// auditPlan compares the kernel's elements with the record at now (Unix
-// ms) and returns the lives to set (address → until) and the addresses to
-// delete, with what was found. Addresses in skip changed while the kernel
-// was read and are left to the next audit. The kernel's expiries were read
-// over read (the dump's duration), so they may seem that much earlier than
-// they are.
-func auditPlan(now int64, record map[netip.Addr]learnedAddr, kernel []kernelElement, skip map[netip.Addr]bool, read time.Duration) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
+// auditPlan compares the kernel's elements (address → when it expires,
+// Unix ms, 0: never) with the record at now (Unix ms) and returns the lives
+// to set (address → until) and the addresses to delete, with what was
+// found. Addresses in skip changed while the kernel was read and are left
+// to the next audit. The kernel's expiries were read over read (the dump's
+// duration), so they may seem that much earlier than they are.
+func auditPlan(now int64, record *addrMap[learnedAddr], kernel *addrMap[int64], skip map[netip.Addr]bool, read time.Duration) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
 	slack := auditSlack.Milliseconds()
 	early := slack + read.Milliseconds()
 	set, found = map[netip.Addr]int64{}, map[RepairKind]int{}
-	inKernel := make(map[netip.Addr]int64, len(kernel))
-	for _, k := range kernel {
-		inKernel[k.addr] = k.expires // a later read of an address wins
-	}
-	for a, expires := range inKernel {
+	for a, expires := range kernel.all() {
 		if skip[a] {
 			continue
 		}
 		if expires == 0 {
 			expires = 1<<63 - 1
 		}
-		l, ok := record[a]
+		l, ok := record.get(a)
+		until := l.until
 		switch {
 		case !ok && expires <= now+slack:
 			// Expiring anyway; most likely one the record just pruned.
 		case !ok:
 			found[RepairForeign]++
 			del = append(del, a)
-		case l.until <= now && expires > now+slack:
+		case until <= now && expires > now+slack:
 			found[RepairExpired]++
 			del = append(del, a)
-		case l.until <= now:
-		case expires < l.until-early:
+		case until <= now:
+		case expires < until-early:
 			found[RepairEarly]++
-			set[a] = l.until
-		case expires > l.until+slack:
+			set[a] = until
+		case expires > until+slack:
 			found[RepairLate]++
-			set[a] = l.until
+			set[a] = until
 		}
 	}
-	for a, l := range record {
-		if _, in := inKernel[a]; !in && !skip[a] && l.until > now+slack {
+	for a, until := range untils(record) {
+		if _, in := kernel.get(a); !in && !skip[a] && until > now+slack {
 			found[RepairMissing]++
-			set[a] = l.until
+			set[a] = until
 		}
 	}
 	return set, del, found
@@ -125,7 +118,8 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	}()
 
 	installs := f.installs.Load()
-	kernel, err := f.readLearnedSets()
+	var kernel addrMap[int64]
+	elements, err := f.readLearnedSets(&kernel)
 	if err != nil {
 		return Audit{}, err
 	}
@@ -139,24 +133,24 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	}
 	now := f.now()
 	f.mu.Lock()
-	set, del, found := auditPlan(now.UnixMilli(), f.learned, kernel, f.touched, read)
+	set, del, found := auditPlan(now.UnixMilli(), &f.learned, &kernel, f.touched, read)
 	f.mu.Unlock()
 	if found[RepairMissing] > 0 {
 		// A dump of a hash set that the kernel is resizing may skip
-		// elements: only what two dumps miss is missing.
-		again, err := f.readLearnedSets()
-		if err != nil {
+		// elements: only what two dumps miss is missing (the second
+		// read of an address wins).
+		if _, err := f.readLearnedSets(&kernel); err != nil {
 			return Audit{}, err
 		}
 		now = f.now()
 		f.mu.Lock()
-		set, del, found = auditPlan(now.UnixMilli(), f.learned, slices.Concat(kernel, again), f.touched, now.Sub(start))
+		set, del, found = auditPlan(now.UnixMilli(), &f.learned, &kernel, f.touched, now.Sub(start))
 		f.mu.Unlock()
 	}
 	f.mu.Lock()
 	sets := f.sets
 	f.mu.Unlock()
-	a := Audit{At: start, Elements: len(kernel), Repaired: found}
+	a := Audit{At: start, Elements: elements, Repaired: found}
 	if len(set)+len(del) > 0 {
 		if sets == nil {
 			return a, errors.New("audit learned addresses: ruleset not installed")
@@ -200,39 +194,232 @@ func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []netip.Addr) e
 	return nil
 }
 
-// readLearnedSets dumps both learned sets through a connection of its
-// own: the lasting one may be in the middle of a transaction. A missing
-// table or set reads as empty.
-func (f *Firewall) readLearnedSets() ([]kernelElement, error) {
-	c, err := nftables.New(f.dumpOpts...)
-	if err != nil {
-		return nil, fmt.Errorf("nftables: %w", err)
+// readLearnedSets dumps both learned sets into kernel (address → when it
+// expires, Unix ms, 0: never; a read of an address that kernel holds
+// already wins) through a netlink socket of its own: the lasting one may
+// be in the middle of a transaction. It returns how many elements it read;
+// a missing table or set reads as empty.
+//
+// The dump is parsed here, a batch of messages at a time, rather than by
+// google/nftables' GetSetElements, which at 100 000 elements holds the
+// whole dump and a 136-byte SetElement per element (180 MB allocated per
+// audit); its receive buffer is also large enough that the kernel packs
+// ~700 elements into a message rather than ~90, and each message costs
+// the kernel a walk of the set up to where the dump stands.
+func (f *Firewall) readLearnedSets(kernel *addrMap[int64]) (int, error) {
+	// The options are only read: which namespace, or a test peer.
+	var opts nftables.Conn
+	for _, o := range f.dumpOpts {
+		o(&opts)
 	}
+	var c *netlink.Conn
+	if opts.TestDial != nil {
+		c = nltest.Dial(opts.TestDial)
+	} else {
+		var err error
+		if c, err = netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: opts.NetNS}); err != nil {
+			return 0, fmt.Errorf("nftables: %w", err)
+		}
+	}
+	defer c.Close()
+	// A kernel that stops answering must not stall audits for ever.
+	_ = c.SetReadDeadline(time.Now().Add(dumpTimeout))
 	now := f.now().UnixMilli()
-	var out []kernelElement
+	n := 0
 	for _, name := range []string{SetAllow4, SetAllow6} {
-		s, err := c.GetSetByName(table(), name)
+		err := dumpSet(c, name, func(key []byte, expires int64) {
+			a, ok := netip.AddrFromSlice(key)
+			if !ok {
+				return
+			}
+			if expires > 0 {
+				expires += now
+			}
+			kernel.put(a, expires)
+			n++
+		})
 		if errors.Is(err, unix.ENOENT) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read set %s: %w", name, err)
-		}
-		elems, err := c.GetSetElements(s)
-		if err != nil {
-			return nil, fmt.Errorf("read set %s: %w", name, err)
-		}
-		for _, e := range elems {
-			a, ok := netip.AddrFromSlice(e.Key)
-			if !ok {
-				continue
-			}
-			k := kernelElement{addr: a}
-			if e.Timeout > 0 || e.Expires > 0 {
-				k.expires = now + e.Expires.Milliseconds()
-			}
-			out = append(out, k)
+			return 0, fmt.Errorf("read set %s: %w", name, err)
 		}
 	}
-	return out, nil
+	return n, nil
+}
+
+// dumpTimeout bounds one read of the learned sets.
+const dumpTimeout = time.Minute
+
+// dumpBuffer is the receive buffer of a dump: the kernel sizes its dump
+// messages after the largest read (up to 32 KiB).
+const dumpBuffer = 64 << 10
+
+// dumpSet dumps set of table inet egressd and calls fn with each element's
+// key and how long it has left (ms; 0 if it has no timeout). A missing
+// table or set is unix.ENOENT.
+func dumpSet(c *netlink.Conn, set string, fn func(key []byte, expires int64)) error {
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(TableName + "\x00")},
+		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(set + "\x00")},
+	})
+	if err != nil {
+		return err
+	}
+	req, err := c.Send(netlink.Message{
+		Header: netlink.Header{
+			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETSETELEM),
+			Flags: netlink.Request | netlink.Dump,
+		},
+		// nfgenmsg: family, version, resource id.
+		Data: append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, attrs...),
+	})
+	if err != nil {
+		return err
+	}
+	rc, err := c.SyscallConn()
+	if err != nil {
+		// A test peer: no socket, the whole dump at once.
+		msgs, err := c.Receive()
+		if err != nil {
+			return err
+		}
+		_, err = dumpMessages(msgs, req.Header.Sequence, fn)
+		return err
+	}
+	buf := make([]byte, dumpBuffer)
+	for {
+		var n, flags int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, _, flags, _, rerr = unix.Recvmsg(int(fd), buf, nil, 0)
+			return rerr != unix.EAGAIN
+		})
+		if err = cmp.Or(err, rerr); err != nil {
+			return err
+		}
+		if flags&unix.MSG_TRUNC != 0 {
+			return errors.New("dump message larger than the receive buffer")
+		}
+		msgs, err := parseMessages(buf[:n])
+		if err != nil {
+			return err
+		}
+		done, err := dumpMessages(msgs, req.Header.Sequence, fn)
+		if done || err != nil {
+			return err
+		}
+	}
+}
+
+// parseMessages splits what one read of a netlink socket returned into
+// its messages, whose data stays in b.
+func parseMessages(b []byte) ([]netlink.Message, error) {
+	var msgs []netlink.Message
+	for len(b) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(b))
+		if l < unix.NLMSG_HDRLEN || l > len(b) {
+			return nil, errors.New("malformed netlink message")
+		}
+		msgs = append(msgs, netlink.Message{
+			Header: netlink.Header{
+				Length:   uint32(l),
+				Type:     netlink.HeaderType(binary.NativeEndian.Uint16(b[4:])),
+				Flags:    netlink.HeaderFlags(binary.NativeEndian.Uint16(b[6:])),
+				Sequence: binary.NativeEndian.Uint32(b[8:]),
+				PID:      binary.NativeEndian.Uint32(b[12:]),
+			},
+			Data: b[unix.NLMSG_HDRLEN:l],
+		})
+		b = b[min(nlAlign(l), len(b)):]
+	}
+	return msgs, nil
+}
+
+func nlAlign(n int) int { return (n + 3) &^ 3 }
+
+// dumpMessages passes the elements of the dump messages in msgs (the
+// replies to request seq) to fn and reports whether the dump is done.
+func dumpMessages(msgs []netlink.Message, seq uint32, fn func(key []byte, expires int64)) (done bool, err error) {
+	for _, m := range msgs {
+		if m.Header.Sequence != seq {
+			continue // a late reply to an earlier request
+		}
+		switch m.Header.Type {
+		case netlink.Done:
+			return true, nil
+		case netlink.Error:
+			if len(m.Data) < 4 {
+				return true, errors.New("short netlink error message")
+			}
+			if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
+				return true, unix.Errno(-code)
+			}
+			return true, nil
+		}
+		if len(m.Data) < 4 {
+			continue
+		}
+		// nfgenmsg, then NFTA_SET_ELEM_LIST_*.
+		for lists := (attrs{rest: m.Data[4:]}); lists.next(); {
+			if lists.typ != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
+				continue
+			}
+			for elems := (attrs{rest: lists.data}); elems.next(); {
+				if elems.typ != unix.NFTA_LIST_ELEM {
+					continue
+				}
+				var key []byte
+				var timeout, expires uint64
+				for el := (attrs{rest: elems.data}); el.next(); {
+					switch {
+					case el.typ == unix.NFTA_SET_ELEM_KEY:
+						for k := (attrs{rest: el.data}); k.next(); {
+							if k.typ == unix.NFTA_DATA_VALUE {
+								key = k.data
+							}
+						}
+					case el.typ == unix.NFTA_SET_ELEM_TIMEOUT && len(el.data) == 8:
+						timeout = binary.BigEndian.Uint64(el.data)
+					case el.typ == unix.NFTA_SET_ELEM_EXPIRATION && len(el.data) == 8:
+						expires = binary.BigEndian.Uint64(el.data)
+					}
+				}
+				if key == nil {
+					continue
+				}
+				// Like nft: an element with a timeout expires; the
+				// others (timeout and expiry 0) never do.
+				if timeout > 0 && expires == 0 {
+					expires = 1 // due now
+				}
+				fn(key, int64(expires))
+			}
+		}
+	}
+	return false, nil
+}
+
+// attrs walks the netlink attributes in rest: after each next that
+// reports true, typ (without the nested and byte-order flags) and data
+// are one attribute. It stops at a malformed one. A plain loop: the
+// iterator functions of a range allocated for every element.
+type attrs struct {
+	rest []byte
+	typ  uint16
+	data []byte
+}
+
+func (a *attrs) next() bool {
+	if len(a.rest) < unix.NLA_HDRLEN {
+		return false
+	}
+	l := int(binary.NativeEndian.Uint16(a.rest))
+	if l < unix.NLA_HDRLEN || l > len(a.rest) {
+		return false
+	}
+	a.typ = binary.NativeEndian.Uint16(a.rest[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
+	a.data = a.rest[unix.NLA_HDRLEN:l]
+	a.rest = a.rest[min(nlAlign(l), len(a.rest)):]
+	return true
 }

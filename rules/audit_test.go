@@ -11,6 +11,31 @@ import (
 	"github.com/google/nftables"
 )
 
+// kernelElement is an element of a learned set: its address and when it
+// expires (Unix ms; 0: never).
+type kernelElement struct {
+	addr    netip.Addr
+	expires int64
+}
+
+// readKernel reads the learned sets of fw's namespace.
+func readKernel(t testing.TB, fw *Firewall) []kernelElement {
+	t.Helper()
+	var kernel addrMap[int64]
+	n, err := fw.readLearnedSets(&kernel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []kernelElement
+	for a, e := range kernel.all() {
+		out = append(out, kernelElement{a, e})
+	}
+	if n != len(out) {
+		t.Fatalf("read %d elements, %d addresses", n, len(out))
+	}
+	return out
+}
+
 func TestAuditPlan(t *testing.T) {
 	const now = int64(1_000_000)
 	a := func(i uint32) netip.Addr { return addr(i) }
@@ -78,7 +103,15 @@ func TestAuditPlan(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			set, del, found := auditPlan(now, tt.record, tt.kernel, tt.skip, 0)
+			var record addrMap[learnedAddr]
+			for a, l := range tt.record {
+				record.put(a, l)
+			}
+			var kernel addrMap[int64]
+			for _, k := range tt.kernel {
+				kernel.put(k.addr, k.expires)
+			}
+			set, del, found := auditPlan(now, &record, &kernel, tt.skip, 0)
 			if !maps.Equal(set, tt.wantSet) && len(set)+len(tt.wantSet) > 0 {
 				t.Errorf("set = %v, want %v", set, tt.wantSet)
 			}
@@ -96,11 +129,7 @@ func TestAuditPlan(t *testing.T) {
 // kernelExpiry returns when the kernel expires addr (zero if absent).
 func kernelExpiry(t *testing.T, fw *Firewall, a netip.Addr) time.Time {
 	t.Helper()
-	elems, err := fw.readLearnedSets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range elems {
+	for _, e := range readKernel(t, fw) {
 		if e.addr == a {
 			return time.UnixMilli(e.expires)
 		}

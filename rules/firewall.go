@@ -50,7 +50,7 @@ type Firewall struct {
 	mu      sync.Mutex
 	rs      *Ruleset
 	sets    map[string]*nftables.Set
-	learned map[netip.Addr]learnedAddr
+	learned addrMap[learnedAddr]
 	version uint64 // counts changes of learned, for savers
 	queue   []*request
 	// touched collects the addresses committed while an audit reads the
@@ -87,7 +87,6 @@ func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Fi
 		dumpOpts: dumpOpts,
 		now:      time.Now,
 		sem:      make(chan struct{}, 1),
-		learned:  map[netip.Addr]learnedAddr{},
 	}, nil
 }
 
@@ -113,13 +112,14 @@ func (f *Firewall) Counts() (v4, v6 int) {
 	now := f.now().UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for a, l := range f.learned {
+	for _, l := range f.learned.v4 {
 		if l.until > now {
-			if a.Is4() {
-				v4++
-			} else {
-				v6++
-			}
+			v4++
+		}
+	}
+	for _, l := range f.learned.v6 {
+		if l.until > now {
+			v6++
 		}
 	}
 	return v4, v6
@@ -138,32 +138,34 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 
 	now := f.now()
 	f.mu.Lock()
-	merged := maps.Clone(f.learned)
+	merged := f.learned.clone()
 	first := f.rs == nil
 	f.mu.Unlock()
+	merge := func(a netip.Addr, until int64, names string) {
+		old, _ := merged.get(a)
+		merged.put(a, learnedAddr{until: max(old.until, until), names: cmp.Or(old.names, names)})
+	}
 	// Once this Firewall installed a table, its own record is the truth (and
 	// reading 100 000 elements back from the kernel takes a second); before
 	// that, the kernel's sets hold what an earlier egressd learned.
-	var kernel []Element
 	if first {
-		elems, err := f.readLearnedSets()
-		if err != nil {
+		var kernel addrMap[int64]
+		if _, err := f.readLearnedSets(&kernel); err != nil {
 			return err
 		}
-		for _, k := range elems {
-			if k.expires != 0 {
-				kernel = append(kernel, Element{Addr: k.addr, Expires: time.UnixMilli(k.expires)})
+		for a, expires := range kernel.all() {
+			if expires != 0 {
+				merge(a, expires, "")
 			}
 		}
 	}
-	for _, e := range slices.Concat(kernel, keep) {
-		old := merged[e.Addr]
-		merged[e.Addr] = learnedAddr{until: max(old.until, e.Expires.UnixMilli()), names: cmp.Or(old.names, e.Names)}
+	for _, e := range keep {
+		merge(e.Addr, e.Expires.UnixMilli(), e.Names)
 	}
 	soon := now.Add(time.Millisecond).UnixMilli()
-	for a, l := range merged {
+	for a, l := range merged.all() {
 		if l.until <= soon || (allowed != nil && !allowed(l.element(a))) {
-			delete(merged, a)
+			merged.del(a)
 		}
 	}
 
@@ -177,9 +179,9 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 		var elems []nftables.SetElement
 		switch s.Type {
 		case IPv4Addr:
-			elems = setElements(untils(merged), false, now)
+			elems = setElements(untils(&merged), false, now)
 		case IPv6Addr:
-			elems = setElements(untils(merged), true, now)
+			elems = setElements(untils(&merged), true, now)
 		case InetService:
 			for _, p := range s.Ports {
 				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})

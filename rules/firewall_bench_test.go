@@ -204,7 +204,7 @@ func BenchmarkAllowExtend(b *testing.B) {
 	for b.Loop() {
 		// The record says the life ends sooner than asked: extend.
 		fw.mu.Lock()
-		fw.learned[a[0]] = learnedAddr{until: time.Now().Add(time.Minute).UnixMilli()}
+		fw.learned.put(a[0], learnedAddr{until: time.Now().Add(time.Minute).UnixMilli()})
 		fw.mu.Unlock()
 		if err := fw.Allow(ctx, "bench.", a, time.Now().Add(time.Hour)); err != nil {
 			b.Fatal(err)

@@ -25,10 +25,7 @@ func TestInstallKeepsManyElements(t *testing.T) {
 	if err := fw.Install(ctx, Build(loadConfig(t, "")), nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	kernel, err := fw.readLearnedSets()
-	if err != nil {
-		t.Fatal(err)
-	}
+	kernel := readKernel(t, fw)
 	if len(kernel) != n+1 {
 		t.Fatalf("kernel holds %d elements after reinstall, want %d", len(kernel), n+1)
 	}

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 )
@@ -35,14 +37,76 @@ func (l learnedAddr) element(a netip.Addr) Element {
 	return Element{Addr: a, Expires: time.UnixMilli(l.until), Names: l.names}
 }
 
-func untils(m map[netip.Addr]learnedAddr) iter.Seq2[netip.Addr, int64] {
+func untils(m *addrMap[learnedAddr]) iter.Seq2[netip.Addr, int64] {
 	return func(yield func(netip.Addr, int64) bool) {
-		for a, l := range m {
+		for a, l := range m.all() {
 			if !yield(a, l.until) {
 				return
 			}
 		}
 	}
+}
+
+// addrMap is a map keyed by address, one map per family so that a key is
+// the address's 4 or 16 bytes: a netip.Addr key takes 24 bytes and holds a
+// pointer (to its zone) in every slot. Zones are not kept (DNS answers and
+// set elements have none). The zero addrMap is empty and ready to use.
+type addrMap[V any] struct {
+	v4 map[[4]byte]V
+	v6 map[[16]byte]V
+}
+
+func (m *addrMap[V]) get(a netip.Addr) (V, bool) {
+	if a.Is4() {
+		v, ok := m.v4[a.As4()]
+		return v, ok
+	}
+	v, ok := m.v6[a.As16()]
+	return v, ok
+}
+
+func (m *addrMap[V]) put(a netip.Addr, v V) {
+	if a.Is4() {
+		if m.v4 == nil {
+			m.v4 = map[[4]byte]V{}
+		}
+		m.v4[a.As4()] = v
+		return
+	}
+	if m.v6 == nil {
+		m.v6 = map[[16]byte]V{}
+	}
+	m.v6[a.As16()] = v
+}
+
+func (m *addrMap[V]) del(a netip.Addr) {
+	if a.Is4() {
+		delete(m.v4, a.As4())
+	} else {
+		delete(m.v6, a.As16())
+	}
+}
+
+func (m *addrMap[V]) len() int { return len(m.v4) + len(m.v6) }
+
+// all yields every entry, IPv4 first; the loop body may delete entries.
+func (m *addrMap[V]) all() iter.Seq2[netip.Addr, V] {
+	return func(yield func(netip.Addr, V) bool) {
+		for k, v := range m.v4 {
+			if !yield(netip.AddrFrom4(k), v) {
+				return
+			}
+		}
+		for k, v := range m.v6 {
+			if !yield(netip.AddrFrom16(k), v) {
+				return
+			}
+		}
+	}
+}
+
+func (m *addrMap[V]) clone() addrMap[V] {
+	return addrMap[V]{v4: maps.Clone(m.v4), v6: maps.Clone(m.v6)}
 }
 
 // withName puts name first in a names list.
@@ -117,15 +181,15 @@ func (f *Firewall) Covered(name string, addrs []netip.Addr, until time.Time) boo
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, a := range addrs {
-		if f.learned[a].until < u {
+		if l, _ := f.learned.get(a); l.until < u {
 			return false
 		}
 	}
 	for _, a := range addrs {
-		l := f.learned[a]
+		l, _ := f.learned.get(a)
 		if n := withName(l.names, name); n != l.names {
 			l.names = n
-			f.learned[a] = l
+			f.learned.put(a, l)
 			f.version++
 		}
 	}
@@ -140,9 +204,9 @@ func (f *Firewall) fits(want map[netip.Addr]int64) bool {
 	if f.limit == 0 {
 		return true
 	}
-	n := len(f.learned)
+	n := f.learned.len()
 	for a := range want {
-		if _, ok := f.learned[a]; !ok {
+		if _, ok := f.learned.get(a); !ok {
 			n++
 		}
 	}
@@ -164,7 +228,7 @@ func (f *Firewall) commit(batch []*request) error {
 		u := r.until.UnixMilli()
 		extended := r.until.Add(headroom(now, r.until)).UnixMilli()
 		for _, a := range r.addrs {
-			if f.learned[a].until < u && extended > want[a] {
+			if l, _ := f.learned.get(a); l.until < u && extended > want[a] {
 				want[a] = extended
 			}
 		}
@@ -174,7 +238,7 @@ func (f *Firewall) commit(batch []*request) error {
 	fresh, extend := map[netip.Addr]int64{}, map[netip.Addr]int64{}
 	held := now.Add(-time.Second).UnixMilli()
 	for a, u := range want {
-		if f.learned[a].until > held {
+		if l, _ := f.learned.get(a); l.until > held {
 			extend[a] = u
 		} else {
 			fresh[a] = u
@@ -182,7 +246,7 @@ func (f *Firewall) commit(batch []*request) error {
 	}
 	f.mu.Unlock()
 	if !f.fits(want) {
-		f.Learned() // prunes expired addresses, which may make room
+		f.prune() // may make room
 		if !f.fits(want) {
 			return ErrFull
 		}
@@ -207,10 +271,10 @@ func (f *Firewall) commit(batch []*request) error {
 	defer f.mu.Unlock()
 	for _, r := range batch {
 		for _, a := range r.addrs {
-			l := f.learned[a]
+			l, _ := f.learned.get(a)
 			l.until = max(l.until, want[a])
 			l.names = withName(l.names, r.name)
-			f.learned[a] = l
+			f.learned.put(a, l)
 			if f.touched != nil {
 				f.touched[a] = true
 			}
@@ -223,18 +287,82 @@ func (f *Firewall) commit(batch []*request) error {
 // Learned returns the addresses still allowed, in no particular order, and
 // the version of the learned addresses they are (see Version).
 func (f *Firewall) Learned() ([]Element, uint64) {
+	all, version := f.LearnedSeq()
+	f.mu.Lock()
+	out := make([]Element, 0, f.learned.len())
+	f.mu.Unlock()
+	return slices.AppendSeq(out, all), version
+}
+
+// learnedChunk is how many addresses LearnedSeq copies while it holds the
+// Firewall.
+const learnedChunk = 1024
+
+// LearnedSeq returns the addresses still allowed, as a sequence that does
+// not copy them all at once (100 000 of them are megabytes), and the
+// version of the learned addresses at the call (see Version). The sequence
+// holds the Firewall only while it copies a chunk of addresses, so answers
+// are not held up while it is consumed; addresses that change meanwhile
+// may or may not be seen as changed (they also change the version), and
+// each address that stays allowed is seen once.
+func (f *Firewall) LearnedSeq() (iter.Seq[Element], uint64) {
+	f.mu.Lock()
+	version := f.version
+	f.mu.Unlock()
+	return func(yield func(Element) bool) {
+		now := f.now().UnixMilli()
+		chunk := make([]Element, 0, learnedChunk)
+		f.mu.Lock()
+		locked := true
+		defer func() {
+			if locked {
+				f.mu.Unlock()
+			}
+		}()
+		// A map may change between the steps of a range over it (it is
+		// held whenever it is read): entries not reached yet that are
+		// deleted are not produced, new ones may or may not be.
+		m := f.learned
+		for a, l := range m.all() {
+			if l.until <= now {
+				m.del(a)
+				continue
+			}
+			chunk = append(chunk, l.element(a))
+			if len(chunk) < learnedChunk {
+				continue
+			}
+			f.mu.Unlock()
+			locked = false
+			for _, e := range chunk {
+				if !yield(e) {
+					return
+				}
+			}
+			chunk = chunk[:0]
+			f.mu.Lock()
+			locked = true
+		}
+		f.mu.Unlock()
+		locked = false
+		for _, e := range chunk {
+			if !yield(e) {
+				return
+			}
+		}
+	}, version
+}
+
+// prune forgets the addresses no longer allowed.
+func (f *Firewall) prune() {
 	now := f.now().UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := make([]Element, 0, len(f.learned))
-	for a, l := range f.learned {
-		if l.until > now {
-			out = append(out, l.element(a))
-		} else {
-			delete(f.learned, a)
+	for a, l := range f.learned.all() {
+		if l.until <= now {
+			f.learned.del(a)
 		}
 	}
-	return out, f.version
 }
 
 // Version changes whenever a learned address or its names change.
@@ -249,7 +377,7 @@ func (f *Firewall) Version() uint64 {
 func (f *Firewall) Names(addr netip.Addr) (string, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	l, ok := f.learned[addr]
+	l, ok := f.learned.get(addr)
 	return l.names, ok
 }
 
@@ -257,6 +385,6 @@ func (f *Firewall) Names(addr netip.Addr) (string, bool) {
 func (f *Firewall) Lookup(addr netip.Addr) (Element, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	l, ok := f.learned[addr]
+	l, ok := f.learned.get(addr)
 	return l.element(addr), ok && l.until > f.now().UnixMilli()
 }

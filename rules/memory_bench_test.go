@@ -1,7 +1,7 @@
 package rules
 
 import (
-		"fmt"
+	"fmt"
 	"net/netip"
 	"runtime"
 	"testing"
