@@ -57,8 +57,8 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		}
 		sum = append(sum, fmt.Sprintf("pinned %s: %d addresses", name, n))
 	}
-	learned, _ := fw.Learned()
-	if err := saveState(cfg.StateDir, learned); err != nil {
+	learned, _ := fw.LearnedSeq()
+	if _, err := saveState(cfg.StateDir, learned); err != nil {
 		log.Warn("learned addresses not saved", "err", err)
 	}
 	if len(errs) > 0 {

@@ -278,15 +278,15 @@ func (d *daemon) notify(state string) {
 // (the version stays unsaved) until a save works.
 func (d *daemon) save() {
 	start := time.Now()
-	learned, version := d.fw.Learned()
-	err := saveState(d.config().StateDir, learned)
+	learned, version := d.fw.LearnedSeq()
+	entries, err := saveState(d.config().StateDir, learned)
 	d.nextSave = start.Add(20 * time.Since(start))
 	prev := d.saveFailing.Load()
 	if err == nil {
 		d.saved = version
 		if prev != nil {
 			d.saveFailing.Store(nil)
-			d.log.Info("learned addresses saved again", "failing_since", prev.Since, "entries", len(learned))
+			d.log.Info("learned addresses saved again", "failing_since", prev.Since, "entries", entries)
 		}
 		return
 	}

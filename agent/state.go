@@ -3,13 +3,15 @@ package agent
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
+	"io"
+	"iter"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/egressd/egressd/rules"
@@ -30,31 +32,35 @@ const (
 	stateHeader = "egressd-learned 1"
 )
 
-// saveState writes the learned addresses atomically: a temp file in the
-// same directory, fsync, rename, fsync of the directory. A crash leaves
-// either the old or the new file, never a torn one.
-func saveState(dir string, entries []rules.Element) error {
+// saveState writes the learned addresses in entries atomically: a temp
+// file in the same directory, fsync, rename, fsync of the directory. A
+// crash leaves either the old or the new file, never a torn one. The
+// entries are written as they come (100 000 of them are megabytes); it
+// returns how many there were.
+func saveState(dir string, entries iter.Seq[rules.Element]) (int, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("save state: %w", err)
+		return 0, fmt.Errorf("save state: %w", err)
 	}
 	tmp, err := os.CreateTemp(dir, stateFile+".*")
 	if err != nil {
-		return fmt.Errorf("save state: %w", err)
+		return 0, fmt.Errorf("save state: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
 	w := bufio.NewWriterSize(tmp, 64<<10)
 	w.WriteString(stateHeader + "\n")
-	var num []byte
-	for _, e := range entries {
-		w.WriteString(e.Addr.String())
-		w.WriteByte('\t')
-		num = strconv.AppendInt(num[:0], e.Expires.UnixMilli(), 10)
-		w.Write(num)
-		w.WriteByte('\t')
-		w.WriteString(e.Names)
-		w.WriteByte('\n')
+	var line []byte
+	n := 0
+	for e := range entries {
+		line = e.Addr.AppendTo(line[:0])
+		line = append(line, '\t')
+		line = strconv.AppendInt(line, e.Expires.UnixMilli(), 10)
+		line = append(line, '\t')
+		line = append(line, e.Names...)
+		line = append(line, '\n')
+		w.Write(line)
+		n++
 	}
-	fmt.Fprintf(w, "end %d\n", len(entries))
+	fmt.Fprintf(w, "end %d\n", n)
 	err = w.Flush() // bufio keeps the first write error
 	if err == nil {
 		err = tmp.Sync()
@@ -63,17 +69,17 @@ func saveState(dir string, entries []rules.Element) error {
 		err = cerr
 	}
 	if err != nil {
-		return fmt.Errorf("save state %s: %w", tmp.Name(), err)
+		return 0, fmt.Errorf("save state %s: %w", tmp.Name(), err)
 	}
 	path := filepath.Join(dir, stateFile)
 	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("save state %s: %w", path, err)
+		return 0, fmt.Errorf("save state %s: %w", path, err)
 	}
 	if d, err := os.Open(dir); err == nil {
 		_ = d.Sync()
 		d.Close()
 	}
-	return nil
+	return n, nil
 }
 
 // loadState reads the learned addresses that are still valid at now. A
@@ -81,24 +87,29 @@ func saveState(dir string, entries []rules.Element) error {
 // nothing of it is used, so that the caller can log it and start without.
 func loadState(dir string, now time.Time) ([]rules.Element, error) {
 	path := filepath.Join(dir, stateFile)
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
 	}
-	out, err := parseState(data, now)
+	defer f.Close()
+	out, err := parseState(f, now)
 	if err != nil {
 		return nil, fmt.Errorf("load state %s: %w", path, err)
 	}
 	return out, nil
 }
 
-func parseState(data []byte, now time.Time) ([]rules.Element, error) {
-	sc := bufio.NewScanner(bytes.NewReader(data))
+// parseState reads a state file as it comes, without holding all of it.
+func parseState(r io.Reader, now time.Time) ([]rules.Element, error) {
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	if !sc.Scan() {
+		if err := sc.Err(); err != nil {
+			return nil, err
+		}
 		return nil, errors.New("corrupt: empty")
 	}
 	if h := sc.Text(); h != stateHeader {
@@ -107,31 +118,32 @@ func parseState(data []byte, now time.Time) ([]rules.Element, error) {
 	var out []rules.Element
 	lines := 0
 	for sc.Scan() {
-		line := sc.Text()
-		if n, ok := strings.CutPrefix(line, "end "); ok {
-			if count, err := strconv.Atoi(n); err != nil || count != lines || sc.Scan() {
+		line := sc.Bytes()
+		if n, ok := bytes.CutPrefix(line, []byte("end ")); ok {
+			if count, err := strconv.Atoi(string(n)); err != nil || count != lines || sc.Scan() {
 				return nil, fmt.Errorf("corrupt: trailer %q after %d entries", line, lines)
 			}
 			return out, nil
 		}
 		lines++
-		f := strings.Split(line, "\t")
-		if len(f) != 3 {
+		addr, rest, ok1 := bytes.Cut(line, []byte("\t"))
+		exp, names, ok2 := bytes.Cut(rest, []byte("\t"))
+		if !ok1 || !ok2 || bytes.IndexByte(names, '\t') >= 0 {
 			return nil, fmt.Errorf("corrupt: line %d", lines+1)
 		}
-		a, err := netip.ParseAddr(f[0])
+		var a netip.Addr
+		if err := a.UnmarshalText(addr); err != nil || !a.IsValid() {
+			return nil, fmt.Errorf("corrupt: line %d: %w", lines+1, cmp.Or(err, errors.New("no address")))
+		}
+		ms, err := strconv.ParseInt(string(exp), 10, 64)
 		if err != nil {
 			return nil, fmt.Errorf("corrupt: line %d: %w", lines+1, err)
 		}
-		ms, err := strconv.ParseInt(f[1], 10, 64)
-		if err != nil {
-			return nil, fmt.Errorf("corrupt: line %d: %w", lines+1, err)
-		}
-		exp := time.UnixMilli(ms)
-		if !exp.After(now) {
+		e := time.UnixMilli(ms)
+		if !e.After(now) {
 			continue
 		}
-		out = append(out, rules.Element{Addr: a, Expires: exp, Names: f[2]})
+		out = append(out, rules.Element{Addr: a, Expires: e, Names: string(names)})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("corrupt: %w", err)

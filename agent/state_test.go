@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -24,8 +25,8 @@ func TestStateRoundTrip(t *testing.T) {
 		entry("2001:db8::1", now.Add(time.Hour), "b.cognitive.microsoft.com", "c.cognitive.microsoft.com"),
 		entry("203.0.113.2", now.Add(-time.Second)), // expired
 	}
-	if err := saveState(dir, in); err != nil {
-		t.Fatal(err)
+	if n, err := saveState(dir, slices.Values(in)); err != nil || n != len(in) {
+		t.Fatalf("saved %d of %d: %v", n, len(in), err)
 	}
 	out, err := loadState(dir, now)
 	if err != nil {
@@ -49,7 +50,7 @@ func TestStateRoundTrip(t *testing.T) {
 func TestStateBadFiles(t *testing.T) {
 	now := time.Now()
 	good := t.TempDir()
-	if err := saveState(good, []rules.Element{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))}); err != nil {
+	if _, err := saveState(good, slices.Values([]rules.Element{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))})); err != nil {
 		t.Fatal(err)
 	}
 	whole, _ := os.ReadFile(filepath.Join(good, stateFile))
@@ -65,6 +66,11 @@ func TestStateBadFiles(t *testing.T) {
 		{"future version", []byte("egressd-learned 2\nend 0\n"), "unknown format"},
 		{"invalid address", []byte("egressd-learned 1\n300.1.1.1\t4102444800000\t\nend 1\n"), "corrupt"},
 		{"wrong count", []byte("egressd-learned 1\n203.0.113.1\t4102444800000\t\nend 2\n"), "corrupt"},
+		{"no address", []byte("egressd-learned 1\n\t4102444800000\t\nend 1\n"), "corrupt"},
+		{"two fields", []byte("egressd-learned 1\n203.0.113.1\t4102444800000\nend 1\n"), "corrupt"},
+		{"four fields", []byte("egressd-learned 1\n203.0.113.1\t4102444800000\ta.\tb.\nend 1\n"), "corrupt"},
+		{"bad expiry", []byte("egressd-learned 1\n203.0.113.1\tsoon\ta.\nend 1\n"), "corrupt"},
+		{"line after the trailer", []byte("egressd-learned 1\nend 0\n203.0.113.1\t4102444800000\ta.\n"), "corrupt"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -83,5 +89,45 @@ func TestStateBadFiles(t *testing.T) {
 	}
 	if out, err := loadState(filepath.Join(t.TempDir(), "missing"), now); err != nil || out != nil {
 		t.Errorf("missing state: %v, %v", out, err)
+	}
+}
+
+// A state file written by an earlier egressd (the same format, written by
+// the code before saving was streamed) still loads, names, IPv6 and
+// addresses without names included.
+func TestStateFromEarlierVersion(t *testing.T) {
+	dir := t.TempDir()
+	const old = "egressd-learned 1\n" +
+		"203.0.113.1\t4102444800000\ta.cognitive.microsoft.com.,b.cognitive.microsoft.com.\n" +
+		"2001:db8::1\t4102444800123\tc.cognitive.microsoft.com.\n" +
+		"203.0.113.2\t4102444800000\t\n" +
+		"203.0.113.3\t1000\tgone.cognitive.microsoft.com.\n" +
+		"end 4\n"
+	if err := os.WriteFile(filepath.Join(dir, stateFile), []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := loadState(dir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []rules.Element{
+		{Addr: netip.MustParseAddr("203.0.113.1"), Expires: time.UnixMilli(4102444800000), Names: "a.cognitive.microsoft.com.,b.cognitive.microsoft.com."},
+		{Addr: netip.MustParseAddr("2001:db8::1"), Expires: time.UnixMilli(4102444800123), Names: "c.cognitive.microsoft.com."},
+		{Addr: netip.MustParseAddr("203.0.113.2"), Expires: time.UnixMilli(4102444800000)},
+	}
+	if !slices.EqualFunc(out, want, func(a, b rules.Element) bool {
+		return a.Addr == b.Addr && a.Expires.Equal(b.Expires) && a.Names == b.Names
+	}) {
+		t.Errorf("loaded %+v\nwant %+v", out, want)
+	}
+	// Saved again, the file is the same, but for the expired entry.
+	if _, err := saveState(dir, slices.Values(out)); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, stateFile))
+	wantFile := strings.Replace(old, "203.0.113.3\t1000\tgone.cognitive.microsoft.com.\n", "", 1)
+	wantFile = strings.Replace(wantFile, "end 4", "end 3", 1)
+	if string(got) != wantFile {
+		t.Errorf("saved\n%s\nwant\n%s", got, wantFile)
 	}
 }
