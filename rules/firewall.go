@@ -176,21 +176,22 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	sets := map[string]*nftables.Set{}
 	for _, s := range rs.Sets {
 		ns := nftSet(t, s)
-		var elems []nftables.SetElement
-		switch s.Type {
-		case IPv4Addr:
-			elems = setElements(untils(&merged), false, now)
-		case IPv6Addr:
-			elems = setElements(untils(&merged), true, now)
-		case InetService:
-			for _, p := range s.Ports {
-				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
-			}
-		}
 		if err := c.AddSet(ns, nil); err != nil {
 			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
 		}
-		if err := addElements(c, ns, elems); err != nil {
+		add := func(elems []nftables.SetElement) error { return c.SetAddElements(ns, elems) }
+		var err error
+		switch s.Type {
+		case IPv4Addr, IPv6Addr:
+			err = queueLives(untils(&merged), s.Type == IPv6Addr, now, add)
+		case InetService:
+			var elems []nftables.SetElement
+			for _, p := range s.Ports {
+				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
+			}
+			err = addElements(c, ns, elems)
+		}
+		if err != nil {
 			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
 		}
 		sets[s.Name] = ns
@@ -276,16 +277,14 @@ func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]
 		if v6 {
 			name = SetAllow6
 		}
-		elems := setElements(maps.All(lives), v6, now)
-		if len(elems) == 0 {
-			continue
-		}
 		s := sets[name]
-		err := addElements(f.conn, s, elems)
+		add := func(elems []nftables.SetElement) error { return f.conn.SetAddElements(s, elems) }
+		ops := []func([]nftables.SetElement) error{add}
 		if replace {
-			err = errors.Join(err, delElements(f.conn, s, elems), addElements(f.conn, s, elems))
+			del := func(elems []nftables.SetElement) error { return f.conn.SetDeleteElements(s, elems) }
+			ops = append(ops, del, add)
 		}
-		if err != nil {
+		if err := queueLives(maps.All(lives), v6, now, ops...); err != nil {
 			return f.abort(fmt.Errorf("set lifetimes in set %s: %w", name, err))
 		}
 	}
@@ -355,17 +354,37 @@ func hookNum(name string) *nftables.ChainHook {
 	panic("rules: unknown hook " + name)
 }
 
-// setElements returns the elements of one family, each with the timeout
-// that ends at its until (Unix ms).
-func setElements(untils iter.Seq2[netip.Addr, int64], v6 bool, now time.Time) []nftables.SetElement {
-	var elems []nftables.SetElement
-	for a, until := range untils {
+// queueLives queues each address of one family in lives, with the
+// timeout that ends at its until (Unix ms), in messages of at most
+// maxElementsPerMessage elements: ops, in order, for each message's
+// elements. The elements are built a message at a time (a SetElement is
+// 136 bytes; the messages keep only what the kernel needs).
+func queueLives(lives iter.Seq2[netip.Addr, int64], v6 bool, now time.Time, ops ...func([]nftables.SetElement) error) error {
+	var chunk []nftables.SetElement
+	flush := func() error {
+		for _, op := range ops {
+			if err := op(chunk); err != nil {
+				return err
+			}
+		}
+		chunk = chunk[:0]
+		return nil
+	}
+	for a, until := range lives {
 		if a.Is6() != v6 {
 			continue
 		}
-		elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)})
+		chunk = append(chunk, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)})
+		if len(chunk) == maxElementsPerMessage {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
 	}
-	return elems
+	if len(chunk) == 0 {
+		return nil
+	}
+	return flush()
 }
 
 // timeout is the kernel timeout from now to until (Unix ms), rounded up to
