@@ -360,62 +360,89 @@ func dumpMessages(msgs []netlink.Message, seq uint32, fn func(key []byte, expire
 		if len(m.Data) < 4 {
 			continue
 		}
-		// nfgenmsg, then NFTA_SET_ELEM_LIST_*.
-		for lists := (attrs{rest: m.Data[4:]}); lists.next(); {
-			if lists.typ != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
-				continue
-			}
-			for elems := (attrs{rest: lists.data}); elems.next(); {
-				if elems.typ != unix.NFTA_LIST_ELEM {
-					continue
-				}
-				var key []byte
-				var timeout, expires uint64
-				for el := (attrs{rest: elems.data}); el.next(); {
-					switch {
-					case el.typ == unix.NFTA_SET_ELEM_KEY:
-						for k := (attrs{rest: el.data}); k.next(); {
-							if k.typ == unix.NFTA_DATA_VALUE {
-								key = k.data
-							}
-						}
-					case el.typ == unix.NFTA_SET_ELEM_TIMEOUT && len(el.data) == 8:
-						timeout = binary.BigEndian.Uint64(el.data)
-					case el.typ == unix.NFTA_SET_ELEM_EXPIRATION && len(el.data) == 8:
-						expires = binary.BigEndian.Uint64(el.data)
-					}
-				}
-				if key == nil {
-					continue
-				}
-				// Like nft: an element with a timeout expires; the
-				// others (timeout and expiry 0) never do.
-				if timeout > 0 && expires == 0 {
-					expires = 1 // due now
-				}
-				fn(key, int64(expires))
-			}
+		if !dumpElements(m.Data[4:], fn) {
+			return true, errors.New("malformed set element dump")
 		}
 	}
 	return false, nil
 }
 
+// dumpElements passes the elements of a NEWSETELEM message's attributes to
+// fn; false if they are malformed.
+func dumpElements(b []byte, fn func(key []byte, expires int64)) bool {
+	// NFTA_SET_ELEM_LIST_*; the elements' list holds NFTA_LIST_ELEMs.
+	lists := attrs{rest: b}
+	for lists.next() {
+		if lists.typ != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
+			continue
+		}
+		elems := attrs{rest: lists.data}
+		for elems.next() {
+			if elems.typ != unix.NFTA_LIST_ELEM {
+				continue
+			}
+			var key []byte
+			var timeout, expires uint64
+			el := attrs{rest: elems.data}
+			for el.next() {
+				switch {
+				case el.typ == unix.NFTA_SET_ELEM_KEY:
+					k := attrs{rest: el.data}
+					for k.next() {
+						if k.typ == unix.NFTA_DATA_VALUE {
+							key = k.data
+						}
+					}
+					if k.bad {
+						return false
+					}
+				case el.typ == unix.NFTA_SET_ELEM_TIMEOUT && len(el.data) == 8:
+					timeout = binary.BigEndian.Uint64(el.data)
+				case el.typ == unix.NFTA_SET_ELEM_EXPIRATION && len(el.data) == 8:
+					expires = binary.BigEndian.Uint64(el.data)
+				}
+			}
+			if el.bad {
+				return false
+			}
+			if key == nil {
+				continue
+			}
+			// Like nft: an element with a timeout expires; the
+			// others (timeout and expiry 0) never do.
+			if timeout > 0 && expires == 0 {
+				expires = 1 // due now
+			}
+			fn(key, int64(expires))
+		}
+		if elems.bad {
+			return false
+		}
+	}
+	return !lists.bad
+}
+
 // attrs walks the netlink attributes in rest: after each next that
 // reports true, typ (without the nested and byte-order flags) and data
-// are one attribute. It stops at a malformed one. A plain loop: the
-// iterator functions of a range allocated for every element.
+// are one attribute. It stops at a malformed one, and says so in bad. A
+// plain loop: the iterator functions of a range allocated per element.
 type attrs struct {
 	rest []byte
 	typ  uint16
 	data []byte
+	bad  bool // stopped at a malformed attribute
 }
 
 func (a *attrs) next() bool {
-	if len(a.rest) < unix.NLA_HDRLEN {
+	if len(a.rest) == 0 {
 		return false
 	}
-	l := int(binary.NativeEndian.Uint16(a.rest))
+	l := 0
+	if len(a.rest) >= unix.NLA_HDRLEN {
+		l = int(binary.NativeEndian.Uint16(a.rest))
+	}
 	if l < unix.NLA_HDRLEN || l > len(a.rest) {
+		a.bad = true
 		return false
 	}
 	a.typ = binary.NativeEndian.Uint16(a.rest[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
