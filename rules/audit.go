@@ -57,7 +57,7 @@ type Audit struct {
 // found. Addresses in skip changed while the kernel was read and are left
 // to the next audit. The kernel's expiries were read over read (the dump's
 // duration), so they may seem that much earlier than they are.
-func auditPlan(now int64, record *addrMap[learnedAddr], kernel *addrMap[int64], skip map[netip.Addr]bool, read time.Duration) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
+func auditPlan(now int64, record *learnedMap, kernel *addrMap[int64], skip map[netip.Addr]bool, read time.Duration) (set map[netip.Addr]int64, del []netip.Addr, found map[RepairKind]int) {
 	slack := auditSlack.Milliseconds()
 	early := slack + read.Milliseconds()
 	set, found = map[netip.Addr]int64{}, map[RepairKind]int{}
@@ -133,7 +133,7 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	}
 	now := f.now()
 	f.mu.Lock()
-	set, del, found := auditPlan(now.UnixMilli(), &f.learned, &kernel, f.touched, read)
+	set, del, found := auditPlan(now.UnixMilli(), f.learned, &kernel, f.touched, read)
 	f.mu.Unlock()
 	if found[RepairMissing] > 0 {
 		// A dump of a hash set that the kernel is resizing may skip
@@ -144,7 +144,7 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 		}
 		now = f.now()
 		f.mu.Lock()
-		set, del, found = auditPlan(now.UnixMilli(), &f.learned, &kernel, f.touched, now.Sub(start))
+		set, del, found = auditPlan(now.UnixMilli(), f.learned, &kernel, f.touched, now.Sub(start))
 		f.mu.Unlock()
 	}
 	f.mu.Lock()

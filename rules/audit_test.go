@@ -103,7 +103,7 @@ func TestAuditPlan(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var record addrMap[learnedAddr]
+			var record learnedMap
 			for a, l := range tt.record {
 				record.put(a, l)
 			}

@@ -50,7 +50,7 @@ type Firewall struct {
 	mu      sync.Mutex
 	rs      *Ruleset
 	sets    map[string]*nftables.Set
-	learned addrMap[learnedAddr]
+	learned *learnedMap
 	version uint64 // counts changes of learned, for savers
 	queue   []*request
 	// touched collects the addresses committed while an audit reads the
@@ -87,6 +87,7 @@ func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Fi
 		dumpOpts: dumpOpts,
 		now:      time.Now,
 		sem:      make(chan struct{}, 1),
+		learned:  &learnedMap{},
 	}, nil
 }
 
@@ -113,12 +114,12 @@ func (f *Firewall) Counts() (v4, v6 int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, l := range f.learned.v4 {
-		if l.until > now {
+		if l.until() > now {
 			v4++
 		}
 	}
 	for _, l := range f.learned.v6 {
-		if l.until > now {
+		if l.until() > now {
 			v6++
 		}
 	}
@@ -183,7 +184,7 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 		var err error
 		switch s.Type {
 		case IPv4Addr, IPv6Addr:
-			err = queueLives(untils(&merged), s.Type == IPv6Addr, now, add)
+			err = queueLives(untils(merged), s.Type == IPv6Addr, now, add)
 		case InetService:
 			var elems []nftables.SetElement
 			for _, p := range s.Ports {

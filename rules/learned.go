@@ -26,8 +26,8 @@ type Element struct {
 // many).
 const maxNames = 8
 
-// learnedAddr is what the Firewall keeps per address: compact, because
-// there may be hundreds of thousands.
+// learnedAddr is a learned address's record: when it stops being allowed
+// and its names (comma-separated, most recent first).
 type learnedAddr struct {
 	until int64 // Unix ms
 	names string
@@ -37,20 +37,204 @@ func (l learnedAddr) element(a netip.Addr) Element {
 	return Element{Addr: a, Expires: time.UnixMilli(l.until), Names: l.names}
 }
 
-func untils(m *addrMap[learnedAddr]) iter.Seq2[netip.Addr, int64] {
+func untils(m *learnedMap) iter.Seq2[netip.Addr, int64] {
 	return func(yield func(netip.Addr, int64) bool) {
-		for a, l := range m.all() {
-			if !yield(a, l.until) {
+		for k, p := range m.v4 {
+			if !yield(netip.AddrFrom4(k), p.until()) {
+				return
+			}
+		}
+		for k, p := range m.v6 {
+			if !yield(netip.AddrFrom16(k), p.until()) {
 				return
 			}
 		}
 	}
 }
 
+// learnedMap is the Firewall's record of learned addresses: there may be
+// hundreds of thousands, so it is kept compact. Each address maps to a
+// packedAddr of 12 bytes that holds no pointer (an IPv4 slot of the map
+// is 16 bytes, and the collector does not scan the map); the names lists
+// are in a table of their own. At 132 000 addresses the map takes 36
+// bytes per address and the table 16, where a map of netip.Addr to
+// {int64, string} took 79 plus 16 for the netip.Addr key's width.
+//
+// The zero learnedMap is empty and ready to use. It keys by the address's
+// bytes, so zones are not kept (DNS answers have none).
+type learnedMap struct {
+	v4    map[[4]byte]packedAddr
+	v6    map[[16]byte]packedAddr
+	names nameTable
+}
+
+// packedAddr is a learnedAddr in the map: until as two 32-bit halves, so
+// that the struct's alignment is 4, and the names as an id in the table.
+type packedAddr struct {
+	lo, hi uint32
+	names  nameID
+}
+
+func (p packedAddr) until() int64 { return int64(uint64(p.hi)<<32 | uint64(p.lo)) }
+
+func (m *learnedMap) unpack(p packedAddr) learnedAddr {
+	return learnedAddr{until: p.until(), names: m.names.get(p.names)}
+}
+
+// pack returns l as stored over old (the zero packedAddr if new): the
+// names keep old's id, take a new one, or give it back.
+func (m *learnedMap) pack(old packedAddr, l learnedAddr) packedAddr {
+	p := packedAddr{lo: uint32(uint64(l.until)), hi: uint32(uint64(l.until) >> 32), names: old.names}
+	switch {
+	case l.names == "":
+		m.names.release(p.names)
+		p.names = 0
+	case p.names == 0:
+		p.names = m.names.add(l.names)
+	default:
+		m.names.set(p.names, l.names)
+	}
+	return p
+}
+
+func (m *learnedMap) get(a netip.Addr) (learnedAddr, bool) {
+	var p packedAddr
+	var ok bool
+	if a.Is4() {
+		p, ok = m.v4[a.As4()]
+	} else {
+		p, ok = m.v6[a.As16()]
+	}
+	return m.unpack(p), ok
+}
+
+func (m *learnedMap) put(a netip.Addr, l learnedAddr) {
+	if a.Is4() {
+		if m.v4 == nil {
+			m.v4 = map[[4]byte]packedAddr{}
+		}
+		k := a.As4()
+		m.v4[k] = m.pack(m.v4[k], l)
+		return
+	}
+	if m.v6 == nil {
+		m.v6 = map[[16]byte]packedAddr{}
+	}
+	k := a.As16()
+	m.v6[k] = m.pack(m.v6[k], l)
+}
+
+func (m *learnedMap) del(a netip.Addr) {
+	if a.Is4() {
+		k := a.As4()
+		if p, ok := m.v4[k]; ok {
+			m.names.release(p.names)
+			delete(m.v4, k)
+		}
+		if len(m.v4) == 0 {
+			m.v4 = nil // a map never shrinks: drop an empty one
+		}
+		return
+	}
+	k := a.As16()
+	if p, ok := m.v6[k]; ok {
+		m.names.release(p.names)
+		delete(m.v6, k)
+	}
+	if len(m.v6) == 0 {
+		m.v6 = nil
+	}
+}
+
+func (m *learnedMap) len() int { return len(m.v4) + len(m.v6) }
+
+// all yields every address, IPv4 first; the loop body may delete entries.
+func (m *learnedMap) all() iter.Seq2[netip.Addr, learnedAddr] {
+	return func(yield func(netip.Addr, learnedAddr) bool) {
+		for k, p := range m.v4 {
+			if !yield(netip.AddrFrom4(k), m.unpack(p)) {
+				return
+			}
+		}
+		for k, p := range m.v6 {
+			if !yield(netip.AddrFrom16(k), m.unpack(p)) {
+				return
+			}
+		}
+	}
+}
+
+func (m *learnedMap) clone() *learnedMap {
+	return &learnedMap{v4: maps.Clone(m.v4), v6: maps.Clone(m.v6), names: m.names.clone()}
+}
+
+// nameID identifies a names list in a nameTable; 0 is the empty list.
+type nameID = uint32
+
+// namePage is how many names lists a page of a nameTable holds.
+const namePage = 1024
+
+// nameTable holds names lists by id: a string header each, in pages, so
+// that it grows without copying and without the slack of a doubling
+// slice. Ids given back are reused. The strings themselves are those the
+// callers passed (a name's string is shared with the DNS answer it came
+// from, and by every address of that answer).
+type nameTable struct {
+	pages [][]string
+	free  []nameID
+	used  nameID // ids ever handed out; the highest is used
+}
+
+func (t *nameTable) get(id nameID) string {
+	if id == 0 {
+		return ""
+	}
+	return t.pages[(id-1)/namePage][(id-1)%namePage]
+}
+
+func (t *nameTable) set(id nameID, names string) {
+	t.pages[(id-1)/namePage][(id-1)%namePage] = names
+}
+
+func (t *nameTable) add(names string) nameID {
+	var id nameID
+	if n := len(t.free); n > 0 {
+		id = t.free[n-1]
+		t.free = t.free[:n-1]
+	} else {
+		t.used++
+		id = t.used
+		if int(id-1)/namePage == len(t.pages) {
+			t.pages = append(t.pages, make([]string, namePage))
+		}
+	}
+	t.set(id, names)
+	return id
+}
+
+func (t *nameTable) release(id nameID) {
+	if id == 0 {
+		return
+	}
+	t.set(id, "")
+	t.free = append(t.free, id)
+	if len(t.free) == int(t.used) {
+		*t = nameTable{} // all given back: drop the pages
+	}
+}
+
+func (t *nameTable) clone() nameTable {
+	c := nameTable{pages: make([][]string, len(t.pages)), free: slices.Clone(t.free), used: t.used}
+	for i, p := range t.pages {
+		c.pages[i] = slices.Clone(p)
+	}
+	return c
+}
+
 // addrMap is a map keyed by address, one map per family so that a key is
-// the address's 4 or 16 bytes: a netip.Addr key takes 24 bytes and holds a
-// pointer (to its zone) in every slot. Zones are not kept (DNS answers and
-// set elements have none). The zero addrMap is empty and ready to use.
+// the address's 4 or 16 bytes (a netip.Addr takes 24 and holds a pointer,
+// to its zone, which is not kept). The zero addrMap is empty and ready to
+// use.
 type addrMap[V any] struct {
 	v4 map[[4]byte]V
 	v6 map[[16]byte]V
@@ -79,17 +263,7 @@ func (m *addrMap[V]) put(a netip.Addr, v V) {
 	m.v6[a.As16()] = v
 }
 
-func (m *addrMap[V]) del(a netip.Addr) {
-	if a.Is4() {
-		delete(m.v4, a.As4())
-	} else {
-		delete(m.v6, a.As16())
-	}
-}
-
-func (m *addrMap[V]) len() int { return len(m.v4) + len(m.v6) }
-
-// all yields every entry, IPv4 first; the loop body may delete entries.
+// all yields every entry, IPv4 first.
 func (m *addrMap[V]) all() iter.Seq2[netip.Addr, V] {
 	return func(yield func(netip.Addr, V) bool) {
 		for k, v := range m.v4 {
@@ -103,10 +277,6 @@ func (m *addrMap[V]) all() iter.Seq2[netip.Addr, V] {
 			}
 		}
 	}
-}
-
-func (m *addrMap[V]) clone() addrMap[V] {
-	return addrMap[V]{v4: maps.Clone(m.v4), v6: maps.Clone(m.v6)}
 }
 
 // withName puts name first in a names list.
@@ -322,6 +492,8 @@ func (f *Firewall) LearnedSeq() (iter.Seq[Element], uint64) {
 		// A map may change between the steps of a range over it (it is
 		// held whenever it is read): entries not reached yet that are
 		// deleted are not produced, new ones may or may not be.
+		// Install replaces the record rather than change it: m stays
+		// whole, if out of date.
 		m := f.learned
 		for a, l := range m.all() {
 			if l.until <= now {

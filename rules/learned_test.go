@@ -2,37 +2,44 @@ package rules
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"net/netip"
 	"testing"
 	"time"
 )
 
-func TestAddrMap(t *testing.T) {
-	var m addrMap[int]
+func TestLearnedMap(t *testing.T) {
+	var m learnedMap
 	if _, ok := m.get(addr(1)); ok || m.len() != 0 {
-		t.Fatal("zero addrMap not empty")
+		t.Fatal("zero learnedMap not empty")
+	}
+	rec := func(i int) learnedAddr {
+		if i == 3 {
+			return learnedAddr{until: -1} // no names; before 1970
+		}
+		return learnedAddr{until: int64(i) << 33, names: fmt.Sprintf("n%d.example.", i)}
 	}
 	keys := []string{"198.18.0.1", "::ffff:198.18.0.1", "2001:db8::1", "0.0.0.0", "::"}
 	for i, k := range keys {
-		m.put(netip.MustParseAddr(k), i)
+		m.put(netip.MustParseAddr(k), rec(i))
 	}
 	tests := []struct {
 		addr string
-		want int
+		want learnedAddr
 		ok   bool
 	}{
-		{"198.18.0.1", 0, true},
-		{"::ffff:198.18.0.1", 1, true}, // not the IPv4 address
-		{"2001:db8::1", 2, true},
-		{"0.0.0.0", 3, true},
-		{"::", 4, true},
-		{"198.18.0.2", 0, false},
-		{"2001:db8::2", 0, false},
+		{"198.18.0.1", rec(0), true},
+		{"::ffff:198.18.0.1", rec(1), true}, // not the IPv4 address
+		{"2001:db8::1", rec(2), true},
+		{"0.0.0.0", rec(3), true},
+		{"::", rec(4), true},
+		{"198.18.0.2", learnedAddr{}, false},
+		{"2001:db8::2", learnedAddr{}, false},
 	}
 	for _, tt := range tests {
-		if v, ok := m.get(netip.MustParseAddr(tt.addr)); v != tt.want || ok != tt.ok {
-			t.Errorf("get(%s) = %d, %v; want %d, %v", tt.addr, v, ok, tt.want, tt.ok)
+		if l, ok := m.get(netip.MustParseAddr(tt.addr)); l != tt.want || ok != tt.ok {
+			t.Errorf("get(%s) = %+v, %v; want %+v, %v", tt.addr, l, ok, tt.want, tt.ok)
 		}
 	}
 	all := maps.Collect(m.all())
@@ -40,25 +47,76 @@ func TestAddrMap(t *testing.T) {
 		t.Fatalf("all = %v, len %d", all, m.len())
 	}
 	for i, k := range keys {
-		if all[netip.MustParseAddr(k)] != i {
-			t.Errorf("all[%s] = %d, want %d", k, all[netip.MustParseAddr(k)], i)
+		if all[netip.MustParseAddr(k)] != rec(i) {
+			t.Errorf("all[%s] = %+v, want %+v", k, all[netip.MustParseAddr(k)], rec(i))
 		}
 	}
+	if u := maps.Collect(untils(&m)); u[netip.MustParseAddr("2001:db8::1")] != rec(2).until || len(u) != len(keys) {
+		t.Errorf("untils = %v", u)
+	}
 	c := m.clone()
-	m.del(netip.MustParseAddr("198.18.0.1"))
+	// Changed names, names dropped, deleted: the clone keeps its own.
+	m.put(netip.MustParseAddr("198.18.0.1"), learnedAddr{until: 5, names: "other.example."})
+	m.put(netip.MustParseAddr("::"), learnedAddr{until: 5})
 	m.del(netip.MustParseAddr("2001:db8::1"))
-	if _, ok := m.get(netip.MustParseAddr("198.18.0.1")); ok || m.len() != 3 {
+	m.del(netip.MustParseAddr("2001:db8::2")) // absent
+	if l, _ := m.get(netip.MustParseAddr("198.18.0.1")); l != (learnedAddr{5, "other.example."}) {
+		t.Errorf("after a change: %+v", l)
+	}
+	if l, _ := m.get(netip.MustParseAddr("::")); l != (learnedAddr{until: 5}) {
+		t.Errorf("after dropping the names: %+v", l)
+	}
+	if _, ok := m.get(netip.MustParseAddr("2001:db8::1")); ok || m.len() != 4 {
 		t.Errorf("after delete: len %d", m.len())
 	}
-	if _, ok := c.get(netip.MustParseAddr("2001:db8::1")); !ok || c.len() != 5 {
-		t.Errorf("the clone changed with the original: len %d", c.len())
+	for i, k := range keys {
+		if l, ok := c.get(netip.MustParseAddr(k)); !ok || l != rec(i) {
+			t.Errorf("the clone changed with the original: %s: %+v", k, l)
+		}
 	}
-	// Deleting while ranging is allowed.
+	// Ids given back are reused: the table does not grow.
+	used := m.names.used
+	for i := range 3 {
+		a := netip.MustParseAddr("2001:db8::1")
+		m.put(a, learnedAddr{until: 1, names: fmt.Sprint("again", i)})
+		m.del(a)
+	}
+	if m.names.used != used {
+		t.Errorf("%d ids handed out, want %d", m.names.used, used)
+	}
+	// Deleting while ranging is allowed; an empty map drops its tables.
 	for a := range m.all() {
 		m.del(a)
 	}
-	if m.len() != 0 {
-		t.Errorf("%d left after deleting all", m.len())
+	if m.len() != 0 || m.v4 != nil || m.v6 != nil || m.names.pages != nil {
+		t.Errorf("after deleting all: %+v", m)
+	}
+}
+
+// Many addresses: ids across pages, each address its names.
+func TestLearnedMapMany(t *testing.T) {
+	var m learnedMap
+	const n = 3*namePage + 10
+	for i := range uint32(n) {
+		m.put(addr(i), learnedAddr{until: int64(i), names: fmt.Sprint(i)})
+	}
+	for i := uint32(0); i < n; i += 2 {
+		m.del(addr(i))
+	}
+	for i := uint32(0); i < n; i += 2 {
+		m.put(addr(i), learnedAddr{until: int64(i), names: fmt.Sprint("x", i)})
+	}
+	for i := range uint32(n) {
+		want := fmt.Sprint(i)
+		if i%2 == 0 {
+			want = "x" + want
+		}
+		if l, ok := m.get(addr(i)); !ok || l.names != want || l.until != int64(i) {
+			t.Fatalf("%v: %+v, want %s", addr(i), l, want)
+		}
+	}
+	if m.names.used != n || len(m.names.pages) != 4 {
+		t.Errorf("%d ids in %d pages", m.names.used, len(m.names.pages))
 	}
 }
 
