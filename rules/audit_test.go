@@ -21,8 +21,8 @@ type kernelElement struct {
 // readKernel reads the learned sets of fw's namespace.
 func readKernel(t testing.TB, fw *Firewall) []kernelElement {
 	t.Helper()
-	var kernel addrMap[int64]
-	n, err := fw.readLearnedSets(&kernel)
+	kernel := newKernelView(0, 0)
+	n, err := fw.readLearnedSets(kernel)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,11 +107,12 @@ func TestAuditPlan(t *testing.T) {
 			for a, l := range tt.record {
 				record.put(a, l)
 			}
-			var kernel addrMap[int64]
+			kernel := newKernelView(0, 0)
 			for _, k := range tt.kernel {
-				kernel.put(k.addr, k.expires)
+				kernel.add(k.addr, k.expires)
 			}
-			set, del, found := auditPlan(now, &record, &kernel, tt.skip, 0)
+			kernel.sort()
+			set, del, found := auditPlan(now, &record, kernel, tt.skip, 0)
 			if !maps.Equal(set, tt.wantSet) && len(set)+len(tt.wantSet) > 0 {
 				t.Errorf("set = %v, want %v", set, tt.wantSet)
 			}

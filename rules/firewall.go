@@ -150,8 +150,8 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	// reading 100 000 elements back from the kernel takes a second); before
 	// that, the kernel's sets hold what an earlier egressd learned.
 	if first {
-		var kernel addrMap[int64]
-		if _, err := f.readLearnedSets(&kernel); err != nil {
+		kernel := newKernelView(0, 0)
+		if _, err := f.readLearnedSets(kernel); err != nil {
 			return err
 		}
 		for a, expires := range kernel.all() {

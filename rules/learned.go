@@ -231,54 +231,6 @@ func (t *nameTable) clone() nameTable {
 	return c
 }
 
-// addrMap is a map keyed by address, one map per family so that a key is
-// the address's 4 or 16 bytes (a netip.Addr takes 24 and holds a pointer,
-// to its zone, which is not kept). The zero addrMap is empty and ready to
-// use.
-type addrMap[V any] struct {
-	v4 map[[4]byte]V
-	v6 map[[16]byte]V
-}
-
-func (m *addrMap[V]) get(a netip.Addr) (V, bool) {
-	if a.Is4() {
-		v, ok := m.v4[a.As4()]
-		return v, ok
-	}
-	v, ok := m.v6[a.As16()]
-	return v, ok
-}
-
-func (m *addrMap[V]) put(a netip.Addr, v V) {
-	if a.Is4() {
-		if m.v4 == nil {
-			m.v4 = map[[4]byte]V{}
-		}
-		m.v4[a.As4()] = v
-		return
-	}
-	if m.v6 == nil {
-		m.v6 = map[[16]byte]V{}
-	}
-	m.v6[a.As16()] = v
-}
-
-// all yields every entry, IPv4 first.
-func (m *addrMap[V]) all() iter.Seq2[netip.Addr, V] {
-	return func(yield func(netip.Addr, V) bool) {
-		for k, v := range m.v4 {
-			if !yield(netip.AddrFrom4(k), v) {
-				return
-			}
-		}
-		for k, v := range m.v6 {
-			if !yield(netip.AddrFrom16(k), v) {
-				return
-			}
-		}
-	}
-}
-
 // withName puts name first in a names list.
 func withName(names, name string) string {
 	switch {

@@ -180,3 +180,49 @@ func TestParseMessages(t *testing.T) {
 		t.Error("a cut message parsed")
 	}
 }
+
+func TestKernelView(t *testing.T) {
+	k := newKernelView(2, 0)
+	ip := netip.MustParseAddr
+	reads := [][]gotElem{
+		{{ip("198.18.0.9"), 9}, {ip("2001:db8::2"), 2}, {ip("198.18.0.1"), 1}, {ip("::ffff:198.18.0.1"), 41}, {ip("198.18.0.5"), 0}},
+		// A second read: what it reads again wins.
+		{{ip("198.18.0.1"), 100}, {ip("2001:db8::1"), 1}, {ip("198.18.0.1"), 101}},
+	}
+	for _, r := range reads {
+		for _, e := range r {
+			k.add(e.addr, e.expires)
+		}
+		k.sort()
+	}
+	tests := []struct {
+		addr    string
+		expires int64
+		ok      bool
+	}{
+		{"198.18.0.1", 101, true},
+		{"198.18.0.5", 0, true},
+		{"198.18.0.9", 9, true},
+		{"::ffff:198.18.0.1", 41, true},
+		{"2001:db8::1", 1, true},
+		{"2001:db8::2", 2, true},
+		{"198.18.0.2", 0, false},
+		{"2001:db8::3", 0, false},
+		{"0.0.0.0", 0, false},
+		{"255.255.255.255", 0, false},
+	}
+	for _, tt := range tests {
+		if e, ok := k.get(ip(tt.addr)); e != tt.expires || ok != tt.ok {
+			t.Errorf("get(%s) = %d, %v; want %d, %v", tt.addr, e, ok, tt.expires, tt.ok)
+		}
+	}
+	var all []gotElem
+	for a, e := range k.all() {
+		all = append(all, gotElem{a, e})
+	}
+	want := []gotElem{{ip("198.18.0.1"), 101}, {ip("198.18.0.5"), 0}, {ip("198.18.0.9"), 9},
+		{ip("::ffff:198.18.0.1"), 41}, {ip("2001:db8::1"), 1}, {ip("2001:db8::2"), 2}}
+	if !slices.Equal(all, want) {
+		t.Errorf("all = %v\nwant %v", all, want)
+	}
+}
