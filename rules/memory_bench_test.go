@@ -1,11 +1,14 @@
 package rules
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/google/nftables"
 )
 
 // learn100kNamed opens 100 000 addresses for an hour, each for a name of
@@ -68,5 +71,29 @@ func BenchmarkLearned100k(b *testing.B) {
 		if l, _ := fw.Learned(); len(l) != 100000 {
 			b.Fatal(len(l))
 		}
+	}
+}
+
+// BenchmarkRestart100k: a restart at 100 000 learned addresses: a new
+// Firewall's first Install reads them back from the kernel and merges
+// them with the state file's (keep).
+func BenchmarkRestart100k(b *testing.B) {
+	fw, ns := newTestFirewallNS(b)
+	learn100kNamed(b, fw)
+	keep, _ := fw.Learned()
+	rs := Build(loadConfig(b, ""))
+	b.ReportAllocs()
+	for b.Loop() {
+		again, err := NewFirewall(nftables.WithNetNSFd(int(ns)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := again.Install(context.Background(), rs, keep, nil); err != nil {
+			b.Fatal(err)
+		}
+		if again.learned.len() != 100000 {
+			b.Fatalf("%d learned", again.learned.len())
+		}
+		_ = again.conn.CloseLasting()
 	}
 }
