@@ -362,12 +362,14 @@ func (d *daemon) reload(ctx context.Context) {
 		d.log.Error("reload failed; the old ruleset stays in force", "err", err)
 		return
 	}
-	forget(cfg, d.log)
+	// The proxy follows the ruleset at once: until it does, it answers
+	// with the old config's names and mode.
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics))
 	d.host = pl.host
 	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
-	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics))
+	forget(cfg, d.log)
 	d.startPinned(ctx)
 	d.log.Info("config reloaded", "ruleset", pl.rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)
 	d.announceMode(old, cfg)

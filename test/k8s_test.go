@@ -460,7 +460,7 @@ func TestKubernetesConfigMapAuditThenEnforce(t *testing.T) {
 		return nil
 	})
 	t.Logf("enforced %v after the swap", time.Since(start).Round(10*time.Millisecond))
-	k.waitLog("config file changed; reloading")
+	k.waitLog("config reloaded", "mode=enforce")
 	k.mustReach(k.Pod, "203.0.113.10:443") // learned in audit mode, kept, no new query
 	if addrs, err := k.getent("www.example.com"); err == nil {
 		t.Errorf("unlisted name still answered in enforce mode: %v", addrs)
