@@ -136,17 +136,19 @@ func (u *Upstream) order() []int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	now, start := time.Now(), int(u.preferred.Load())
-	var up, down []int
-	for i := range u.servers {
-		idx := (start + i) % len(u.servers)
-		if now.Before(u.state[idx].downUntil) {
-			down = append(down, idx)
-		} else {
-			up = append(up, idx)
+	out := make([]int, 0, len(u.servers))
+	for _, down := range []bool{false, true} {
+		for i := range u.servers {
+			if idx := (start + i) % len(u.servers); now.Before(u.state[idx].downUntil) == down {
+				out = append(out, idx)
+			}
 		}
 	}
-	slices.SortStableFunc(down, func(a, b int) int { return u.state[a].downUntil.Compare(u.state[b].downUntil) })
-	return append(up, down...)
+	up := slices.IndexFunc(out, func(idx int) bool { return now.Before(u.state[idx].downUntil) })
+	if up >= 0 {
+		slices.SortStableFunc(out[up:], func(a, b int) int { return u.state[a].downUntil.Compare(u.state[b].downUntil) })
+	}
+	return out
 }
 
 func (u *Upstream) rto(idx int) time.Duration {

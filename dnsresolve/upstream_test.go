@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -345,5 +346,34 @@ func TestPackQuery(t *testing.T) {
 	}
 	if _, err := packQuery(strings.Repeat("a.", 128), dns.TypeA); err == nil {
 		t.Error("a name longer than 255 bytes was packed")
+	}
+}
+
+// order: servers up first, from the preferred one on in configured order,
+// then those down, the one back soonest first.
+func TestUpstreamOrder(t *testing.T) {
+	ap := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+	u := NewUpstream([]netip.AddrPort{ap("192.0.2.1:53"), ap("192.0.2.2:53"), ap("192.0.2.3:53"), ap("192.0.2.4:53")}, 0, time.Second)
+	now := time.Now()
+	for _, tc := range []struct {
+		preferred uint32
+		down      map[int]time.Duration
+		want      []int
+	}{
+		{0, nil, []int{0, 1, 2, 3}},
+		{2, nil, []int{2, 3, 0, 1}},
+		{1, map[int]time.Duration{0: 2 * time.Second, 2: time.Second}, []int{1, 3, 2, 0}},
+		{3, map[int]time.Duration{3: time.Second, 1: time.Minute, 0: time.Minute}, []int{2, 3, 0, 1}},
+	} {
+		for i := range u.state {
+			u.state[i].downUntil = time.Time{}
+			if d, ok := tc.down[i]; ok {
+				u.state[i].downUntil = now.Add(d)
+			}
+		}
+		u.preferred.Store(tc.preferred)
+		if got := u.order(); !slices.Equal(got, tc.want) {
+			t.Errorf("preferred %d, down %v: order %v, want %v", tc.preferred, tc.down, got, tc.want)
+		}
 	}
 }
