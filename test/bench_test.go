@@ -81,6 +81,7 @@ type benchRow struct {
 	freshLost                    int
 	connectP50, connectP99       float64 // ms
 	connectFail                  int
+	freshMetrics                 map[string]float64 // egressd's, the fresh run's share
 }
 
 // dnsperfResult is what one dnsperf run reports.
@@ -149,8 +150,9 @@ func TestDNSBenchmark(t *testing.T) {
 		warm[i] = benchName(i)
 	}
 
-	// measure runs the load against server, answered by process pid.
-	measure := func(system, server string, pid int) benchRow {
+	// measure runs the load against server, answered by process pid;
+	// probe, if not nil, reads the server's metrics around the fresh run.
+	measure := func(system, server string, pid int, probe func() map[string]float64) benchRow {
 		row := benchRow{system: system}
 		l.dnsperf(server, warm, 1, 0, p.outstanding) // fill caches
 		cpu := cpuTime(t, pid)
@@ -160,7 +162,17 @@ func TestDNSBenchmark(t *testing.T) {
 		if answers := w.sent - w.lost; answers > 0 {
 			row.warmCPU = float64(cpu.Microseconds()) / float64(answers) // µs per answer = ms per 1000
 		}
+		var before map[string]float64
+		if probe != nil {
+			before = probe()
+		}
 		f := l.dnsperf(server, take(p.fresh), 1, 0, p.outstanding)
+		if probe != nil {
+			row.freshMetrics = probe()
+			for k, v := range before {
+				row.freshMetrics[k] -= v
+			}
+		}
 		row.freshQPS, row.freshAvg, row.freshP99, row.freshLost = f.qps, f.avgMs, f.p99Ms, f.lost
 		row.connectP50, row.connectP99, row.connectFail = l.resolveToConnect(server+":53", take(p.connects))
 		return row
@@ -186,7 +198,7 @@ func TestDNSBenchmark(t *testing.T) {
 			_, err := query(l.Ctr, otherDNS+":53", benchName(0), dns.TypeA, "udp")
 			return err
 		})
-		return measure(system, otherDNS, dm.Process.Pid)
+		return measure(system, otherDNS, dm.Process.Pid, nil)
 	}
 
 	var rows []benchRow
@@ -194,7 +206,7 @@ func TestDNSBenchmark(t *testing.T) {
 	for _, s := range systems {
 		switch s {
 		case "direct":
-			rows = append(rows, measure("direct (NSD)", upstreamDNS, nsdPid(t, l)))
+			rows = append(rows, measure("direct (NSD)", upstreamDNS, nsdPid(t, l), nil))
 		case "dnsmasq":
 			rows = append(rows, dnsmasq("dnsmasq --cache-size=10000", "--cache-size=10000"))
 		case "dnsmasq-default":
@@ -226,13 +238,15 @@ func TestDNSBenchmark(t *testing.T) {
 // benchEgressd measures egressd, then loads p.load live elements and
 // measures warm queries again at that size (the report's tail).
 func benchEgressd(t *testing.T, l *Lab, p benchParams, warm []string, take func(int) []string,
-	measure func(system, server string, pid int) benchRow) (benchRow, string) {
+	measure func(system, server string, pid int, probe func() map[string]float64) benchRow) (benchRow, string) {
 	// Measured without the race detector the other tests use.
 	l.bin = filepath.Join(l.Dir, "egressd")
 	if out, err := exec.Command("go", "build", "-o", l.bin, "../cmd/egressd").CombinedOutput(); err != nil {
 		t.Fatalf("build egressd: %v\n%s", err, out)
 	}
-	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "level: debug", "level: warn", 1))
+	const metricsAddr = "127.0.0.1:9253"
+	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "level: debug", "level: warn", 1)+
+		"metrics:\n  listen: "+metricsAddr+"\n")
 	// One load generator is one client: the per-client bounds (dns.limits),
 	// which keep one container from starving the others, would measure
 	// themselves, not the proxy.
@@ -244,7 +258,13 @@ func benchEgressd(t *testing.T, l *Lab, p benchParams, warm []string, take func(
 		env = append(env, "EGRESSD_CPUPROFILE="+prof, "EGRESSD_MEMPROFILE="+prof+".heap")
 	}
 	l.startDaemon(cfg, env...)
-	row := measure("egressd", otherDNS, l.egressd.Process.Pid)
+	row := measure("egressd", otherDNS, l.egressd.Process.Pid, func() map[string]float64 { return scrape(t, l, metricsAddr) })
+	m := row.freshMetrics
+	mean := func(h string) float64 { return m[h+"_sum"] / max(m[h+"_count"], 1) }
+	fresh := fmt.Sprintf("egressd during the fresh run: %.0f upstream queries, mean %.3f ms; %.0f set updates (netlink flush), mean %.3f ms, %.1f answers each\n",
+		m["egressd_upstream_query_duration_seconds_count"], 1000*mean("egressd_upstream_query_duration_seconds"),
+		m["egressd_set_update_duration_seconds_count"], 1000*mean("egressd_set_update_duration_seconds"),
+		mean("egressd_set_update_batch_answers"))
 
 	start := time.Now()
 	ld := l.dnsperf(otherDNS, take(p.load), 1, 0, p.outstanding)
@@ -253,7 +273,7 @@ func benchEgressd(t *testing.T, l *Lab, p benchParams, warm []string, take func(
 	big := l.dnsperf(otherDNS, warm, 0, p.duration, p.outstanding)
 	rss := vmHWM(t, l.egressd.Process.Pid)
 	l.stopDaemon(syscall.SIGTERM) // writes the profile, if any
-	return row, fmt.Sprintf(
+	return row, fresh + fmt.Sprintf(
 		"live elements: %d fresh names answered in %v (%.0f/s, %d lost); %d benchmark addresses in the set afterwards\n"+
 			"warm queries at that size: %.0f q/s, avg %.3f ms, p99 %.3f ms\n"+
 			"egressd peak RSS: %.1f MB\n", p.load, loadTime.Round(time.Millisecond), ld.qps, ld.lost, count,
