@@ -1,6 +1,7 @@
 package dnsresolve
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -228,8 +229,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		if err == nil {
 			resp, err = x.listen(ctx, t, time.Now().Add(u.rto(t.idx)))
 		}
-		deadline, _ := ctx.Deadline()
-		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil && time.Now().Before(deadline) {
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && budgetLeft(ctx) {
 			u.record(t.idx, errors.New("no answer within the retransmission timeout"), 0)
 			late = t // keeps listening while the next try goes out
 		} else {
@@ -249,6 +249,14 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], err)
 	}
 	return resp, nil
+}
+
+// budgetLeft reports whether ctx has neither ended nor reached its
+// deadline: a socket's deadline may pass a moment before the context's
+// timer fires.
+func budgetLeft(ctx context.Context) bool {
+	deadline, ok := ctx.Deadline()
+	return ctx.Err() == nil && (!ok || time.Now().Before(deadline))
 }
 
 // exchange is one query in flight: its packed question and what its tries
@@ -457,7 +465,7 @@ func (x *exchange) outcome(ctx context.Context, idx int, resp *dns.Msg, err erro
 		x.u.preferred.Store(uint32(idx))
 		return resp, true
 	}
-	if ctx.Err() == nil {
+	if budgetLeft(ctx) {
 		// Not the server's failure if the query's budget ran out.
 		x.u.record(idx, err, rtt)
 	}
@@ -510,7 +518,7 @@ func (x *exchange) retry(ctx context.Context, late *try) (*dns.Msg, error) {
 		listen(late)
 	}
 	var timeout <-chan time.Time
-	if ctx.Err() == nil {
+	if budgetLeft(ctx) {
 		timeout = launch()
 	}
 	for pending > 0 {
@@ -535,12 +543,12 @@ func (x *exchange) retry(ctx context.Context, late *try) (*dns.Msg, error) {
 			x.errs = append(x.errs, fmt.Errorf("query budget spent: %w", context.Cause(ctx)))
 			return nil, errors.Join(x.errs...)
 		}
-		if ctx.Err() == nil {
+		if budgetLeft(ctx) {
 			timeout = launch()
 		}
 	}
-	if ctx.Err() != nil {
-		x.errs = append(x.errs, fmt.Errorf("query budget spent: %w", context.Cause(ctx)))
+	if !budgetLeft(ctx) {
+		x.errs = append(x.errs, fmt.Errorf("query budget spent: %w", cmp.Or(context.Cause(ctx), context.DeadlineExceeded)))
 	}
 	return nil, errors.Join(x.errs...)
 }
