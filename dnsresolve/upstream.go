@@ -217,7 +217,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 	}
 	x := &exchange{u: u, name: dns.Fqdn(name), qtype: qtype, order: u.order(), answered: make([]bool, len(u.servers))}
 	var err error
-	if x.query, err = packQuery(x.name, qtype); err != nil {
+	if x.query, err = packUpstreamQuery(x.name, qtype); err != nil {
 		return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], err)
 	}
 	// The first try is waited for right here, up to its server's
@@ -293,10 +293,10 @@ func (t *try) failed(err error) error {
 	return err
 }
 
-// packQuery packs the question name/qtype with recursion desired and an
-// OPT record offering dns.DefaultMsgSize, ID 0: what dns.Msg would pack,
-// without its allocations.
-func packQuery(name string, qtype uint16) ([]byte, error) {
+// packUpstreamQuery packs the question name/qtype with recursion desired
+// and an OPT record offering dns.DefaultMsgSize, ID 0: what dns.Msg would
+// pack, without its allocations.
+func packUpstreamQuery(name string, qtype uint16) ([]byte, error) {
 	b := make([]byte, 12+255+4+11) // header, longest name, type and class, OPT
 	b[2] = 0x01                    // RD
 	b[5], b[11] = 1, 1             // one question, one additional record

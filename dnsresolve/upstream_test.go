@@ -322,13 +322,13 @@ func TestUpstreamFaults(t *testing.T) {
 	})
 }
 
-// packQuery packs exactly what dns.Msg packs for the same query.
+// packUpstreamQuery packs exactly what dns.Msg packs for the same query.
 func TestPackQuery(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		qtype uint16
 	}{{"a.cognitive.microsoft.com.", dns.TypeA}, {"x.", dns.TypeAAAA}, {strings.Repeat("a.", 127), dns.TypeHTTPS}} {
-		got, err := packQuery(tc.name, tc.qtype)
+		got, err := packUpstreamQuery(tc.name, tc.qtype)
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
@@ -344,7 +344,7 @@ func TestPackQuery(t *testing.T) {
 			t.Errorf("%s:\n got %x\nwant %x", tc.name, got, want)
 		}
 	}
-	if _, err := packQuery(strings.Repeat("a.", 128), dns.TypeA); err == nil {
+	if _, err := packUpstreamQuery(strings.Repeat("a.", 128), dns.TypeA); err == nil {
 		t.Error("a name longer than 255 bytes was packed")
 	}
 }
