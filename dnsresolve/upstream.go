@@ -1,11 +1,15 @@
 package dnsresolve
 
 import (
+	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -36,9 +40,10 @@ import (
 // deadline (the server's retransmission timeout, at most the configured
 // timeout), a query makes at most maxTries tries, and all of it ends with the caller's context (the proxy's query budget).
 type Upstream struct {
-	servers []string
+	servers []string         // as addrs, for health and errors
+	addrs   []netip.AddrPort // by index of servers
+	mark    uint32
 	timeout time.Duration // longest wait for one try
-	dialer  *net.Dialer
 	tcp     *dns.Client
 	// preferred is the index of the server that answered last: it is
 	// asked first for as long as it answers, so a single lost packet
@@ -132,17 +137,19 @@ func (u *Upstream) order() []int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	now, start := time.Now(), int(u.preferred.Load())
-	var up, down []int
-	for i := range u.servers {
-		idx := (start + i) % len(u.servers)
-		if now.Before(u.state[idx].downUntil) {
-			down = append(down, idx)
-		} else {
-			up = append(up, idx)
+	out := make([]int, 0, len(u.servers))
+	for _, down := range []bool{false, true} {
+		for i := range u.servers {
+			if idx := (start + i) % len(u.servers); now.Before(u.state[idx].downUntil) == down {
+				out = append(out, idx)
+			}
 		}
 	}
-	slices.SortStableFunc(down, func(a, b int) int { return u.state[a].downUntil.Compare(u.state[b].downUntil) })
-	return append(up, down...)
+	up := slices.IndexFunc(out, func(idx int) bool { return now.Before(u.state[idx].downUntil) })
+	if up >= 0 {
+		slices.SortStableFunc(out[up:], func(a, b int) int { return u.state[a].downUntil.Compare(u.state[b].downUntil) })
+	}
+	return out
 }
 
 func (u *Upstream) rto(idx int) time.Duration {
@@ -156,8 +163,9 @@ func (u *Upstream) rto(idx int) time.Duration {
 func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *Upstream {
 	dialer := &net.Dialer{Timeout: timeout, Control: markControl(mark)}
 	u := &Upstream{
+		addrs:   servers,
+		mark:    mark,
 		timeout: timeout,
-		dialer:  dialer,
 		tcp:     &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
 	}
 	u.health = make(map[string]*ServerHealth, len(servers))
@@ -168,6 +176,7 @@ func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *
 	}
 	return u
 }
+
 func markControl(mark uint32) func(network, address string, c syscall.RawConn) error {
 	if mark == 0 {
 		return nil // tests without CAP_NET_ADMIN
@@ -206,144 +215,236 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		ctx, cancel = context.WithTimeout(ctx, DefaultQueryBudget)
 		defer cancel()
 	}
-	ctx, cancel := context.WithCancel(ctx) // ends the tries still listening
-	defer cancel()
-	q := new(dns.Msg)
-	q.SetQuestion(dns.Fqdn(name), qtype)
-	q.SetEdns0(dns.DefaultMsgSize, false)
-
-	type result struct {
-		idx  int
-		resp *dns.Msg
-		err  error
-		rtt  time.Duration
+	x := &exchange{u: u, name: dns.Fqdn(name), qtype: qtype, order: u.order(), answered: make([]bool, len(u.servers))}
+	var err error
+	if x.query, err = packUpstreamQuery(x.name, qtype); err != nil {
+		return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], err)
 	}
-	order := u.order()
-	results := make(chan result, maxTries)
-	answered := make([]bool, len(u.servers)) // SERVFAIL or REFUSED: not asked again
-	next, pending := 0, 0                    // next try (round*len+i), tries listening
-	var errs []error
-	launch := func() (time.Duration, bool) {
-		for ; next < maxTries; next++ {
-			idx := order[next%len(order)]
-			if answered[idx] {
-				continue
-			}
-			next++
-			pending++
-			go func() {
-				start := time.Now()
-				resp, err := u.exchangeOne(ctx, q.Copy(), u.servers[idx])
-				results <- result{idx: idx, resp: resp, err: err, rtt: time.Since(start)}
-			}()
-			return u.rto(idx), true
+	// The first try is waited for right here, up to its server's
+	// retransmission timeout: the usual query, answered in time, needs
+	// no goroutine, channel or timer.
+	var late *try
+	if t, err := x.send(); t != nil || err != nil {
+		var resp *dns.Msg
+		if err == nil {
+			resp, err = x.listen(ctx, t, time.Now().Add(u.rto(t.idx)))
 		}
-		return 0, false
-	}
-	wait, more := launch()
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	tries := []int{next - 1}
-	for pending > 0 {
-		select {
-		case r := <-results:
-			pending--
-			err := r.err
-			if err == nil && (r.resp.Rcode == dns.RcodeServerFailure || r.resp.Rcode == dns.RcodeRefused) {
-				err = fmt.Errorf("answered %s", dns.RcodeToString[r.resp.Rcode])
-				answered[r.idx] = true
-			}
-			if err == nil {
-				u.record(r.idx, nil, r.rtt)
-				u.preferred.Store(uint32(r.idx))
-				return r.resp, nil
-			}
-			if ctx.Err() == nil {
-				// Not the server's failure if the query's budget ran out.
-				u.record(r.idx, err, r.rtt)
-			}
-			errs = append(errs, fmt.Errorf("%s: %w", u.servers[r.idx], err))
-		case <-timer.C:
-			// The newest try is late: count it against its server and
-			// send the next one, the late one still listening.
-			last := tries[len(tries)-1]
-			idx := order[last%len(order)]
-			u.record(idx, errors.New("no answer within the retransmission timeout"), 0)
-			if !more {
-				continue
-			}
-		case <-ctx.Done():
-			// The tries still listening end at once (their deadline is
-			// the context's): collect why, for the log.
-			for ; pending > 0; pending-- {
-				if r := <-results; r.err != nil {
-					errs = append(errs, fmt.Errorf("%s: %w", u.servers[r.idx], r.err))
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && budgetLeft(ctx) {
+			u.record(t.idx, errors.New("no answer within the retransmission timeout"), 0)
+			late = t // keeps listening while the next try goes out
+		} else {
+			if t != nil {
+				t.close()
+				if err != nil {
+					err = t.failed(err)
 				}
 			}
-			errs = append(errs, fmt.Errorf("query budget spent: %w", context.Cause(ctx)))
-			return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
-		}
-		if more && ctx.Err() == nil {
-			var w time.Duration
-			if w, more = launch(); more {
-				tries = append(tries, next-1)
-				timer.Reset(w)
+			if resp, ok := x.outcome(ctx, x.tried, resp, err, time.Since(x.sent)); ok {
+				return resp, nil
 			}
 		}
 	}
-	return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], errors.Join(errs...))
+	resp, err := x.retry(ctx, late)
+	if err != nil {
+		return nil, fmt.Errorf("upstream query %s %s: %w", name, dns.TypeToString[qtype], err)
+	}
+	return resp, nil
 }
 
-// answerBuffers hold upstream answers while they are read: a buffer per
-// try would make the garbage collector work for every cache miss.
-var answerBuffers = sync.Pool{New: func() any { b := make([]byte, dns.DefaultMsgSize); return &b }}
+// budgetLeft reports whether ctx has neither ended nor reached its
+// deadline: a socket's deadline may pass a moment before the context's
+// timer fires.
+func budgetLeft(ctx context.Context) bool {
+	deadline, ok := ctx.Deadline()
+	return ctx.Err() == nil && (!ok || time.Now().Before(deadline))
+}
 
-// exchangeOne makes one try of server, listening until ctx ends.
-func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (*dns.Msg, error) {
-	q.Id = dns.Id() // fresh ID per try: the client's ID never goes upstream
-	out, err := q.Pack()
+// exchange is one query in flight: its packed question and what its tries
+// learned.
+type exchange struct {
+	u        *Upstream
+	name     string // fully qualified
+	qtype    uint16
+	query    []byte // packed; each try writes its own ID into the first two bytes
+	order    []int  // servers to try, best first
+	next     int    // next try: round*len(order)+i
+	answered []bool // by server: answered SERVFAIL or REFUSED, not asked again
+	tried    int    // server of the last try sent
+	sent     time.Time
+	errs     []error
+}
+
+// try is one query sent to one server from a socket of its own.
+type try struct {
+	idx     int // server
+	id      uint16
+	f       *os.File
+	start   time.Time
+	ignored int // datagrams that did not answer the question
+}
+
+func (t *try) close() { _ = t.f.Close() }
+
+// failed says why t failed, and what it ignored meanwhile.
+func (t *try) failed(err error) error {
+	if t.ignored > 0 {
+		return fmt.Errorf("%w (ignored %d datagrams that did not answer the question)", err, t.ignored)
+	}
+	return err
+}
+
+// packUpstreamQuery packs the question name/qtype with recursion desired
+// and an OPT record offering dns.DefaultMsgSize, ID 0: what dns.Msg would
+// pack, without its allocations.
+func packUpstreamQuery(name string, qtype uint16) ([]byte, error) {
+	b := make([]byte, 12+255+4+11) // header, longest name, type and class, OPT
+	b[2] = 0x01                    // RD
+	b[5], b[11] = 1, 1             // one question, one additional record
+	off, err := dns.PackDomainName(name, b, 12, nil, false)
+	if err == nil && off-12 > 255 {
+		err = fmt.Errorf("name %.20q... is longer than 255 bytes", name)
+	}
 	if err != nil {
 		return nil, err
 	}
-	conn, err := u.dialer.DialContext(ctx, "udp", server)
-	if err != nil {
-		return nil, err
+	b = binary.BigEndian.AppendUint16(b[:off], qtype)
+	b = binary.BigEndian.AppendUint16(b, dns.ClassINET)
+	b = append(b, 0) // OPT: root name
+	b = binary.BigEndian.AppendUint16(b, dns.TypeOPT)
+	b = binary.BigEndian.AppendUint16(b, dns.DefaultMsgSize) // class: UDP payload size
+	return append(b, 0, 0, 0, 0, 0, 0), nil                  // TTL (extended rcode, version, flags), no data
+}
+
+// send makes the next try: nil and no error when all are made.
+func (x *exchange) send() (*try, error) {
+	for ; x.next < maxTries; x.next++ {
+		idx := x.order[x.next%len(x.order)]
+		if x.answered[idx] {
+			continue
+		}
+		x.next++
+		x.tried, x.sent = idx, time.Now()
+		t := &try{idx: idx, id: dns.Id(), start: x.sent} // fresh ID per try: the client's ID never goes upstream
+		f, err := x.u.dial(idx)
+		if err != nil {
+			return nil, err
+		}
+		t.f = f
+		binary.BigEndian.PutUint16(x.query, t.id)
+		if _, err := f.Write(x.query); err != nil {
+			t.close()
+			return nil, err
+		}
+		return t, nil
 	}
-	defer conn.Close()
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	return nil, nil
+}
+
+// dial opens a UDP socket carrying egressd's mark, connected to server
+// idx: the kernel picks a fresh random source port and delivers only that
+// server's datagrams. It is made with raw system calls and handed to Go's
+// poller once: net.Dial's address resolution, bookkeeping and extra system
+// calls cost as much as the rest of an exchange.
+func (u *Upstream) dial(idx int) (*os.File, error) {
+	ap := u.addrs[idx]
+	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()})
+	if ap.Addr().Is6() {
+		sa6 := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+		if zone := ap.Addr().Zone(); zone != "" {
+			ifi, err := net.InterfaceByName(zone)
+			if err != nil {
+				return nil, fmt.Errorf("zone of %s: %w", ap, err)
+			}
+			sa6.ZoneId = uint32(ifi.Index)
+		}
+		family, sa = unix.AF_INET6, sa6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	if u.mark != 0 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(u.mark)); err != nil {
+			_ = unix.Close(fd)
+			return nil, fmt.Errorf("set socket mark %#x: %w", u.mark, err)
+		}
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		_ = unix.Close(fd)
+		return nil, os.NewSyscallError("connect", err)
+	}
+	return os.NewFile(uintptr(fd), "udp"), nil // non-blocking: into the poller
+}
+
+// listen waits for t's answer until the deadline, or the context's if
+// until is zero, or until ctx ends. Datagrams that do not answer the
+// question (garbage, another ID, another question, not a response) are
+// ignored. A truncated answer is asked again over TCP.
+func (x *exchange) listen(ctx context.Context, t *try, until time.Time) (*dns.Msg, error) {
+	if deadline, _ := ctx.Deadline(); until.IsZero() || deadline.Before(until) {
+		until = deadline
+	}
+	_ = t.f.SetReadDeadline(until)
+	stop := context.AfterFunc(ctx, func() { _ = t.f.SetReadDeadline(time.Now()) })
 	defer stop()
-	if _, err := conn.Write(out); err != nil {
-		return nil, err
-	}
 	// The query offers dns.DefaultMsgSize (EDNS0): a longer datagram is
 	// cut, fails to parse and is ignored like any other junk.
 	bp := answerBuffers.Get().(*[]byte)
 	defer answerBuffers.Put(bp)
-	buf := *bp
-	ignored := 0
 	for {
-		n, err := conn.Read(buf)
+		n, err := t.f.Read(*bp)
+		if err == io.EOF { // an empty datagram
+			t.ignored++
+			continue
+		}
 		if err != nil {
-			if ignored > 0 {
-				err = fmt.Errorf("%w (ignored %d datagrams that did not answer the question)", err, ignored)
-			}
 			return nil, err
 		}
-		resp := new(dns.Msg)
-		if resp.Unpack(buf[:n]) != nil || !answers(q, resp) {
-			ignored++
+		resp := x.parse(t.id, (*bp)[:n])
+		if resp == nil {
+			t.ignored++
 			continue
 		}
 		if !resp.Truncated {
 			return resp, nil
 		}
-		break
+		return x.overTCP(ctx, t.idx)
 	}
+}
+
+// parse returns b as a message if it answers the question asked with id,
+// else nil. The header is checked before anything is unpacked: junk costs
+// no allocation.
+func (x *exchange) parse(id uint16, b []byte) *dns.Msg {
+	const qr, opcode = 0x80, 0x78 // in the third byte
+	if len(b) < 12 || binary.BigEndian.Uint16(b) != id || b[2]&qr == 0 || b[2]&opcode != 0 ||
+		binary.BigEndian.Uint16(b[4:]) != 1 {
+		return nil
+	}
+	resp := new(dns.Msg)
+	if resp.Unpack(b) != nil || !x.answers(id, resp) {
+		return nil
+	}
+	return resp
+}
+
+// answers reports whether r is a response to the question asked with id.
+func (x *exchange) answers(id uint16, r *dns.Msg) bool {
+	return r.Id == id && r.Response && r.Opcode == dns.OpcodeQuery && len(r.Question) == 1 &&
+		r.Question[0].Qtype == x.qtype && r.Question[0].Qclass == dns.ClassINET &&
+		strings.EqualFold(r.Question[0].Name, x.name)
+}
+
+// overTCP asks server idx again over TCP, after a truncated answer.
+func (x *exchange) overTCP(ctx context.Context, idx int) (*dns.Msg, error) {
+	q := new(dns.Msg)
+	q.SetQuestion(x.name, x.qtype)
+	q.SetEdns0(dns.DefaultMsgSize, false)
 	q.Id = dns.Id()
-	tctx, cancel := context.WithTimeout(ctx, u.timeout)
+	tctx, cancel := context.WithTimeout(ctx, x.u.timeout)
 	defer cancel()
-	resp, _, err := u.tcp.ExchangeContext(tctx, q, server)
-	if err == nil && !answers(q, resp) {
+	resp, _, err := x.u.tcp.ExchangeContext(tctx, q, x.u.servers[idx])
+	if err == nil && !x.answers(q.Id, resp) {
 		err = errors.New("answer does not match the question")
 	}
 	if err != nil {
@@ -352,13 +453,109 @@ func (u *Upstream) exchangeOne(ctx context.Context, q *dns.Msg, server string) (
 	return resp, nil
 }
 
-// answers reports whether r is a response to q: same ID, a response, the
-// same single question.
-func answers(q, r *dns.Msg) bool {
-	return r.Id == q.Id && r.Response && r.Opcode == dns.OpcodeQuery && len(r.Question) == 1 &&
-		r.Question[0].Qtype == q.Question[0].Qtype && r.Question[0].Qclass == q.Question[0].Qclass &&
-		strings.EqualFold(r.Question[0].Name, q.Question[0].Name)
+// outcome takes the end of a try of server idx: the answer if it is
+// usable, else it notes why not.
+func (x *exchange) outcome(ctx context.Context, idx int, resp *dns.Msg, err error, rtt time.Duration) (*dns.Msg, bool) {
+	if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
+		err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
+		x.answered[idx] = true
+	}
+	if err == nil {
+		x.u.record(idx, nil, rtt)
+		x.u.preferred.Store(uint32(idx))
+		return resp, true
+	}
+	if budgetLeft(ctx) {
+		// Not the server's failure if the query's budget ran out.
+		x.u.record(idx, err, rtt)
+	}
+	x.errs = append(x.errs, fmt.Errorf("%s: %w", x.u.servers[idx], err))
+	return nil, false
 }
+
+// retry goes on after the first try failed or, if late is not nil, was not
+// answered within its retransmission timeout: each further try listens in
+// a goroutine of its own, and the next goes out whenever the newest is
+// late.
+func (x *exchange) retry(ctx context.Context, late *try) (*dns.Msg, error) {
+	ctx, cancel := context.WithCancel(ctx) // ends the tries still listening
+	defer cancel()
+	type result struct {
+		idx  int
+		resp *dns.Msg
+		err  error
+		rtt  time.Duration
+	}
+	results := make(chan result, maxTries)
+	pending := 0 // tries listening
+	listen := func(t *try) {
+		pending++
+		go func() {
+			defer t.close()
+			resp, err := x.listen(ctx, t, time.Time{})
+			if err != nil {
+				err = t.failed(err)
+			}
+			results <- result{idx: t.idx, resp: resp, err: err, rtt: time.Since(t.start)}
+		}()
+	}
+	// launch sends the next try and returns the channel that says when it
+	// is late (nil if there is none).
+	launch := func() <-chan time.Time {
+		t, err := x.send()
+		if err != nil {
+			pending++
+			results <- result{idx: x.tried, err: err}
+		} else if t != nil {
+			listen(t)
+		}
+		if t == nil && err == nil {
+			return nil
+		}
+		return time.After(x.u.rto(x.tried))
+	}
+	if late != nil {
+		listen(late)
+	}
+	var timeout <-chan time.Time
+	if budgetLeft(ctx) {
+		timeout = launch()
+	}
+	for pending > 0 {
+		select {
+		case r := <-results:
+			pending--
+			if resp, ok := x.outcome(ctx, r.idx, r.resp, r.err, r.rtt); ok {
+				return resp, nil
+			}
+		case <-timeout:
+			// The newest try is late: count it against its server and
+			// send the next one, the late one still listening.
+			x.u.record(x.tried, errors.New("no answer within the retransmission timeout"), 0)
+		case <-ctx.Done():
+			// The tries still listening end at once (their deadline is
+			// the context's): collect why, for the log.
+			for ; pending > 0; pending-- {
+				if r := <-results; r.err != nil {
+					x.errs = append(x.errs, fmt.Errorf("%s: %w", x.u.servers[r.idx], r.err))
+				}
+			}
+			x.errs = append(x.errs, fmt.Errorf("query budget spent: %w", context.Cause(ctx)))
+			return nil, errors.Join(x.errs...)
+		}
+		if budgetLeft(ctx) {
+			timeout = launch()
+		}
+	}
+	if !budgetLeft(ctx) {
+		x.errs = append(x.errs, fmt.Errorf("query budget spent: %w", cmp.Or(context.Cause(ctx), context.DeadlineExceeded)))
+	}
+	return nil, errors.Join(x.errs...)
+}
+
+// answerBuffers hold upstream answers while they are read: a buffer per
+// try would make the garbage collector work for every cache miss.
+var answerBuffers = sync.Pool{New: func() any { b := make([]byte, dns.DefaultMsgSize); return &b }}
 
 // sameQuestion reports whether r carries q's single question (forward.go).
 func sameQuestion(q, r *dns.Msg) bool {

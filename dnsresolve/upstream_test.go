@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -121,21 +122,38 @@ func TestUpstreamChecksIDAndQuestion(t *testing.T) {
 	}
 }
 
-// benchUpstream serves one A record on a loopback UDP port.
+// benchUpstream answers every query on a loopback UDP port with one A
+// record, made by hand from the query: the benchmark measures the client,
+// not a server.
 func benchUpstream(b *testing.B) netip.AddrPort {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
-		m := new(dns.Msg)
-		m.SetReply(r)
-		rr, _ := dns.NewRR(r.Question[0].Name + " 60 IN A 203.0.113.10")
-		m.Answer = append(m.Answer, rr)
-		_ = w.WriteMsg(m)
-	})}
-	go func() { _ = srv.ActivateAndServe() }()
-	b.Cleanup(func() { _ = srv.Shutdown() })
+	b.Cleanup(func() { pc.Close() })
+	serve := func() {
+		buf := make([]byte, 4096)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf[:512])
+			if err != nil {
+				return
+			}
+			end := 12 // after the question's name
+			for end < n && buf[end] != 0 {
+				end += int(buf[end]) + 1
+			}
+			end += 5 // root label, type, class
+			if n < 12 || end > n {
+				continue
+			}
+			buf[2] |= 0x80                                                                     // QR
+			buf[7], buf[9], buf[11] = 1, 0, 0                                                  // one answer, nothing else
+			out := append(buf[:end], 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 10) // name pointer, A, IN, TTL, address
+			_, _ = pc.WriteToUDPAddrPort(out, from)
+		}
+	}
+	go serve()
+	go serve()
 	return netip.MustParseAddrPort(pc.LocalAddr().String())
 }
 
@@ -302,4 +320,60 @@ func TestUpstreamFaults(t *testing.T) {
 			t.Errorf("%d queries, want 7: one retransmission at the timeout, the first try still listening", n)
 		}
 	})
+}
+
+// packUpstreamQuery packs exactly what dns.Msg packs for the same query.
+func TestPackQuery(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		qtype uint16
+	}{{"a.cognitive.microsoft.com.", dns.TypeA}, {"x.", dns.TypeAAAA}, {strings.Repeat("a.", 127), dns.TypeHTTPS}} {
+		got, err := packUpstreamQuery(tc.name, tc.qtype)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		q := new(dns.Msg)
+		q.SetQuestion(tc.name, tc.qtype)
+		q.SetEdns0(dns.DefaultMsgSize, false)
+		q.Id = 0
+		want, err := q.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(want) {
+			t.Errorf("%s:\n got %x\nwant %x", tc.name, got, want)
+		}
+	}
+	if _, err := packUpstreamQuery(strings.Repeat("a.", 128), dns.TypeA); err == nil {
+		t.Error("a name longer than 255 bytes was packed")
+	}
+}
+
+// order: servers up first, from the preferred one on in configured order,
+// then those down, the one back soonest first.
+func TestUpstreamOrder(t *testing.T) {
+	ap := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+	u := NewUpstream([]netip.AddrPort{ap("192.0.2.1:53"), ap("192.0.2.2:53"), ap("192.0.2.3:53"), ap("192.0.2.4:53")}, 0, time.Second)
+	now := time.Now()
+	for _, tc := range []struct {
+		preferred uint32
+		down      map[int]time.Duration
+		want      []int
+	}{
+		{0, nil, []int{0, 1, 2, 3}},
+		{2, nil, []int{2, 3, 0, 1}},
+		{1, map[int]time.Duration{0: 2 * time.Second, 2: time.Second}, []int{1, 3, 2, 0}},
+		{3, map[int]time.Duration{3: time.Second, 1: time.Minute, 0: time.Minute}, []int{2, 3, 0, 1}},
+	} {
+		for i := range u.state {
+			u.state[i].downUntil = time.Time{}
+			if d, ok := tc.down[i]; ok {
+				u.state[i].downUntil = now.Add(d)
+			}
+		}
+		u.preferred.Store(tc.preferred)
+		if got := u.order(); !slices.Equal(got, tc.want) {
+			t.Errorf("preferred %d, down %v: order %v, want %v", tc.preferred, tc.down, got, tc.want)
+		}
+	}
 }
