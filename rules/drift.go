@@ -203,7 +203,8 @@ func declared(rs *Ruleset) map[string]*nftables.Set {
 // It reads the nftables netlink group itself instead of using
 // nftables.Monitor: the group carries a message for every element egressd
 // adds, and decoding each of them more than doubled the cost of an answer.
-// Here a message is dropped on its type alone unless it can matter.
+// Here messages are read into one buffer and looked at in place; only the
+// first of a transaction that may be about egressd's table is decoded.
 func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
 	for ctx.Err() == nil {
 		err := f.watch(ctx, changed)
@@ -219,43 +220,67 @@ func (f *Firewall) Watch(ctx context.Context, changed func(reason string)) {
 }
 
 func (f *Firewall) watch(ctx context.Context, changed func(string)) error {
-	c, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
+	// A raw socket read into one buffer: every element egressd adds
+	// comes back as a notification, so receiving must cost next to
+	// nothing (a netlink.Conn allocates every message).
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_NETFILTER)
 	if err != nil {
-		return err
+		return fmt.Errorf("netlink socket: %w", err)
 	}
-	defer c.Close()
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	sock := os.NewFile(uintptr(fd), "nftables events") // in Go's poller: fd is non-blocking
+	defer sock.Close()
+	stop := context.AfterFunc(ctx, func() { sock.Close() })
 	defer stop()
-	buf := 8 << 20 // bursts of element notifications
+	size := 8 << 20 // bursts of element notifications
 	// Test only: a small buffer, so that a test can make it overflow
 	// (test/faults_test.go).
 	if n, err := strconv.Atoi(os.Getenv("EGRESSD_TEST_EVENT_BUFFER")); err == nil {
-		buf = n
+		size = n
 	}
-	_ = c.SetReadBuffer(buf)
-	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, size)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1 << (unix.NFNLGRP_NFTABLES - 1)}); err != nil {
+		return fmt.Errorf("join the nftables group: %w", err)
+	}
+	rc, err := sock.SyscallConn()
+	if err != nil {
 		return err
 	}
+	buf := make([]byte, 64<<10)
 	reason := "" // of the batch being received; a NEWGEN message ends it
 	for {
-		msgs, err := c.Receive()
-		if err != nil {
+		var n int
+		var rerr error
+		if err := rc.Read(func(fd uintptr) bool {
+			n, rerr = unix.Read(int(fd), buf)
+			return rerr != unix.EAGAIN
+		}); err != nil {
 			return err
 		}
-		for _, m := range msgs {
-			if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES {
+		if rerr != nil {
+			return fmt.Errorf("receive nftables events: %w", rerr)
+		}
+		for b := buf[:n]; len(b) >= unix.NLMSG_HDRLEN; {
+			l := int(binary.NativeEndian.Uint32(b))
+			if l < unix.NLMSG_HDRLEN || l > len(b) {
+				return fmt.Errorf("receive nftables events: malformed message of %d bytes", l)
+			}
+			typ, data := binary.NativeEndian.Uint16(b[4:]), b[unix.NLMSG_HDRLEN:l]
+			b = b[min(len(b), (l+unix.NLMSG_ALIGNTO-1)&^(unix.NLMSG_ALIGNTO-1)):]
+			if typ>>8 != unix.NFNL_SUBSYS_NFTABLES {
 				continue
 			}
-			switch t := int(m.Header.Type & 0xff); t {
+			switch t := int(typ & 0xff); t {
 			case unix.NFT_MSG_NEWGEN:
-				if reason != "" && !ours(genPID(m.Data)) {
+				if reason != "" && !ours(genPID(data)) {
 					changed(reason)
 				}
 				reason = ""
 			case unix.NFT_MSG_NEWTABLE, unix.NFT_MSG_DELTABLE, unix.NFT_MSG_NEWCHAIN, unix.NFT_MSG_DELCHAIN,
 				unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE, unix.NFT_MSG_NEWSET, unix.NFT_MSG_DELSET,
 				unix.NFT_MSG_NEWSETELEM, unix.NFT_MSG_DELSETELEM:
-				if reason == "" && ourTable(m.Data) {
+				if reason == "" && ourTable(data) {
 					reason = fmt.Sprintf("another process changed table inet %s (message %d)", TableName, t)
 					if t == unix.NFT_MSG_NEWSETELEM || t == unix.NFT_MSG_DELSETELEM {
 						reason = ReasonElementsChanged

@@ -115,7 +115,7 @@ func TestEventsLostForceAudit(t *testing.T) {
 	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "min_ttl: 1s", "min_ttl: 120s", 1))
 	// A small event buffer (test only): the kernel coalesces element
 	// notifications, which 8 MiB would absorb.
-	l.startDaemon(cfg, "EGRESSD_TEST_EVENT_BUFFER=16384")
+	l.startDaemon(cfg, "EGRESSD_TEST_EVENT_BUFFER=4096")
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 	var b strings.Builder
 	b.WriteString("table ip flood {\n\tset s {\n\t\ttype ipv4_addr\n\t\tsize 200000\n\t}\n}\n")
