@@ -2,6 +2,7 @@ package dnsresolve
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"sync"
 	"time"
@@ -25,15 +26,17 @@ type cache struct {
 
 type cacheEntry struct {
 	name    string // lower case, fully qualified
-	ans     *Answer
 	addrs   []netip.Addr
 	ttl     uint32 // smallest TTL of the answer when stored
 	stored  time.Time
 	expires time.Time
-	// The answer as the fast path sends it (wire.go); nil if it has
-	// none.
+	// The answer as the fast path sends it (wire.go), and the offsets
+	// of its TTLs. Packed, it takes a fraction of the memory of its
+	// records; ans keeps them only for an answer that does not fit
+	// (wire nil).
 	wire []byte
 	ttls []uint16
+	ans  *Answer
 }
 
 func newCache() *cache { return &cache{m: make(map[string]*cacheEntry)} }
@@ -80,8 +83,11 @@ func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time) {
 	if ttl == 0 {
 		return
 	}
-	e := &cacheEntry{name: name, ans: ans, addrs: addrs, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
-	e.wire, e.ttls, _ = packAnswer(answerMsg(name, qtype, ans))
+	e := &cacheEntry{name: name, addrs: addrs, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
+	var ok bool
+	if e.wire, e.ttls, ok = packAnswer(answerMsg(name, qtype, ans)); !ok {
+		e.ans = ans
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.m) >= cacheSize {
@@ -93,6 +99,26 @@ func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time) {
 		}
 	}
 	c.m[string(cacheKey(name, qtype))] = e
+}
+
+// sections returns the entry's rcode, answer and authority sections, TTLs
+// reduced by age.
+func (e *cacheEntry) sections(age uint32) (rcode int, answer, ns []dns.RR, _ error) {
+	if e.ans != nil {
+		answer, ns = sections(e.ans, age)
+		return e.ans.Rcode, answer, ns, nil
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(e.wire); err != nil {
+		return 0, nil, nil, fmt.Errorf("cached answer for %s: %w", e.name, err)
+	}
+	for _, rrs := range [][]dns.RR{m.Answer, m.Ns} {
+		for _, rr := range rrs { // unpacked anew: changed in place
+			h := rr.Header()
+			h.Ttl -= min(h.Ttl, age)
+		}
+	}
+	return m.Rcode, m.Answer, m.Ns, nil
 }
 
 // aged returns copies of rrs with their TTLs reduced by age.

@@ -299,7 +299,7 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 		conf.opts.Metrics.Query(metrics.Allowed)
 		return m // NODATA, see Proxy
 	}
-	ans, age, err := p.answer(conf, q.Name, q.Qtype)
+	rcode, answer, ns, err := p.answer(conf, q.Name, q.Qtype)
 	if err != nil {
 		if p.failures.Allow() {
 			p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
@@ -309,8 +309,7 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 		return m
 	}
 	conf.opts.Metrics.Query(metrics.Allowed)
-	m.Rcode = ans.Rcode
-	m.Answer, m.Ns = sections(ans, age)
+	m.Rcode, m.Answer, m.Ns = rcode, answer, ns
 	return m
 }
 
@@ -333,10 +332,11 @@ func answerMsg(name string, qtype uint16, ans *Answer) *dns.Msg {
 }
 
 // answer returns the answer for an allowed name from the cache or the
-// upstream, with its addresses open in the firewall, and its age in seconds.
-// Deadlines are made only where waiting may happen: most cache hits find
-// their addresses open long enough and need none.
-func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uint32, error) {
+// upstream, with its addresses open in the firewall: its rcode and its
+// answer and authority sections, TTLs aged. Deadlines are made only where
+// waiting may happen: most cache hits find their addresses open long
+// enough and need none.
+func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, answer, ns []dns.RR, _ error) {
 	name = strings.ToLower(dns.Fqdn(name))
 	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
@@ -346,11 +346,11 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 				defer cancel()
 				if err := conf.opts.Allower.Allow(ctx, name, e.addrs, until); err != nil {
 					conf.opts.Metrics.SetUpdateFailed()
-					return nil, 0, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
+					return 0, nil, nil, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
 				}
 			}
 		}
-		return e.ans, age, nil
+		return e.sections(age)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cmp.Or(conf.opts.QueryBudget, DefaultQueryBudget))
 	defer cancel()
@@ -362,9 +362,11 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (*Answer, uin
 		return ans, err
 	})
 	if err != nil {
-		return nil, 0, err
+		return 0, nil, nil, err
 	}
-	return v.(*Answer), 0, nil
+	ans := v.(*Answer)
+	answer, ns = sections(ans, 0)
+	return ans.Rcode, answer, ns, nil
 }
 
 // Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
