@@ -91,7 +91,7 @@ upstreams and opens their addresses. Applying twice gives the same ruleset.`,
 				}
 				if os.Getenv("GOMEMLIMIT") == "" {
 					// A soft limit keeps the footprint near the live data
-					// (about 25 MB with 100 000 learned addresses) instead
+					// (about 20 MB with 130 000 learned addresses) instead
 					// of twice that; lower limits cost latency in garbage
 					// collection (see README, Performance). GOMEMLIMIT
 					// overrides it.
