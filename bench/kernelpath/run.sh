@@ -154,8 +154,27 @@ busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 # ptime PID: utime+stime in jiffies.
 ptime() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
-# measure SETUP LOAD: one dnsperf run; appends "setup load q/s lost
-# machine-CPU-µs/query responder-CPU-µs/query" to results.
+# groups reads `perf script -F comm,ip,sym,dso` and prints the share of the
+# lab's samples (dnsperf's and the responder's, softirq work included:
+# this kernel charges it to the task it interrupts) per part of the path.
+groups() {
+	awk '$1 == "dnsperf" || $1 == "responder" || $1 ~ /^ksoftirqd/ {
+		sym = $3; g = "kernel, rest"
+		if ($NF !~ /kernel/) g = "user space"
+		else if (sym ~ /nf_nat|nft_redir|manip_pkt|nat_ipv4|hash_by_src/) g = "nat"
+		else if (sym ~ /conntrack|nf_ct_|__nf_ct|nf_confirm|ipv4_confirm|udp_packet/) g = "conntrack"
+		else if (sym ~ /tproxy/) g = "tproxy"
+		else if (sym ~ /^nft_|^nf_hook|^nf_tables|^__nft/) g = "nftables"
+		else if (sym ~ /^veth|^br_|^__br_|bridge/) g = "veth+bridge"
+		n[g]++; all++}
+		END {split("conntrack nat tproxy nftables veth+bridge", order, " ")
+			for (i = 1; i <= 5; i++) printf " %.4f", n[order[i]] / all
+			printf "\n"}'
+}
+
+# measure SETUP LOAD: one dnsperf run under `perf record -a`; appends
+# "setup load q/s lost machine-CPU-µs/query lab-CPU-µs/query
+# responder-CPU-µs/query" and the shares of groups to results.
 measure() {
 	local setup=$1 load=$2
 	if [ "$load" = stub ]; then
@@ -167,14 +186,23 @@ measure() {
 	fi
 	local b0 r0 b1 r1
 	b0=$(busy) r0=$(ptime "$resp_pid")
+	perf record -q -a -e cpu-clock -c 250000 -o "$out/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
+	local TIMEFORMAT='%U %S'
 	# shellcheck disable=SC2046
-	ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l "$SECS" -q 100 $(dnsperf_args "$load") >"$out/dnsperf.out" 2>&1
+	{ time ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l "$SECS" -q 100 $(dnsperf_args "$load") >"$out/dnsperf.out" 2>&1; } 2>"$out/dnsperf.time"
 	b1=$(busy) r1=$(ptime "$resp_pid")
-	awk -v s="$setup" -v l="$load" -v b=$((b1 - b0)) -v r=$((r1 - r0)) -v hz="$(getconf CLK_TCK)" '
+	wait $!
+	local shares
+	perf script -i "$out/perf.data" -F comm,ip,sym,dso >"$out/samples" 2>/dev/null
+	shares=$(groups <"$out/samples")
+	# the lab's samples per symbol, kept per run to check the groups
+	awk '$1 == "dnsperf" || $1 == "responder" {print $3}' "$out/samples" | sort | uniq -c | sort -rn >"$out/syms.$setup.$load.$round"
+	awk -v s="$setup" -v l="$load" -v b=$((b1 - b0)) -v r=$((r1 - r0)) -v hz="$(getconf CLK_TCK)" \
+		-v dp="$(awk '{print $1 + $2}' "$out/dnsperf.time")" -v shares="$shares" '
 		/Queries completed:/ {done=$3}
 		/Queries lost:/ {lost=$3}
 		/Queries per second:/ {qps=$4}
-		END {printf "%s %s %.0f %d %.2f %.2f\n", s, l, qps, lost, b*1e6/hz/done, r*1e6/hz/done}' "$out/dnsperf.out" | tee -a "$out/results"
+		END {printf "%s %s %.0f %d %.2f %.2f %.2f%s\n", s, l, qps, lost, b*1e6/hz/done, (dp + r/hz)*1e6/done, r*1e6/hz/done, shares}' "$out/dnsperf.out" | tee -a "$out/results"
 }
 
 # Every setup must answer from the address and port the query went to:
@@ -210,14 +238,18 @@ done
 col() { awk -v s="$1" -v l="$2" -v f="$3" '$1 == s && $2 == l {print $f}' "$out/results" | sort -n; }
 med() { col "$@" | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 echo
-echo "| setup | load | q/s median | q/s range | lost | machine CPU µs/query | responder CPU µs/query |"
-echo "|---|---|---:|---:|---:|---:|---:|"
+echo "| setup | load | q/s median | q/s range | lost | lab CPU µs/query | conntrack | nat | tproxy | nftables | veth+bridge | responder CPU µs/query | machine CPU µs/query |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for load in $LOADS; do
 	for setup in $SETUPS; do
-		printf "| %s | %s | %s | %s–%s | %s | %s | %s |\n" "$setup" "$load" \
+		# µs per query of a group: its share of the lab's samples times
+		# the lab's CPU per query, median over the rounds.
+		part() { awk -v s="$setup" -v l="$load" -v f="$1" '$1 == s && $2 == l {printf "%.2f\n", $6 * $f}' "$out/results" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+		printf "| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$setup" "$load" \
 			"$(med "$setup" "$load" 3)" "$(col "$setup" "$load" 3 | head -1)" "$(col "$setup" "$load" 3 | tail -1)" \
 			"$(col "$setup" "$load" 4 | awk '{n += $1} END {print n}')" \
-			"$(med "$setup" "$load" 5)" "$(med "$setup" "$load" 6)"
+			"$(med "$setup" "$load" 6)" "$(part 8)" "$(part 9)" "$(part 10)" "$(part 11)" "$(part 12)" \
+			"$(med "$setup" "$load" 7)" "$(med "$setup" "$load" 5)"
 	done
 done
 
@@ -231,23 +263,13 @@ for setup in $PERF; do
 	perf record -q -a -g -o "$out/perf.$setup" -- sleep "$SECS" >/dev/null 2>&1
 	wait $dp || true
 	stop
-	perf report -i "$out/perf.$setup" --no-children --sort sym --stdio -g none 2>/dev/null | grep '\[k\]' >"$out/perf.$setup.txt" || true
+	perf report -i "$out/perf.$setup" --comms dnsperf,responder --percentage relative --no-children --sort sym --stdio -g none 2>/dev/null |
+		grep '\[k\]' >"$out/perf.$setup.txt" || true
 	echo
-	echo "### perf, $setup (4 ports): top kernel symbols, self %"
+	echo "### perf, $setup (4 ports): top kernel symbols of dnsperf and the responder, self % of their samples"
 	echo '```'
 	head -25 "$out/perf.$setup.txt"
 	echo '```'
-	echo "by group (self %, kernel symbols):"
-	awk '{p = $1; sub("%", "", p); s = $NF; g = "other"
-		if (s ~ /nf_nat|nat_|masq|redirect/) g = "nat"
-		else if (s ~ /conntrack|nf_ct|ct_/) g = "conntrack"
-		else if (s ~ /tproxy/) g = "tproxy"
-		else if (s ~ /nft_|nf_hook|nf_tables|^nf_/) g = "nftables/hooks"
-		else if (s ~ /veth|^br_|bridge/) g = "veth+bridge"
-		else if (s ~ /udp|skb_recv|skb_consume/) g = "udp"
-		else if (s ~ /^ip_|fib|^dst_|^rt_|^__ip|^inet_/) g = "ip/routing"
-		t[g] += p; all += p}
-		END {for (g in t) printf "  %-16s %5.1f\n", g, t[g]; printf "  %-16s %5.1f\n", "kernel total", all}' "$out/perf.$setup.txt" | sort -k2 -nr
 done
 echo
 echo "raw results: $out"
