@@ -9,16 +9,19 @@
 #                 egressd's filter has): what conntrack alone costs
 #   redirect      query to 192.0.2.53:53, `redirect to :10053` at nat
 #                 prerouting (conntrack + NAT), what egressd does today
-#   tproxy        query to 192.0.2.53:53, `tproxy to :10053` + mark +
-#                 policy route to local, conntrack on, no NAT
+#   tproxy        query to 192.0.2.53:53, mark + `tproxy to :53` + policy
+#                 route to local, conntrack on, no NAT
 #   tproxy+notrack  the same with `notrack` for DNS both ways
 #
-# and two loads: "4 ports" (dnsperf's 4 long-lived sockets: conntrack
-# entries are made once) and "stub" (every query from a new source port,
-# as glibc and systemd-resolved do: one new conntrack entry per query).
+# and two loads: "4ports" (dnsperf's 4 long-lived sockets: conntrack
+# entries are made once) and "stub" (a new flow per query, as stubs that
+# use a new source port per query make: a new conntrack entry per query).
 # Setups are interleaved, ROUNDS rounds, median and range reported, since
-# the machine's CPUs are shared. Then `perf record -a -g` per NAT-less and
-# NAT setup. Needs root, nft, ip, dnsperf, perf.
+# the machine's CPUs are shared; every run is sampled with `perf record -a`
+# to split the CPU per query by part of the path. Then `perf record -a -g`
+# for the setups in PERF. Needs root, nft, ip, dnsperf, perf, python3.
+# Writes nothing in the repository; bench/kernelpath/results.md is written
+# by hand from its output.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PATH="$PATH:/usr/local/go/bin"
@@ -119,9 +122,9 @@ ruleset() {
 # a new source port per query). nft can write a counter into an address
 # (4 bytes) but not into a port (it byte-swaps 4 bytes and writes the top
 # 2, always 0). With the host's UDP conntrack timeout at 1 s (an address
-# comes round again after ~1 s at these rates) each query finds no entry
-# and makes a new one; with the default 30 s it would at the real rates of
-# hosts whose stubs use a new port per query.
+# comes round again after ~1 s at these rates, and with another of the 4
+# client ports most times) nearly every query finds no live entry and makes
+# a new one, without the table filling up as it would with the default 30 s.
 ip -n $C route add local 10.0.0.0/16 dev lo
 ip -n $H route add 10.0.0.0/16 via 172.30.0.2
 stub_rules='flush ruleset
@@ -151,10 +154,8 @@ stop() { kill "$resp_pid"; wait "$resp_pid" 2>/dev/null || true; resp_pid=""; }
 
 server() { case $1 in direct*) echo 172.30.0.1 ;; *) echo 192.0.2.53 ;; esac; }
 
-# dnsperf_args LOAD
-dnsperf_args() {
-	echo "-c 4 -T 2"
-}
+# dnsperf's clients: 4 sockets, 2 threads, both loads.
+clients="-c 4 -T 2"
 
 # busy prints the machine's busy jiffies (all but idle, iowait and steal).
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
@@ -195,8 +196,8 @@ measure() {
 	b0=$(busy) r0=$(ptime "$resp_pid")
 	perf record -q -a -e cpu-clock -c 250000 -o "$out/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
 	local TIMEFORMAT='%U %S'
-	# shellcheck disable=SC2046
-	{ time ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l "$SECS" -q 100 $(dnsperf_args "$load") >"$out/dnsperf.out" 2>&1; } 2>"$out/dnsperf.time"
+	# shellcheck disable=SC2086
+	{ time ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l "$SECS" -q 100 $clients >"$out/dnsperf.out" 2>&1; } 2>"$out/dnsperf.time"
 	b1=$(busy) r1=$(ptime "$resp_pid")
 	wait $!
 	local shares
@@ -264,7 +265,7 @@ done
 ip netns exec $C nft flush ruleset
 for setup in $PERF; do
 	start "$setup"
-	ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l $((SECS + 2)) -q 100 -c 4 -T 2 >/dev/null 2>&1 &
+	ip netns exec $C dnsperf -s "$(server "$setup")" -d "$out/queries" -l $((SECS + 2)) -q 100 $clients >/dev/null 2>&1 &
 	dp=$!
 	sleep 1
 	perf record -q -a -g -o "$out/perf.$setup" -- sleep "$SECS" >/dev/null 2>&1
