@@ -24,9 +24,28 @@ out=bench/results.md
 	echo '```'
 	echo
 } >"$out"
-EGRESSD_BENCH=full EGRESSD_BENCH_OUT="$PWD/bench/dns.md" go test ./test -count=1 -run TestDNSBenchmark -timeout 30m
+prof=$(mktemp -d)
+trap 'rm -rf "$prof"' EXIT
+EGRESSD_BENCH=full EGRESSD_BENCH_OUT="$PWD/bench/dns.md" EGRESSD_BENCH_PROFILE="$prof/cpu" \
+	go test ./test -count=1 -run TestDNSBenchmark -timeout 30m
 cat bench/dns.md >>"$out"
 rm -f bench/dns.md
+{
+	# Where the time goes, for the targets that are missed: egressd's CPU
+	# profile over its whole part of the run (warm, fresh, 100 000 live
+	# elements), cumulative, the functions that split the work.
+	echo
+	echo "Where egressd's CPU went over its part of the run (\`go tool pprof -top -cum\`; warm answers are"
+	echo "udpServer.serveBatch, fresh ones udpServer.worker; syscalls are mostly kernel packet and netfilter work):"
+	echo
+	echo '```'
+	go tool pprof -top -cum -nodecount=1000 "$prof/cpu" 2>/dev/null | grep -E '^ *(flat|Duration)|Total samples' || true
+	go tool pprof -top -cum -nodecount=1000 "$prof/cpu" 2>/dev/null |
+		grep -E ' (github.com/egressd/egressd/dnsresolve\.\(\*udpServer\)\.(serveBatch|worker)|golang.org/x/net/ipv4.\(\*payloadHandler\)\.(ReadBatch|WriteBatch)|github.com/egressd/egressd/dnsresolve\.\(\*Proxy\)\.fastReply|github.com/egressd/egressd/dnsresolve\.\(\*Upstream\)\.(Exchange|dial)|github.com/egressd/egressd/dnsresolve\.\(\*exchange\)\.send|github.com/egressd/egressd/rules\.\(\*Firewall\)\.(Allow|Audit|watch)|github.com/google/nftables\.\(\*Conn\)\.Flush|github.com/egressd/egressd/dnsresolve\.\(\*udpResponse\)\.WriteMsg|runtime\.gcBgMarkWorker|runtime\.mallocgc)$' || true
+	echo '```'
+	echo
+	echo "The kernel's share of the DNS path (redirect, conntrack, veth, tproxy): bench/kernelpath/results.md."
+} >>"$out"
 {
 	echo
 	echo "Go micro-benchmarks:"
