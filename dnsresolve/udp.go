@@ -1,6 +1,7 @@
 package dnsresolve
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"slices"
@@ -188,10 +189,9 @@ func (s *udpServer) answer(q slowQuery) {
 	w := &udpResponse{s: s, to: q.from, local: q.local}
 	r := new(dns.Msg)
 	err := r.Unpack(q.msg) // leaves the header set if a section fails
-	b := q.msg
-	action := dns.DefaultMsgAcceptFunc(dns.Header{Id: r.Id, Bits: uint16(b[2])<<8 | uint16(b[3]),
-		Qdcount: uint16(b[4])<<8 | uint16(b[5]), Ancount: uint16(b[6])<<8 | uint16(b[7]),
-		Nscount: uint16(b[8])<<8 | uint16(b[9]), Arcount: uint16(b[10])<<8 | uint16(b[11])})
+	be := binary.BigEndian
+	action := dns.DefaultMsgAcceptFunc(dns.Header{Id: be.Uint16(q.msg), Bits: be.Uint16(q.msg[2:]),
+		Qdcount: be.Uint16(q.msg[4:]), Ancount: be.Uint16(q.msg[6:]), Nscount: be.Uint16(q.msg[8:]), Arcount: be.Uint16(q.msg[10:])})
 	switch {
 	case action == dns.MsgIgnore:
 		return

@@ -179,10 +179,7 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 // delete cannot fail the transaction. The caller holds sem.
 func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []netip.Addr) error {
 	for _, v6 := range []bool{false, true} {
-		name := SetAllow4
-		if v6 {
-			name = SetAllow6
-		}
+		name := learnedSet(v6)
 		var elems []nftables.SetElement
 		for _, a := range addrs {
 			if a.Is6() == v6 {

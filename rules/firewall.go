@@ -274,10 +274,7 @@ func addElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement)
 // would otherwise fail the whole transaction with ENOENT.
 func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]int64, replace bool, now time.Time) error {
 	for _, v6 := range []bool{false, true} {
-		name := SetAllow4
-		if v6 {
-			name = SetAllow6
-		}
+		name := learnedSet(v6)
 		s := sets[name]
 		add := func(elems []nftables.SetElement) error { return f.conn.SetAddElements(s, elems) }
 		ops := []func([]nftables.SetElement) error{add}
@@ -290,6 +287,14 @@ func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]
 		}
 	}
 	return nil
+}
+
+// learnedSet names the set of learned IPv4 or IPv6 addresses.
+func learnedSet(v6 bool) string {
+	if v6 {
+		return SetAllow6
+	}
+	return SetAllow4
 }
 
 // delElements queues the deletion of elems (by key) like addElements.
