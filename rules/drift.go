@@ -261,13 +261,12 @@ func (f *Firewall) watch(ctx context.Context, changed func(string)) error {
 		if rerr != nil {
 			return fmt.Errorf("receive nftables events: %w", rerr)
 		}
-		for b := buf[:n]; len(b) >= unix.NLMSG_HDRLEN; {
-			l := int(binary.NativeEndian.Uint32(b))
-			if l < unix.NLMSG_HDRLEN || l > len(b) {
-				return fmt.Errorf("receive nftables events: malformed message of %d bytes", l)
-			}
-			typ, data := binary.NativeEndian.Uint16(b[4:]), b[unix.NLMSG_HDRLEN:l]
-			b = b[min(len(b), (l+unix.NLMSG_ALIGNTO-1)&^(unix.NLMSG_ALIGNTO-1)):]
+		msgs, err := parseMessages(buf[:n])
+		if err != nil {
+			return fmt.Errorf("receive nftables events: %w", err)
+		}
+		for _, m := range msgs {
+			typ, data := uint16(m.Header.Type), m.Data
 			if typ>>8 != unix.NFNL_SUBSYS_NFTABLES {
 				continue
 			}

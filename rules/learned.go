@@ -39,13 +39,8 @@ func (l learnedAddr) element(a netip.Addr) Element {
 
 func untils(m *learnedMap) iter.Seq2[netip.Addr, int64] {
 	return func(yield func(netip.Addr, int64) bool) {
-		for k, p := range m.v4 {
-			if !yield(netip.AddrFrom4(k), p.until()) {
-				return
-			}
-		}
-		for k, p := range m.v6 {
-			if !yield(netip.AddrFrom16(k), p.until()) {
+		for a, l := range m.all() {
+			if !yield(a, l.until) {
 				return
 			}
 		}
