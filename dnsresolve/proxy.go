@@ -215,6 +215,12 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 	return ans, nil
 }
 
+// until is when the addresses of cached answer e, aged age seconds, must
+// stay open until if it is answered at now: for the rest of its TTL.
+func (c *proxyConf) until(e *cacheEntry, age uint32, now time.Time) time.Time {
+	return now.Add(Lifetime(e.ttl-min(age, e.ttl), c.opts.MinTTL, c.opts.Grace))
+}
+
 // Lifetime is how long an answered address stays open:
 // max(TTL, minTTL) + grace.
 func Lifetime(ttl uint32, minTTL, grace time.Duration) time.Duration {
@@ -340,7 +346,7 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, a
 	name = strings.ToLower(dns.Fqdn(name))
 	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
-			until := p.now().Add(Lifetime(e.ttl-min(age, e.ttl), conf.opts.MinTTL, conf.opts.Grace))
+			until := conf.until(e, age, p.now())
 			if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(name, e.addrs, until) {
 				ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
 				defer cancel()

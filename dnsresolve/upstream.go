@@ -416,8 +416,7 @@ func (x *exchange) listen(ctx context.Context, t *try, until time.Time) (*dns.Ms
 // else nil. The header is checked before anything is unpacked: junk costs
 // no allocation.
 func (x *exchange) parse(id uint16, b []byte) *dns.Msg {
-	const qr, opcode = 0x80, 0x78 // in the third byte
-	if len(b) < 12 || binary.BigEndian.Uint16(b) != id || b[2]&qr == 0 || b[2]&opcode != 0 ||
+	if len(b) < headerLen || binary.BigEndian.Uint16(b) != id || b[2]&flagQR == 0 || b[2]&opcodeMask != 0 ||
 		binary.BigEndian.Uint16(b[4:]) != 1 {
 		return nil
 	}

@@ -25,9 +25,10 @@ type wireQuery struct {
 const (
 	headerLen = 12
 	optLen    = 11 // an OPT record without options
-	// Header flag bits (RFC 1035 4.1.1), in the first and second flag byte.
-	flagQR, flagRD = 0x80, 0x01
-	flagRA, flagCD = 0x80, 0x10
+	// Header flag bits (RFC 1035 4.1.1): QR, opcode and RD in the first
+	// flag byte, CD in the second (RA comes with the packed answer).
+	flagQR, opcodeMask, flagRD = 0x80, 0x78, 0x01
+	flagCD                     = 0x10
 )
 
 // parseQuery reads a standard query with one IN question whose labels are
@@ -35,7 +36,7 @@ const (
 // cookie or padding options, and nothing after it. It appends the cache key
 // of the question (see cacheKey) to key. ok is false for any other message.
 func parseQuery(b, key []byte) (q wireQuery, _ []byte, ok bool) {
-	if len(b) < headerLen || b[2]&(flagQR|0x78) != 0 || // a response, or opcode other than QUERY
+	if len(b) < headerLen || b[2]&(flagQR|opcodeMask) != 0 || // a response, or opcode other than QUERY
 		binary.BigEndian.Uint16(b[4:]) != 1 || binary.BigEndian.Uint16(b[6:]) != 0 ||
 		binary.BigEndian.Uint16(b[8:]) != 0 || binary.BigEndian.Uint16(b[10:]) > 1 {
 		return q, key, false
@@ -189,8 +190,7 @@ func (p *Proxy) fastReply(conf *proxyConf, query, dst []byte, key *[]byte, now t
 		return nil, false
 	}
 	if len(e.addrs) > 0 {
-		until := now.Add(Lifetime(e.ttl-min(age, e.ttl), conf.opts.MinTTL, conf.opts.Grace))
-		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, e.addrs, until) {
+		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, e.addrs, conf.until(e, age, now)) {
 			return nil, false
 		}
 	}
