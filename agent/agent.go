@@ -47,7 +47,9 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		}
 		sum = append(sum, "no usable upstream yet: "+pl.upErr.Error())
 	}
-	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, nil))
+	own, flows := openFlows(log)
+	defer own.close()
+	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, flows, log, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -155,7 +157,7 @@ func Remove(ctx context.Context) (bool, error) {
 	return existed, nil
 }
 
-func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, flows dnsresolve.Flows, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == config.RefuseNXDomain {
 		refuse = dns.RcodeNameError
@@ -164,14 +166,17 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 	for _, f := range cfg.DNS.Forward {
 		fwd = append(fwd, dnsresolve.ForwardZone{Zone: f.Zone, Servers: f.Servers})
 	}
+	upstream := dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout)
+	upstream.ForgetFlows(flows)
 	return dnsresolve.Options{
 		Forward:        fwd,
+		Flows:          flows,
 		Audit:          cfg.Firewall.Mode == config.ModeAudit,
 		AuditServers:   ups,
 		Mark:           cfg.Firewall.Mark,
 		ForwardTimeout: cfg.DNS.Timeout,
 		Domains:        cfg.Allow.Domains,
-		Upstream:       dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout),
+		Upstream:       upstream,
 		Allower:        allower,
 		MinTTL:         cfg.DNS.MinTTL,
 		MaxTTL:         cfg.DNS.MaxTTL,

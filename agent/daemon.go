@@ -60,6 +60,9 @@ type daemon struct {
 	// saveFailing says since when and why the learned addresses cannot
 	// be saved (nil: the last save worked), for status.
 	saveFailing atomic.Pointer[saveFailure]
+	// flows deletes the conntrack entries of egressd's own upstream
+	// queries; nil if ctnetlink could not be opened.
+	flows dnsresolve.Flows
 }
 
 type saveFailure struct {
@@ -114,7 +117,10 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d.reportUnknown()
 	d.setWaiting(pl.upErr)
 
-	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, d.metrics))
+	own, flows := openFlows(log)
+	defer own.close()
+	d.flows = flows
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -364,7 +370,7 @@ func (d *daemon) reload(ctx context.Context) {
 	}
 	// The proxy follows the ruleset at once: until it does, it answers
 	// with the old config's names and mode.
-	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics))
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.flows, d.log, d.metrics))
 	d.host = pl.host
 	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/metrics"
@@ -31,16 +32,18 @@ type forwarder struct {
 	servers []string
 	udp     *dns.Client
 	tcp     *dns.Client
+	flows   Flows // nil: UDP flows' entries are left to expire
 }
 
-func newForwarder(servers []netip.AddrPort, mark uint32, timeout time.Duration) *forwarder {
+func newForwarder(servers []netip.AddrPort, mark uint32, timeout time.Duration, flows Flows) *forwarder {
 	if timeout <= 0 {
 		timeout = 2 * time.Second
 	}
 	dialer := &net.Dialer{Timeout: timeout, Control: markControl(mark)}
 	f := &forwarder{
-		udp: &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
-		tcp: &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
+		udp:   &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
+		tcp:   &dns.Client{Net: "tcp", Dialer: dialer, Timeout: timeout},
+		flows: flows,
 	}
 	for _, s := range servers {
 		f.servers = append(f.servers, s.String())
@@ -95,6 +98,10 @@ func (f *forwarder) exchangeOne(ctx context.Context, q *dns.Msg, server string) 
 		return nil, err
 	}
 	resp, _, err := f.udp.ExchangeWithConnContext(ctx, q, conn)
+	if f.flows != nil { // before the port is free: see Upstream.ForgetFlows
+		local, remote := conn.LocalAddr().(*net.UDPAddr), conn.RemoteAddr().(*net.UDPAddr)
+		_ = f.flows.Delete(unix.IPPROTO_UDP, local.AddrPort(), remote.AddrPort())
+	}
 	conn.Close()
 	if err == nil && !sameQuestion(q, resp) {
 		err = errors.New("answer does not match the question")
@@ -131,10 +138,10 @@ type forwarding struct {
 func newForwarding(o Options) *forwarding {
 	f := &forwarding{}
 	for _, z := range o.Forward {
-		f.zones = append(f.zones, zoneForwarder{zone: dnsname.Canonical(z.Zone), forwarder: newForwarder(z.Servers, o.Mark, o.ForwardTimeout)})
+		f.zones = append(f.zones, zoneForwarder{zone: dnsname.Canonical(z.Zone), forwarder: newForwarder(z.Servers, o.Mark, o.ForwardTimeout, o.Flows)})
 	}
 	if o.Audit {
-		f.audit = newForwarder(o.AuditServers, o.Mark, o.ForwardTimeout)
+		f.audit = newForwarder(o.AuditServers, o.Mark, o.ForwardTimeout, o.Flows)
 	}
 	return f
 }

@@ -69,12 +69,14 @@ type Options struct {
 	// Forward lists zones answered by other servers (see ForwardZone).
 	// Audit answers names that are not allowed from AuditServers instead
 	// of refusing them (firewall.mode audit). Both send from sockets with
-	// Mark, each try taking up to ForwardTimeout.
+	// Mark, each try taking up to ForwardTimeout, and delete their UDP
+	// flows' conntrack entries through Flows, if not nil.
 	Forward        []ForwardZone
 	Audit          bool
 	AuditServers   []netip.AddrPort
 	Mark           uint32
 	ForwardTimeout time.Duration
+	Flows          Flows
 }
 
 // DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL of

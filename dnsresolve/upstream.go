@@ -45,6 +45,7 @@ type Upstream struct {
 	mark    uint32
 	timeout time.Duration // longest wait for one try
 	tcp     *dns.Client
+	flows   Flows // nil: entries are left to expire
 	// preferred is the index of the server that answered last: it is
 	// asked first for as long as it answers, so a single lost packet
 	// elsewhere does not move the traffic around (no flapping).
@@ -177,6 +178,19 @@ func NewUpstream(servers []netip.AddrPort, mark uint32, timeout time.Duration) *
 	return u
 }
 
+// Flows deletes the conntrack entry of a flow of egressd's own
+// (conntrack.Conn): an exempt flow's entry left behind would let any host
+// process that sends from the same port pass the redirect.
+type Flows interface {
+	Delete(proto uint8, src, dst netip.AddrPort) error
+}
+
+// ForgetFlows makes u delete each UDP try's conntrack entry before its
+// socket is closed, while no other socket can use the port. TCP needs
+// nothing: the port is held in TIME_WAIT and a new connection from it
+// (a SYN) starts a new entry, redirected like any other.
+func (u *Upstream) ForgetFlows(f Flows) { u.flows = f }
+
 func markControl(mark uint32) func(network, address string, c syscall.RawConn) error {
 	if mark == 0 {
 		return nil // tests without CAP_NET_ADMIN
@@ -234,7 +248,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 			late = t // keeps listening while the next try goes out
 		} else {
 			if t != nil {
-				t.close()
+				x.close(t)
 				if err != nil {
 					err = t.failed(err)
 				}
@@ -279,11 +293,17 @@ type try struct {
 	idx     int // server
 	id      uint16
 	f       *os.File
+	local   netip.AddrPort // the socket's address
 	start   time.Time
 	ignored int // datagrams that did not answer the question
 }
 
-func (t *try) close() { _ = t.f.Close() }
+func (x *exchange) close(t *try) {
+	if x.u.flows != nil && t.local.IsValid() {
+		_ = x.u.flows.Delete(unix.IPPROTO_UDP, t.local, x.u.addrs[t.idx])
+	}
+	_ = t.f.Close()
+}
 
 // failed says why t failed, and what it ignored meanwhile.
 func (t *try) failed(err error) error {
@@ -325,14 +345,14 @@ func (x *exchange) send() (*try, error) {
 		x.next++
 		x.tried, x.sent = idx, time.Now()
 		t := &try{idx: idx, id: dns.Id(), start: x.sent} // fresh ID per try: the client's ID never goes upstream
-		f, err := x.u.dial(idx)
+		f, local, err := x.u.dial(idx)
 		if err != nil {
 			return nil, err
 		}
-		t.f = f
+		t.f, t.local = f, local
 		binary.BigEndian.PutUint16(x.query, t.id)
 		if _, err := f.Write(x.query); err != nil {
-			t.close()
+			x.close(t)
 			return nil, err
 		}
 		return t, nil
@@ -345,7 +365,7 @@ func (x *exchange) send() (*try, error) {
 // server's datagrams. It is made with raw system calls and handed to Go's
 // poller once: net.Dial's address resolution, bookkeeping and extra system
 // calls cost as much as the rest of an exchange.
-func (u *Upstream) dial(idx int) (*os.File, error) {
+func (u *Upstream) dial(idx int) (*os.File, netip.AddrPort, error) {
 	ap := u.addrs[idx]
 	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()})
 	if ap.Addr().Is6() {
@@ -353,7 +373,7 @@ func (u *Upstream) dial(idx int) (*os.File, error) {
 		if zone := ap.Addr().Zone(); zone != "" {
 			ifi, err := net.InterfaceByName(zone)
 			if err != nil {
-				return nil, fmt.Errorf("zone of %s: %w", ap, err)
+				return nil, netip.AddrPort{}, fmt.Errorf("zone of %s: %w", ap, err)
 			}
 			sa6.ZoneId = uint32(ifi.Index)
 		}
@@ -361,19 +381,36 @@ func (u *Upstream) dial(idx int) (*os.File, error) {
 	}
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
 	if err != nil {
-		return nil, os.NewSyscallError("socket", err)
+		return nil, netip.AddrPort{}, os.NewSyscallError("socket", err)
 	}
 	if u.mark != 0 {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(u.mark)); err != nil {
 			_ = unix.Close(fd)
-			return nil, fmt.Errorf("set socket mark %#x: %w", u.mark, err)
+			return nil, netip.AddrPort{}, fmt.Errorf("set socket mark %#x: %w", u.mark, err)
 		}
 	}
 	if err := unix.Connect(fd, sa); err != nil {
 		_ = unix.Close(fd)
-		return nil, os.NewSyscallError("connect", err)
+		return nil, netip.AddrPort{}, os.NewSyscallError("connect", err)
 	}
-	return os.NewFile(uintptr(fd), "udp"), nil // non-blocking: into the poller
+	var local netip.AddrPort
+	if u.flows != nil { // the flow's source, to delete its entry
+		if la, err := unix.Getsockname(fd); err == nil {
+			local = sockaddrAddrPort(la)
+		}
+	}
+	return os.NewFile(uintptr(fd), "udp"), local, nil // non-blocking: into the poller
+}
+
+// sockaddrAddrPort converts an IP socket address.
+func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }
 
 // listen waits for t's answer until the deadline, or the context's if
@@ -490,7 +527,7 @@ func (x *exchange) retry(ctx context.Context, late *try) (*dns.Msg, error) {
 	listen := func(t *try) {
 		pending++
 		go func() {
-			defer t.close()
+			defer x.close(t)
 			resp, err := x.listen(ctx, t, time.Time{})
 			if err != nil {
 				err = t.failed(err)

@@ -166,6 +166,21 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: proxy}, Jump("dns_proxy_in")}},
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: proxy}, Jump("dns_proxy_in")}},
 		}}
+	servers := ownServers(cfg, host)
+	if fw.Host {
+		// egressd deletes its upstream flows' entries as it closes their
+		// sockets (so no other socket can use them). An answer arriving
+		// after that would start an entry in reverse, whose other
+		// direction is the port's query to the server: a host process
+		// sending from the port would pass the redirect as "established".
+		for i, s := range servers {
+			r := Rule{Stmts: []Stmt{SaddrPrefix(netip.PrefixFrom(s.Addr().WithZone(""), s.Addr().BitLen())), Ports{Proto: UDP, Sport: s.Port()}, New{}, Drop}}
+			if i == 0 {
+				r.Comment = "late answers to egressd's own queries start no flow"
+			}
+			input.Rules = append(input.Rules, r)
+		}
+	}
 
 	// Container DNS is DNATed to the proxy's own addresses on egressd's
 	// dummy interface (dns.local_ipv4/6), not redirected: a redirect goes
@@ -200,14 +215,6 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			owner = *host.Cgroup
 		}
 		var own []Rule
-		servers := slices.Clone(host.Upstreams)
-		for _, f := range cfg.DNS.Forward {
-			for _, s := range f.Servers {
-				if !slices.Contains(servers, s) {
-					servers = append(servers, s)
-				}
-			}
-		}
 		for _, u := range servers {
 			to := DaddrPrefix(netip.PrefixFrom(u.Addr().WithZone(""), u.Addr().BitLen()))
 			for _, p := range []Proto{UDP, TCP} {
@@ -249,6 +256,20 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		rs.Chains = append(rs.Chains, output, dnsOutput)
 	}
 	return rs
+}
+
+// ownServers are the servers egressd itself asks: its upstreams and the
+// servers of forwarded zones.
+func ownServers(cfg *config.Config, host Host) []netip.AddrPort {
+	servers := slices.Clone(host.Upstreams)
+	for _, f := range cfg.DNS.Forward {
+		for _, s := range f.Servers {
+			if !slices.Contains(servers, s) {
+				servers = append(servers, s)
+			}
+		}
+	}
+	return servers
 }
 
 // staticRules are the rules of one allow.cidrs entry: one per protocol and

@@ -131,10 +131,22 @@ type Established struct{}
 func (Established) text() string { return "ct state established,related" }
 
 func (Established) exprs(map[string]*nftables.Set) []expr.Any {
+	return ctState(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED)
+}
+
+// New matches the first packet of a connection.
+type New struct{}
+
+func (New) text() string { return "ct state new" }
+
+func (New) exprs(map[string]*nftables.Set) []expr.Any { return ctState(expr.CtStateBitNEW) }
+
+// ctState matches any of the conntrack states in bits, as nft compiles it.
+func ctState(bits uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+			Mask: binaryutil.NativeEndian.PutUint32(bits),
 			Xor:  binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
 	}

@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -493,4 +494,145 @@ func TestForgedIPv6SourcesAreDropped(t *testing.T) {
 	if slices.Contains(got, "forged") {
 		t.Errorf("a datagram with the upstream's IPv6 address as source reached the host from the container")
 	}
+}
+
+// egressd's own upstream queries (and those to the servers of forwarded
+// zones) leave unredirected, each from a fresh source port. A host
+// process that sends from one of those ports must not ride the
+// connection entry they left behind past the redirect: it gets egressd's
+// answer (REFUSED for an unlisted name), never the server's. The ports
+// are recorded where the queries arrive, in the internet's namespace, so
+// the test finds them whatever egressd does with its conntrack entries.
+func TestHostCannotRideUpstreamFlows(t *testing.T) {
+	var huge strings.Builder
+	for i := 0; i < 300; i++ {
+		fmt.Fprintf(&huge, "huge A 198.18.%d.%d\n", i/250, i%250+1)
+	}
+	l := newLab(t, map[string]string{"ride.cognitive.microsoft.com": huge.String()})
+	l.in(l.Inet, "nft -f "+l.writeConfig("watch.nft", fmt.Sprintf(`table inet watch {
+	set udp_ports { type ipv4_addr . inet_service; size 65535; flags dynamic; }
+	set tcp_ports { type ipv4_addr . inet_service; size 65535; flags dynamic; }
+	chain seen {
+		type filter hook prerouting priority 0;
+		ip saddr %s udp dport 53 add @udp_ports { ip daddr . udp sport }
+		ip saddr %s tcp dport 53 add @tcp_ports { ip daddr . tcp sport }
+	}
+}
+`, hostUplink, hostUplink)))
+	cfg := strings.Replace(l.baseConfig(), "dns:\n", "dns:\n  forward: [{zone: trafficmanager.test, servers: [\""+otherDNS+"\"]}]\n", 1)
+	l.startDaemon(l.writeConfig("egressd.yaml", cfg))
+
+	// Fresh names from the host (UDP upstream queries), names of the
+	// forwarded zone, and one answer too large for UDP (a TCP upstream
+	// exchange).
+	for i := 0; i < 40; i++ {
+		l.mustResolve(l.Host, fmt.Sprintf("race%d.cognitive.microsoft.com", i), dns.TypeA, fmt.Sprintf("203.0.115.%d", i+1))
+		if r, err := query(l.Host, upstreamDNS+":53", "myres.trafficmanager.test", dns.TypeA, "udp"); err != nil || r.Rcode != dns.RcodeSuccess {
+			t.Fatalf("forwarded zone: %v %v", r, err)
+		}
+	}
+	if r, err := query(l.Host, upstreamDNS+":53", "huge.ride.cognitive.microsoft.com", dns.TypeA, "tcp"); err != nil || len(addrs(r)) != 300 {
+		t.Fatalf("huge answer: %v, %d addresses", err, len(addrs(r)))
+	}
+
+	for _, proto := range []string{"udp", "tcp"} {
+		flows := setFlows(t, l.in(l.Inet, "nft -j list set inet watch "+proto+"_ports"))
+		servers := map[string]int{}
+		for _, f := range flows {
+			servers[f.Addr().String()]++
+		}
+		if servers[upstreamDNS] == 0 || proto == "udp" && servers[otherDNS] == 0 {
+			t.Fatalf("egressd's %s queries that reached the servers: %v, want both the upstream and the forward server", proto, servers)
+		}
+		rode, held := 0, 0
+		for _, f := range flows {
+			from := netip.AddrPortFrom(netip.MustParseAddr(hostUplink), f.Port())
+			r, err := queryFrom(l.Host, proto, from, netip.AddrPortFrom(f.Addr(), 53).String(), "www.example.com")
+			switch {
+			case errors.Is(err, syscall.EADDRINUSE):
+				held++ // egressd's socket (or its TIME_WAIT) still holds the port
+			case err != nil:
+				t.Errorf("%s query from egressd's port %d to %s: %v, want egressd's REFUSED", proto, f.Port(), f.Addr(), err)
+			case r.Rcode != dns.RcodeRefused:
+				rode++
+				t.Errorf("%s query from egressd's port %d reached %s: %s %v", proto, f.Port(), f.Addr(), dns.RcodeToString[r.Rcode], addrs(r))
+			}
+		}
+		t.Logf("%s: %d flows of egressd's to %v tried, %d ports still held, %d rode past the proxy", proto, len(flows), servers, held, rode)
+	}
+}
+
+// setFlows returns the elements of an `ipv4_addr . inet_service` set
+// from `nft -j list set`.
+func setFlows(t *testing.T, js string) []netip.AddrPort {
+	t.Helper()
+	var out struct {
+		Nftables []struct {
+			Set *struct {
+				Elem []json.RawMessage `json:"elem"`
+			} `json:"set"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(js), &out); err != nil {
+		t.Fatalf("nft -j: %v\n%s", err, js)
+	}
+	var flows []netip.AddrPort
+	for _, o := range out.Nftables {
+		if o.Set == nil {
+			continue
+		}
+		for _, e := range o.Set.Elem {
+			var elem struct {
+				Concat []json.RawMessage `json:"concat"`
+				Elem   *struct {
+					Val struct {
+						Concat []json.RawMessage `json:"concat"`
+					} `json:"val"`
+				} `json:"elem"`
+			}
+			if err := json.Unmarshal(e, &elem); err != nil {
+				t.Fatalf("set element %s: %v", e, err)
+			}
+			c := elem.Concat
+			if elem.Elem != nil {
+				c = elem.Elem.Val.Concat
+			}
+			var addr string
+			var port uint16
+			if len(c) != 2 || json.Unmarshal(c[0], &addr) != nil || json.Unmarshal(c[1], &port) != nil {
+				t.Fatalf("set element %s is not address . port", e)
+			}
+			flows = append(flows, netip.AddrPortFrom(netip.MustParseAddr(addr), port))
+		}
+	}
+	return flows
+}
+
+// queryFrom asks server for name's A records from ns, over proto, from
+// the source address and port from, like any unprivileged host process
+// may: no mark, SO_REUSEADDR only.
+func queryFrom(ns, proto string, from netip.AddrPort, server, name string) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	var conn net.Conn
+	err := inNS(ns, func() (err error) {
+		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: net.UDPAddrFromAddrPort(from),
+			Control: func(_, _ string, c syscall.RawConn) error {
+				var serr error
+				err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				return errors.Join(err, serr)
+			}}
+		if proto == "tcp" {
+			d.LocalAddr = net.TCPAddrFromAddrPort(from)
+		}
+		conn, err = d.Dial(proto, server)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	c := &dns.Client{Net: proto, Timeout: 2 * time.Second}
+	r, _, err := c.ExchangeWithConn(m, &dns.Conn{Conn: conn})
+	return r, err
 }
