@@ -92,10 +92,12 @@ func scrape(t *testing.T, l *Lab, addr string) map[string]float64 {
 		})
 		return c, err
 	}}
-	resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// egressd answers DNS before its metrics endpoint listens: wait for it.
+	var resp *http.Response
+	l.waitFor("the metrics endpoint", 10*time.Second, func() (err error) {
+		resp, err = (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get("http://" + addr + "/metrics")
+		return err
+	})
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	out := map[string]float64{}
