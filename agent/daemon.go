@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -63,6 +64,8 @@ type daemon struct {
 	// flows deletes the conntrack entries of egressd's own upstream
 	// queries; nil if ctnetlink could not be opened.
 	flows dnsresolve.Flows
+	// enginesReported is the engine-cgroup problem last logged ("" none).
+	enginesReported string
 }
 
 type saveFailure struct {
@@ -145,12 +148,15 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
 	}
 	relink := make(chan struct{}, 1)
-	go watchLinks(ctx, d.config, func() {
+	kickRelink := func() {
 		select {
 		case relink <- struct{}{}:
 		default:
 		}
-	}, log)
+	}
+	go watchLinks(ctx, d.config, kickRelink, log)
+	go watchEngines(ctx, cfg, kickRelink, log)
+	d.reportEngines()
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
 	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
@@ -217,6 +223,11 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		case <-check.C:
 			d.ensureLocal()
 			d.repair(ctx, "")
+			// An engine cgroup that came or went unnoticed (the kernel's
+			// lack of cgroup matching is reported, not retried).
+			if cgs, _ := presentEngines(d.config()); d.enginesReported == "" && !slices.Equal(cgs, d.host.Engines) {
+				d.relink(ctx)
+			}
 		case now := <-save.C:
 			if d.fw.Version() != d.saved && !now.Before(d.nextSave) {
 				d.save()

@@ -75,13 +75,7 @@ func findOwnCgroup() (*rules.Cgroup, error) {
 	if err := syscall.Stat(dir, &st); err != nil {
 		return nil, err
 	}
-	// nft resolves the path below /sys/fs/cgroup; on a hybrid hierarchy
-	// cgroup2 is mounted below it (/sys/fs/cgroup/unified).
-	path := rel
-	if sub, ok := strings.CutPrefix(mnt, cgroupRoot); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
-		path = sub + rel
-	}
-	return &rules.Cgroup{Path: path, Level: uint32(strings.Count(rel, "/")), ID: st.Ino}, nil
+	return &rules.Cgroup{Path: nftCgroupPath(mnt, rel), Level: uint32(strings.Count(rel, "/")), ID: st.Ino}, nil
 }
 
 // cgroup2Mount returns where the cgroup v2 hierarchy is mounted, from its

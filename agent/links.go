@@ -236,7 +236,7 @@ func hostFor(cfg *config.Config, ups []netip.AddrPort, cg *rules.Cgroup) (rules.
 	if err != nil {
 		return rules.Host{}, err
 	}
-	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink}, nil
+	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink, Engines: engineCgroups(cfg)}, nil
 }
 
 // onLinkPrefixes returns the subnets of the host's addresses outside
@@ -276,7 +276,8 @@ func onLinkPrefixes(cfg *config.Config) ([]netip.Prefix, error) {
 }
 
 // relink reinstalls the ruleset when the unknown forwarding interfaces
-// (their DNS goes to the proxy) or the on-link subnets changed.
+// (their DNS goes to the proxy), the on-link subnets or the engine
+// cgroups present changed.
 func (d *daemon) relink(ctx context.Context) {
 	d.ensureLocal()
 	cfg := d.config()
@@ -295,17 +296,19 @@ func (d *daemon) relink(ctx context.Context) {
 		d.log.Error("interfaces not checked", "err", err)
 		return
 	}
-	if slices.Equal(unknown, d.host.Unknown) && slices.Equal(onLink, d.host.OnLink) {
+	engines := engineCgroups(cfg)
+	if slices.Equal(unknown, d.host.Unknown) && slices.Equal(onLink, d.host.OnLink) && slices.Equal(engines, d.host.Engines) {
 		return
 	}
 	host := d.host
-	host.Unknown, host.OnLink = unknown, onLink
+	host.Unknown, host.OnLink, host.Engines = unknown, onLink, engines
 	if err := d.fw.Install(ctx, rules.BuildFor(cfg, host), nil, nil); err != nil {
 		d.log.Error("ruleset not updated for new interfaces", "err", err)
 		return
 	}
 	d.host = host
 	d.reportUnknown()
+	d.reportEngines()
 }
 
 // reportUnknown logs each unknown forwarding interface once.

@@ -106,6 +106,22 @@ type Firewall struct {
 	Mark       uint32           `mapstructure:"mark"`
 	NFLOGGroup uint16           `mapstructure:"nflog_group"`
 	MaxLearned int              `mapstructure:"max_learned"`
+	// EngineCgroups are the cgroups of host processes that resolve names
+	// for containers (see EngineCgroupPath).
+	EngineCgroups []string `mapstructure:"engine_cgroups"`
+}
+
+// EngineCgroupPath returns the cgroup v2 path, relative to the cgroup2
+// mount, of a firewall.engine_cgroups entry: a path as is, a systemd
+// service ("docker.service") in system.slice.
+func EngineCgroupPath(entry string) (string, error) {
+	switch {
+	case strings.HasPrefix(entry, "/") && path.Clean(entry) == entry && entry != "/":
+		return entry, nil
+	case strings.HasSuffix(entry, ".service") && !strings.Contains(entry, "/") && len(entry) > len(".service"):
+		return "/system.slice/" + entry, nil
+	}
+	return "", fmt.Errorf("%q is neither a cgroup path below the cgroup2 mount (\"/kubepods.slice\") nor a systemd service (\"docker.service\")", entry)
 }
 
 // Mode is firewall.mode.
@@ -414,6 +430,11 @@ func (c *Config) validate() error {
 	for i, f := range c.DNS.ResolvConf {
 		if !path.IsAbs(f) {
 			bad("dns.resolv_conf[%d]: %q must be an absolute path", i, f)
+		}
+	}
+	for i, e := range c.Firewall.EngineCgroups {
+		if _, err := EngineCgroupPath(e); err != nil {
+			bad("firewall.engine_cgroups[%d]: %v", i, err)
 		}
 	}
 	for _, list := range []struct {

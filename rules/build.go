@@ -61,6 +61,10 @@ type Host struct {
 	// container networks: where DHCP servers and IPv6 neighbours can be
 	// reached directly.
 	OnLink []netip.Prefix
+	// Engines are the cgroups of firewall.engine_cgroups that exist:
+	// their DNS is redirected to the proxy even when the host is not
+	// filtered.
+	Engines []Cgroup
 	// Unknown are forwarding interfaces (bridges, veths) that match
 	// neither firewall.containers nor firewall.unfiltered: treated like
 	// container interfaces (DNS to the proxy, sources checked).
@@ -254,6 +258,22 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 				Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
 				Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})}
 		rs.Chains = append(rs.Chains, output, dnsOutput)
+	} else if len(host.Engines) > 0 {
+		// Container engines' DNS servers forward containers' queries
+		// from the host's namespace: they go through the allow-list
+		// like the containers' own. (With the host filtered, all host
+		// DNS does.)
+		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect}}
+		for i, cg := range host.Engines {
+			for _, p := range []Proto{UDP, TCP} {
+				r := Rule{Stmts: []Stmt{cg, Ports{Proto: p, Dport: 53}, Redirect(proxy)}}
+				if i == 0 && p == UDP {
+					r.Comment = "DNS that container engines send for containers (firewall.engine_cgroups), to the proxy on loopback"
+				}
+				dnsOutput.Rules = append(dnsOutput.Rules, r)
+			}
+		}
+		rs.Chains = append(rs.Chains, dnsOutput)
 	}
 	return rs
 }

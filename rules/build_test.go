@@ -334,3 +334,33 @@ func TestBuildAudit(t *testing.T) {
 		}
 	}
 }
+
+// DNS of container engines' cgroups is redirected when the host is not
+// filtered; with the host filtered, all host DNS is anyway.
+func TestEngineCgroups(t *testing.T) {
+	docker := Cgroup{Path: "/system.slice/docker.service", Level: 2, ID: 42}
+	tests := []struct {
+		yaml    string
+		engines []Cgroup
+		want    []string // chain dns_output; nil: no such chain
+	}{
+		{"firewall:\n  host: false\n", []Cgroup{docker}, []string{
+			`socket cgroupv2 level 2 "/system.slice/docker.service" udp dport 53 redirect to :10053`,
+			`socket cgroupv2 level 2 "/system.slice/docker.service" tcp dport 53 redirect to :10053`}},
+		{"firewall:\n  host: false\n", nil, nil},
+		{"", []Cgroup{docker}, []string{"udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"}},
+	}
+	for _, tt := range tests {
+		cfg := loadConfig(t, tt.yaml)
+		got := chainText(BuildFor(cfg, Host{Upstreams: cfg.DNS.UpstreamAddrs, Engines: tt.engines}), "dns_output")
+		if tt.want == nil {
+			if got != nil {
+				t.Errorf("%q with %v: chain dns_output exists: %v", tt.yaml, tt.engines, got)
+			}
+			continue
+		}
+		if len(got) < len(tt.want) || !slices.Equal(got[len(got)-len(tt.want):], tt.want) {
+			t.Errorf("%q with %v: dns_output ends\n%s\nwant\n%s", tt.yaml, tt.engines, strings.Join(got, "\n"), strings.Join(tt.want, "\n"))
+		}
+	}
+}

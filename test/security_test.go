@@ -636,3 +636,65 @@ func queryFrom(ns, proto string, from netip.AddrPort, server, name string) (*dns
 	r, _, err := c.ExchangeWithConn(m, &dns.Conn{Conn: conn})
 	return r, err
 }
+
+// With firewall.host false the host resolves freely, but the DNS that a
+// container engine sends for its containers from the host's namespace
+// (Docker's embedded DNS) goes through the allow-list: the engine is
+// known by its cgroup, followed when it is removed and made again (the
+// engine restarted).
+func TestEngineCgroupDNSIsFiltered(t *testing.T) {
+	mnt := cgroup2Dir(t)
+	top := fmt.Sprintf("egressd-test-%d-%d", os.Getpid(), labSeq.Load())
+	cg := filepath.Join(mnt, top, "docker.service")
+	if err := os.MkdirAll(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(cg); _ = os.Remove(filepath.Dir(cg)) })
+	l := newLab(t)
+	// `ip netns exec` mounts a fresh /sys without the cgroup tree: egressd
+	// runs in the test's mount namespace, as on a host.
+	wrapper := filepath.Join(l.Dir, "in-host-mounts")
+	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --mount=/proc/%d/ns/mnt -- %s \"$@\"\n", os.Getpid(), egressdBin)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l.bin = wrapper
+	cfg := strings.Replace(l.baseConfig(), "firewall:\n", "firewall:\n  host: false\n  engine_cgroups: [\"/"+top+"/docker.service\"]\n", 1)
+	l.startDaemon(l.writeConfig("egressd.yaml", cfg))
+	// The engine, likewise, joins its cgroup there.
+	engineLookup := func(name string) string {
+		out, _ := exec.Command("ip", "netns", "exec", l.Host, "nsenter", fmt.Sprintf("--mount=/proc/%d/ns/mnt", os.Getpid()), "--",
+			"sh", "-c", fmt.Sprintf("echo $$ > %s/cgroup.procs && exec busybox nslookup %s %s", cg, name, upstreamDNS)).CombinedOutput()
+		return string(out)
+	}
+	check := func() {
+		t.Helper()
+		if out := engineLookup("www.example.com"); strings.Contains(out, "203.0.113.50") {
+			t.Errorf("the engine resolved an unlisted name:\n%s", out)
+		}
+		if out := engineLookup("westus.api.cognitive.microsoft.com"); !strings.Contains(out, "203.0.113.10") {
+			t.Errorf("the engine did not resolve an allowed name:\n%s", out)
+		}
+		if !l.inSet("203.0.113.10") {
+			t.Errorf("the engine's answer opened nothing")
+		}
+	}
+	check()
+	// The host itself is not filtered.
+	l.mustResolve(l.Host, "www.example.com", dns.TypeA, "203.0.113.50")
+
+	// The engine restarts: systemd removes its cgroup and makes it anew.
+	if err := os.Remove(cg); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l.waitFor("the new engine cgroup's rule", 10*time.Second, func() error {
+		if out := engineLookup("www.example.com"); strings.Contains(out, "203.0.113.50") {
+			return fmt.Errorf("resolved an unlisted name:\n%s", out)
+		}
+		return nil
+	})
+	check()
+}
