@@ -52,9 +52,11 @@ func Open() (*Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open ctnetlink: %w", os.NewSyscallError("socket", err))
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	// Connected to the kernel: plain writes and reads, no address to
+	// pass (or allocate) per request.
+	if err := unix.Connect(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		_ = unix.Close(fd)
-		return nil, fmt.Errorf("open ctnetlink: %w", os.NewSyscallError("bind", err))
+		return nil, fmt.Errorf("open ctnetlink: %w", os.NewSyscallError("connect", err))
 	}
 	// An acknowledgement without the request echoed back: 36 bytes.
 	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1)
@@ -77,16 +79,16 @@ func (c *Conn) Delete(proto uint8, src, dst netip.AddrPort) error {
 	defer c.mu.Unlock()
 	c.seq++
 	b := c.request(proto, src, dst)
-	if err := unix.Sendto(c.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("conntrack delete %s → %s: %w", src, dst, os.NewSyscallError("sendto", err))
+	if _, err := unix.Write(c.fd, b); err != nil {
+		return fmt.Errorf("conntrack delete %s → %s: %w", src, dst, os.NewSyscallError("write", err))
 	}
 	for {
-		n, _, err := unix.Recvfrom(c.fd, c.buf[:cap(c.buf)], 0)
+		n, err := unix.Read(c.fd, c.buf[:cap(c.buf)])
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("conntrack delete %s → %s: %w", src, dst, os.NewSyscallError("recvfrom", err))
+			return fmt.Errorf("conntrack delete %s → %s: %w", src, dst, os.NewSyscallError("read", err))
 		}
 		errno, ok := ackErrno(c.buf[:n], c.seq)
 		if !ok {
@@ -116,14 +118,14 @@ func (c *Conn) request(proto uint8, src, dst netip.AddrPort) []byte {
 	b = appendAttrHeader(b, unix.NLA_F_NESTED|attrTupleOrig)
 	ip := len(b)
 	b = appendAttrHeader(b, unix.NLA_F_NESTED|attrTupleIP)
-	b = appendAttr(b, srcAttr, src.Addr().AsSlice())
-	b = appendAttr(b, dstAttr, dst.Addr().AsSlice())
+	b = appendAttr(b, srcAttr, src.Addr().AsSlice()...)
+	b = appendAttr(b, dstAttr, dst.Addr().AsSlice()...)
 	b = endAttr(b, ip)
 	ports := len(b)
 	b = appendAttrHeader(b, unix.NLA_F_NESTED|attrTupleProto)
-	b = appendAttr(b, attrProtoNum, []byte{proto})
-	b = appendAttr(b, attrProtoSrc, binary.BigEndian.AppendUint16(nil, src.Port()))
-	b = appendAttr(b, attrProtoDst, binary.BigEndian.AppendUint16(nil, dst.Port()))
+	b = appendAttr(b, attrProtoNum, proto)
+	b = appendAttr(b, attrProtoSrc, byte(src.Port()>>8), byte(src.Port()))
+	b = appendAttr(b, attrProtoDst, byte(dst.Port()>>8), byte(dst.Port()))
 	b = endAttr(b, ports)
 	b = endAttr(b, orig)
 	binary.NativeEndian.PutUint32(b, uint32(len(b)))
@@ -136,7 +138,7 @@ func appendAttrHeader(b []byte, typ uint16) []byte {
 	return binary.NativeEndian.AppendUint16(b, typ)
 }
 
-func appendAttr(b []byte, typ uint16, data []byte) []byte {
+func appendAttr(b []byte, typ uint16, data ...byte) []byte {
 	b = binary.NativeEndian.AppendUint16(b, uint16(unix.NLA_HDRLEN+len(data)))
 	b = binary.NativeEndian.AppendUint16(b, typ)
 	b = append(b, data...)

@@ -30,33 +30,45 @@ func TestRequest(t *testing.T) {
 	}
 }
 
-// Delete removes exactly the entry of one flow, in a network namespace of
-// the test's own.
-func TestDelete(t *testing.T) {
+// inTrackedNS moves the calling goroutine, locked to its thread, into a
+// new network namespace with connection tracking on; the returned
+// function moves it back.
+func inTrackedNS(tb testing.TB) func() {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root (a network namespace and conntrack)")
+		tb.Skip("needs root (a network namespace and conntrack)")
 	}
 	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	defer netns.Set(orig)
 	ns, err := netns.New()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	defer ns.Close()
+	back := func() {
+		_ = netns.Set(orig)
+		ns.Close()
+		orig.Close()
+		runtime.UnlockOSThread()
+	}
 	// Connection tracking starts in a namespace once a rule uses it.
 	for _, cmd := range [][]string{
 		{"ip", "link", "set", "lo", "up"},
 		{"nft", "add table ip t; add chain ip t o { type filter hook output priority 0; ct state new accept; }"},
 	} {
 		if out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
-			t.Skipf("%v: %v %s", cmd, err, out)
+			back()
+			tb.Skipf("%v: %v %s", cmd, err, out)
 		}
 	}
+	return back
+}
+
+// Delete removes exactly the entry of one flow, in a network namespace of
+// the test's own.
+func TestDelete(t *testing.T) {
+	defer inTrackedNS(t)()
 	send := func(port int) netip.AddrPort {
 		c, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2), Port: 53})
 		if err != nil {
@@ -93,5 +105,33 @@ func TestDelete(t *testing.T) {
 	}
 	if len(ports) != 1 || ports[0] != b.Port() {
 		t.Errorf("flows left from ports %v, want only %d", ports, b.Port())
+	}
+}
+
+// The cost egressd adds to each upstream exchange: deleting its entry.
+func BenchmarkDelete(b *testing.B) {
+	defer inTrackedNS(b)()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	c, err := Open()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	src := conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), uint16(1024+i%60000))
+		b.StopTimer()
+		if _, err := conn.WriteToUDPAddrPort([]byte("q"), dst); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := c.Delete(unix.IPPROTO_UDP, src, dst); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
