@@ -25,7 +25,10 @@ import (
 const (
 	saveInterval   = time.Second     // learned addresses to state_dir, if any were learned
 	statusInterval = 5 * time.Second // systemd status line
-	driftInterval  = 2 * time.Second // backstop for missed nftables events
+	// engineScanInterval is how often running container engines are
+	// checked for DNS that nothing filters.
+	engineScanInterval = 30 * time.Second
+	driftInterval      = 2 * time.Second // backstop for missed nftables events
 	// The learned sets are read back and compared at least this often,
 	// and at most 5% of the time (reading 100 000 elements takes seconds:
 	// the kernel walks its hash for every dump message).
@@ -157,6 +160,9 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	go watchLinks(ctx, d.config, kickRelink, log)
 	go watchEngines(ctx, cfg, kickRelink, log)
 	d.reportEngines()
+	d.reportUnfilteredEngines()
+	engineScan := time.NewTicker(engineScanInterval)
+	defer engineScan.Stop()
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
 	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
@@ -234,6 +240,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			}
 		case <-status.C:
 			d.notify("")
+		case <-engineScan.C:
+			d.reportUnfilteredEngines()
 		case <-watchdog:
 			// Pinging only from this loop means a wedged loop gets
 			// restarted by systemd.

@@ -137,3 +137,70 @@ func watchEngines(ctx context.Context, cfg *config.Config, changed func(), log *
 		}
 	}
 }
+
+// Processes that send DNS for containers from the host's namespace: the
+// container engines' DNS servers, and rootless engines' network helpers,
+// whose containers' traffic is entirely their own sockets.
+var (
+	engineForwarders = []string{"dockerd", "node-cache"}
+	rootlessHelpers  = []string{"slirp4netns", "pasta", "rootlesskit"}
+)
+
+// reportUnfilteredEngines logs, once per process, container engines that
+// resolve names for containers from the host's namespace while nothing
+// filters that: with firewall.host false, a forwarder outside
+// firewall.engine_cgroups, and any rootless network helper.
+func (d *daemon) reportUnfilteredEngines() {
+	cfg := d.config()
+	if cfg.Firewall.Host {
+		return
+	}
+	mnt, _ := cgroup2Mount()
+	var covered []string
+	for _, e := range cfg.Firewall.EngineCgroups {
+		if rel, err := config.EngineCgroupPath(e); err == nil {
+			covered = append(covered, rel)
+		}
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		comm, err := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
+		if err != nil {
+			continue
+		}
+		name := strings.TrimSpace(string(comm))
+		forwarder, helper := slices.Contains(engineForwarders, name), slices.Contains(rootlessHelpers, name)
+		if !forwarder && !helper {
+			continue
+		}
+		cg := procCgroup(p.Name())
+		key := "engine " + name + " " + cg
+		if d.reported[key] {
+			continue
+		}
+		switch {
+		case helper:
+			d.reported[key] = true
+			d.log.Warn("a rootless network helper runs: its containers' traffic leaves as the host's own, which firewall.host false leaves unfiltered; set firewall.host true to filter it",
+				"process", name, "pid", p.Name())
+		case mnt != "" && !slices.ContainsFunc(covered, func(c string) bool { return cg == c || strings.HasPrefix(cg, c+"/") }):
+			d.reported[key] = true
+			d.log.Warn("a container engine's DNS server runs outside firewall.engine_cgroups: the names it resolves for containers from the host's namespace pass unfiltered; add its cgroup to firewall.engine_cgroups",
+				"process", name, "pid", p.Name(), "cgroup", cg)
+		}
+	}
+}
+
+// procCgroup returns the cgroup v2 path of process pid, or "".
+func procCgroup(pid string) string {
+	data, err := os.ReadFile(filepath.Join("/proc", pid, "cgroup"))
+	if err != nil {
+		return ""
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			return p
+		}
+	}
+	return ""
+}

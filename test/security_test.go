@@ -659,8 +659,23 @@ func TestEngineCgroupDNSIsFiltered(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.bin = wrapper
+	// An engine outside the configured cgroups, and a rootless network
+	// helper, are not left unfiltered in silence.
+	for _, name := range []string{"dockerd", "slirp4netns"} {
+		fake := filepath.Join(l.Dir, name)
+		if err := os.Symlink("/bin/sleep", fake); err != nil {
+			t.Fatal(err)
+		}
+		p := exec.Command(fake, "60")
+		if err := p.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = p.Process.Kill(); _ = p.Wait() })
+	}
 	cfg := strings.Replace(l.baseConfig(), "firewall:\n", "firewall:\n  host: false\n  engine_cgroups: [\"/"+top+"/docker.service\"]\n", 1)
 	l.startDaemon(l.writeConfig("egressd.yaml", cfg))
+	l.waitLog("a container engine's DNS server runs outside firewall.engine_cgroups", "process=dockerd")
+	l.waitLog("a rootless network helper runs", "process=slirp4netns")
 	// The engine, likewise, joins its cgroup there.
 	engineLookup := func(name string) string {
 		out, _ := exec.Command("ip", "netns", "exec", l.Host, "nsenter", fmt.Sprintf("--mount=/proc/%d/ns/mnt", os.Getpid()), "--",
