@@ -25,10 +25,9 @@ demo:
 # soak, and the kernel matrix; root.
 test: check chaos-short test-kernels
 
-# Unit tests, fuzz seeds and end-to-end tests in namespaces, on this
-# machine's kernel.
-check:
-	$(GO) vet ./...
+# Lint (vet, staticcheck), unit tests, fuzz seeds and end-to-end tests in
+# namespaces, on this machine's kernel.
+check: lint
 	$(GO) test -count=1 -race ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
 	cd deploy/image && $(GO) vet ./... && $(GO) test -count=1 ./...
