@@ -47,7 +47,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 		}
 		sum = append(sum, "no usable upstream yet: "+pl.upErr.Error())
 	}
-	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, nil))
+	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, nil, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -155,7 +155,10 @@ func Remove(ctx context.Context) (bool, error) {
 	return existed, nil
 }
 
-func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
+// proxyOptions are the proxy's options for cfg; eng finds the engine
+// zones' servers (nil: engine zones are refused, as Apply's proxy, which
+// answers no client, can).
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, log *slog.Logger, m *metrics.Metrics, eng *engines) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == config.RefuseNXDomain {
 		refuse = dns.RcodeNameError
@@ -164,8 +167,14 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 	for _, f := range cfg.DNS.Forward {
 		fwd = append(fwd, dnsresolve.ForwardZone{Zone: f.Zone, Servers: f.Servers})
 	}
+	var engineServers dnsresolve.EngineServers
+	if eng != nil {
+		engineServers = eng.servers
+	}
 	return dnsresolve.Options{
 		Forward:        fwd,
+		EngineZones:    cfg.DNS.EngineZones,
+		EngineServers:  engineServers,
 		Audit:          cfg.Firewall.Mode == config.ModeAudit,
 		AuditServers:   ups,
 		Mark:           cfg.Firewall.Mark,

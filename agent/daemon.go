@@ -40,6 +40,7 @@ type daemon struct {
 	metrics *metrics.Metrics
 	fw      *rules.Firewall
 	proxy   *dnsresolve.Proxy
+	engines *engines // the engine zones' servers, from the container bridges' addresses
 	// cfg is replaced by reload while the control socket and watchers
 	// read it.
 	cfg       atomic.Pointer[config.Config]
@@ -114,7 +115,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d.reportUnknown()
 	d.setWaiting(pl.upErr)
 
-	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, d.metrics))
+	d.engines = newEngines(d.config, log)
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, d.metrics, d.engines))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -144,7 +146,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		case relink <- struct{}{}:
 		default:
 		}
-	}, log)
+	}, d.engines.invalidate, log)
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
 	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
@@ -364,11 +366,12 @@ func (d *daemon) reload(ctx context.Context) {
 	}
 	// The proxy follows the ruleset at once: until it does, it answers
 	// with the old config's names and mode.
-	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics))
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.log, d.metrics, d.engines))
 	d.host = pl.host
 	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
+	d.engines.invalidate() // firewall.containers and unfiltered may have changed
 	forget(cfg, d.log)
 	d.startPinned(ctx)
 	d.log.Info("config reloaded", "ruleset", pl.rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)
