@@ -232,6 +232,9 @@ func testEngineZone(t *testing.T, host bool) {
 			t.Errorf("podman2's engine was asked from %s, not by egressd from the host's address", src)
 		}
 	}
+	if out, err := l.runEgressd("explain", "db.Web.dns.podman.", "--config", cfg); err != nil || !strings.Contains(out, "is in engine zone dns.podman") {
+		t.Errorf("explain db.Web.dns.podman.: %v %s", err, out)
+	}
 	if !strings.Contains(l.egressdLog.String(), "refused name of an engine zone") {
 		t.Errorf("the host's refused engine zone query is not logged")
 	}
