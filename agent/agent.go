@@ -49,7 +49,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	}
 	own, flows := openFlows(log)
 	defer own.close()
-	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, flows, log, nil))
+	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, flows, log, nil, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -157,7 +157,11 @@ func Remove(ctx context.Context) (bool, error) {
 	return existed, nil
 }
 
-func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, flows dnsresolve.Flows, log *slog.Logger, m *metrics.Metrics) dnsresolve.Options {
+// proxyOptions are the proxy's options for cfg; flows deletes the
+// conntrack entries of egressd's own queries, eng finds the engine zones'
+// servers (nil: engine zones are refused, as Apply's proxy, which answers
+// no client, can).
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, flows dnsresolve.Flows, log *slog.Logger, m *metrics.Metrics, eng *engines) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == config.RefuseNXDomain {
 		refuse = dns.RcodeNameError
@@ -168,9 +172,15 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 	}
 	upstream := dnsresolve.NewUpstream(ups, cfg.Firewall.Mark, cfg.DNS.Timeout)
 	upstream.ForgetFlows(flows)
+	var engineServers dnsresolve.EngineServers
+	if eng != nil {
+		engineServers = eng.servers
+	}
 	return dnsresolve.Options{
 		Forward:        fwd,
 		Flows:          flows,
+		EngineZones:    cfg.DNS.EngineZones,
+		EngineServers:  engineServers,
 		Audit:          cfg.Firewall.Mode == config.ModeAudit,
 		AuditServers:   ups,
 		Mark:           cfg.Firewall.Mark,

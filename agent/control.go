@@ -155,7 +155,10 @@ func (d *daemon) explain(q string) Explanation {
 	if !addr.IsValid() {
 		// The proxy asks a forwarded zone's servers before it looks at
 		// the allow-list: so does explain.
-		if z, ok := cfg.ForwardFor(q); ok {
+		if z, ok := cfg.EngineZoneFor(q); ok {
+			e.Allowed = true
+			e.Reason = fmt.Sprintf("%s is in engine zone %s: asked of the container engine's DNS on the client's own bridge (the host's address there, port 53), answered as it answers, opens nothing; refused to clients behind no container bridge", q, z)
+		} else if z, ok := cfg.ForwardFor(q); ok {
 			e.Allowed = true
 			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
 		} else if p, ok := d.proxy.Allowed(q); ok {

@@ -44,6 +44,7 @@ type daemon struct {
 	metrics *metrics.Metrics
 	fw      *rules.Firewall
 	proxy   *dnsresolve.Proxy
+	engines *engines // the engine zones' servers, from the container bridges' addresses
 	// cfg is replaced by reload while the control socket and watchers
 	// read it.
 	cfg       atomic.Pointer[config.Config]
@@ -126,7 +127,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	own, flows := openFlows(log)
 	defer own.close()
 	d.flows = flows
-	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics))
+	d.engines = newEngines(d.config, log)
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics, d.engines))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.startPinned(ctx)
@@ -157,7 +159,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		default:
 		}
 	}
-	go watchLinks(ctx, d.config, kickRelink, log)
+	go watchLinks(ctx, d.config, kickRelink, d.engines.invalidate, log)
 	go watchEngines(ctx, cfg, kickRelink, log)
 	d.reportEngines()
 	d.reportUnfilteredEngines()
@@ -389,11 +391,12 @@ func (d *daemon) reload(ctx context.Context) {
 	}
 	// The proxy follows the ruleset at once: until it does, it answers
 	// with the old config's names and mode.
-	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.flows, d.log, d.metrics))
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.flows, d.log, d.metrics, d.engines))
 	d.host = pl.host
 	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
 	d.cfg.Store(cfg)
+	d.engines.invalidate() // firewall.containers and unfiltered may have changed
 	forget(cfg, d.log)
 	d.startPinned(ctx)
 	d.log.Info("config reloaded", "ruleset", pl.rs.Summary(), "kept", d.learned(), "mode", cfg.Firewall.Mode)

@@ -24,11 +24,12 @@ import (
 // tells the operator that it happened. A bridge or veth that matches no
 // pattern is filtered too (forwarded traffic leaving the host is filtered
 // from any interface); it is logged once, and forwarders is called so
-// that its DNS is redirected to the proxy as well. The subscription is
-// renewed when netlink closes it.
-func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders func(), log *slog.Logger) {
+// that its DNS is redirected to the proxy as well. touched is called at
+// once on every link and address change (the engine zones' bridges,
+// engine.go). The subscription is renewed when netlink closes it.
+func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders, touched func(), log *slog.Logger) {
 	forwarders() // those that appeared while the ruleset was being installed
-	go watchAddrs(ctx, forwarders, log)
+	go watchAddrs(ctx, forwarders, touched, log)
 	for ctx.Err() == nil {
 		updates := make(chan netlink.LinkUpdate, 64)
 		done := make(chan struct{})
@@ -38,7 +39,7 @@ func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders func(
 		if err != nil {
 			log.Warn("cannot watch network interfaces", "err", err)
 		} else {
-			follow(ctx, updates, cfg, forwarders, log)
+			follow(ctx, updates, cfg, forwarders, touched, log)
 		}
 		close(done)
 		select {
@@ -48,7 +49,7 @@ func watchLinks(ctx context.Context, cfg func() *config.Config, forwarders func(
 	}
 }
 
-func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *config.Config, forwarders func(), log *slog.Logger) {
+func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *config.Config, forwarders, touched func(), log *slog.Logger) {
 	known := map[int32]bool{}
 	// Interfaces settle in bursts (a veth is created, then enslaved to a
 	// bridge): look at them once the burst is over.
@@ -63,6 +64,7 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *
 			if !ok {
 				return
 			}
+			touched()
 			name := u.Attrs().Name
 			if isForwarder(u.Link) || u.Link.Type() == "veth" || name == cfg().DNS.LocalInterface {
 				settle.Reset(settleTime)
@@ -85,10 +87,10 @@ func follow(ctx context.Context, updates <-chan netlink.LinkUpdate, cfg func() *
 	}
 }
 
-// watchAddrs calls changed whenever the host's addresses change: the
-// on-link subnets of the DHCP and neighbour-discovery exemptions follow
-// them.
-func watchAddrs(ctx context.Context, changed func(), log *slog.Logger) {
+// watchAddrs calls changed whenever the host's addresses change, once
+// they settle: the on-link subnets of the DHCP and neighbour-discovery
+// exemptions follow them; touched at once.
+func watchAddrs(ctx context.Context, changed, touched func(), log *slog.Logger) {
 	for ctx.Err() == nil {
 		updates := make(chan netlink.AddrUpdate, 64)
 		done := make(chan struct{})
@@ -109,6 +111,7 @@ func watchAddrs(ctx context.Context, changed func(), log *slog.Logger) {
 					if !ok {
 						break read
 					}
+					touched()
 					settle.Reset(settleTime)
 				}
 			}

@@ -72,6 +72,10 @@ type DNS struct {
 	// holds them parsed.
 	ForwardRaw []any     `mapstructure:"forward"`
 	Forward    []Forward `mapstructure:"-"`
+	// EngineZones are zones answered by the container engine's DNS server
+	// on the client's own bridge (Podman's aardvark-dns for dns.podman),
+	// canonical once validated (see engine.go).
+	EngineZones []string `mapstructure:"engine_zones"`
 	// LocalInterface is the dummy interface egressd creates to own the
 	// proxy's local addresses, LocalIPv4 and LocalIPv6 (raw; Local4 and
 	// Local6 parsed): container DNS is DNATed there (localaddr.go).
@@ -422,6 +426,7 @@ func (c *Config) validate() error {
 		bad("dns.min_ttl + dns.grace: %v is less than 1s: answers would be unusable", c.DNS.MinTTL+c.DNS.Grace)
 	}
 	errs = append(errs, c.validateForward()...)
+	errs = append(errs, c.validateEngineZones()...)
 	errs = append(errs, c.validateLocal()...)
 	if !slices.Contains([]Refusal{RefuseRefused, RefuseNXDomain}, c.DNS.RefuseWith) {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -269,5 +270,67 @@ func TestForwardAndMode(t *testing.T) {
 	}
 	if c, err := load(t, "", "EGRESSD_DNS_FORWARD=cluster.local 10.96.0.10"); err != nil || len(c.DNS.Forward) != 1 {
 		t.Errorf("env forward: %v", err)
+	}
+}
+
+func TestEngineZones(t *testing.T) {
+	c, err := load(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.DNS.EngineZones) != 1 || c.DNS.EngineZones[0] != "dns.podman" {
+		t.Fatalf("default dns.engine_zones = %q, want [dns.podman]", c.DNS.EngineZones)
+	}
+	c, err = load(t, `
+allow:
+  domains: ["*.cognitive.microsoft.com", "*.example.com", "example.org"]
+  names: []
+dns:
+  engine_zones: ["DNS.Podman.", "containers.example.com", "example.org"]
+  forward: [{zone: corp.dns.podman, servers: [192.0.2.53]}, "example.org 192.0.2.54", "com 192.0.2.55"]
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"dns.podman", "containers.example.com", "example.org"}; !slices.Equal(c.DNS.EngineZones, want) {
+		t.Errorf("dns.engine_zones = %q, want %q", c.DNS.EngineZones, want)
+	}
+	for _, tt := range []struct{ name, want string }{
+		{"web.dns.podman.", "dns.podman"},
+		{"DNS.PODMAN", "dns.podman"},
+		{"a.b.WEB.dns.podman", "dns.podman"},
+		{"corp.dns.podman", ""},                                 // the longer dns.forward zone wins
+		{"x.corp.dns.podman", ""},                               // ... below it too
+		{"example.org", ""},                                     // a dns.forward zone as long wins
+		{"db.containers.example.com", "containers.example.com"}, // longer than the forwarded "com"
+		{"podman", ""},
+		{"notdns.podman", ""},
+		{"web.dns.podman.example.com", ""},
+	} {
+		got, ok := c.EngineZoneFor(tt.name)
+		if got != tt.want || ok != (tt.want != "") {
+			t.Errorf("EngineZoneFor(%q) = %q, %v; want %q", tt.name, got, ok, tt.want)
+		}
+	}
+	if c, err := load(t, "dns:\n  engine_zones: []\n"); err != nil || len(c.DNS.EngineZones) != 0 {
+		t.Errorf("empty dns.engine_zones: %v, %q", err, c.DNS.EngineZones)
+	}
+	if c, err := load(t, "", "EGRESSD_DNS_ENGINE_ZONES="); err != nil || len(c.DNS.EngineZones) != 0 {
+		t.Errorf("empty dns.engine_zones from the environment: %v, %q", err, c.DNS.EngineZones)
+	}
+	if c, err := load(t, "", "EGRESSD_DNS_ENGINE_ZONES=dns.podman, cluster.test"); err != nil || len(c.DNS.EngineZones) != 2 {
+		t.Errorf("dns.engine_zones from the environment: %v, %q", err, c.DNS.EngineZones)
+	}
+	for _, tt := range []struct{ yaml, want string }{
+		{"dns:\n  engine_zones: [\"*.dns.podman\"]\n", `dns.engine_zones[0]: "*.dns.podman" must be a name, not a wildcard`},
+		{"dns:\n  engine_zones: [dns.podman, \"a..b\"]\n", `dns.engine_zones[1]: "a..b" has an empty label`},
+		{"dns:\n  engine_zones: [\".\"]\n", `dns.engine_zones[0]: "." is empty`},
+		{"dns:\n  engine_zones: [\"\"]\n", `dns.engine_zones[0]: "" is empty`},
+		{"dns:\n  engine_zones: [\"dns podman\"]\n", `dns.engine_zones[0]: "dns podman" has invalid character ' '`},
+		{"dns:\n  engine_zones: [dns.podman, DNS.podman.]\n", `dns.engine_zones[1]: "dns.podman" repeats dns.engine_zones[0]`},
+	} {
+		if _, err := load(t, tt.yaml); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: error %v, want %q", tt.yaml, err, tt.want)
+		}
 	}
 }

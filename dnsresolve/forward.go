@@ -25,11 +25,18 @@ type ForwardZone struct {
 	Servers []netip.AddrPort
 }
 
+// EngineServers returns the servers of the container engine's DNS that
+// answer client: the host's own address on the bridge the client sits
+// behind, port 53, in order of preference; none for a client behind no
+// container bridge (the host itself). Called for names of engine zones
+// only.
+type EngineServers func(client netip.Addr) []netip.AddrPort
+
 // forwarder passes whole queries to a list of servers, from sockets that
 // carry egressd's mark (so they are exempt from the redirect like the
 // upstream queries), with a fresh ID and source port per try.
 type forwarder struct {
-	servers []string
+	servers []string // none for the engine zones': they depend on the client
 	udp     *dns.Client
 	tcp     *dns.Client
 	flows   Flows // nil: UDP flows' entries are left to expire
@@ -51,17 +58,17 @@ func newForwarder(servers []netip.AddrPort, mark uint32, timeout time.Duration, 
 	return f
 }
 
-// exchange sends r's question (with its flags and EDNS0 options) to the
+// exchange sends r's question (with its flags and EDNS0 options) to
 // servers in turn until one answers anything but SERVFAIL or REFUSED, and
 // returns that answer as a reply to r.
-func (f *forwarder) exchange(ctx context.Context, r *dns.Msg) (*dns.Msg, error) {
+func (f *forwarder) exchange(ctx context.Context, r *dns.Msg, servers []string) (*dns.Msg, error) {
 	q := r.Copy()
 	clientEDNS := q.IsEdns0() != nil
 	if !clientEDNS {
 		q.SetEdns0(dns.DefaultMsgSize, false) // ServeDNS truncates for the client
 	}
 	var errs []error
-	for _, s := range f.servers {
+	for _, s := range servers {
 		resp, err := f.exchangeOne(ctx, q, s)
 		if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
 			err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
@@ -125,20 +132,31 @@ func (f *forwarder) exchangeOne(ctx context.Context, q *dns.Msg, server string) 
 // zoneForwarder is a forwarder for one zone.
 type zoneForwarder struct {
 	zone string // canonical (dnsname.Canonical)
+	// nil for an engine zone: forwarding.engine asks the client's engine.
 	*forwarder
 }
 
-// forwarding is what a configuration forwards: its zones and, in audit
-// mode, the names that are not allowed (to the upstreams).
+// forwarding is what a configuration forwards: its zones (dns.forward and
+// dns.engine_zones) and, in audit mode, the names that are not allowed
+// (to the upstreams).
 type forwarding struct {
-	zones []zoneForwarder
-	audit *forwarder // nil: enforce
+	zones  []zoneForwarder
+	engine *forwarder // the engine zones', without servers of its own; nil: none
+	audit  *forwarder // nil: enforce
 }
 
 func newForwarding(o Options) *forwarding {
 	f := &forwarding{}
 	for _, z := range o.Forward {
 		f.zones = append(f.zones, zoneForwarder{zone: dnsname.Canonical(z.Zone), forwarder: newForwarder(z.Servers, o.Mark, o.ForwardTimeout, o.Flows)})
+	}
+	// After the forwarded zones: zone keeps the first of two zones as
+	// long, so a dns.forward zone wins over the same engine zone.
+	for _, z := range o.EngineZones {
+		f.zones = append(f.zones, zoneForwarder{zone: dnsname.Canonical(z)})
+		if f.engine == nil {
+			f.engine = newForwarder(nil, o.Mark, o.ForwardTimeout, o.Flows)
+		}
 	}
 	if o.Audit {
 		f.audit = newForwarder(o.AuditServers, o.Mark, o.ForwardTimeout, o.Flows)
@@ -158,14 +176,30 @@ func (f *forwarding) zone(name string) *zoneForwarder {
 	return best
 }
 
-// forwarded answers r if its name is in a forwarded zone; nil otherwise.
-func (p *Proxy) forwarded(conf *proxyConf, r *dns.Msg) *dns.Msg {
+// forwarded answers r, from client, if its name is in a forwarded zone or
+// an engine zone; nil otherwise. refuse says that the name is an engine
+// zone's but client sits behind no container bridge (the host itself):
+// there is no engine to ask.
+func (p *Proxy) forwarded(conf *proxyConf, r *dns.Msg, client netip.Addr) (m *dns.Msg, refuse bool) {
 	q := r.Question[0]
 	z := conf.fwd.zone(q.Name)
 	if z == nil || q.Qclass != dns.ClassINET {
-		return nil
+		return nil, false
 	}
-	return p.pass(conf, r, z.forwarder, metrics.Forwarded)
+	if z.forwarder != nil {
+		return p.pass(conf, r, z.forwarder, z.servers, metrics.Forwarded), false
+	}
+	// An engine zone: the engine on the client's own bridge answers it.
+	var servers []string
+	if conf.opts.EngineServers != nil {
+		for _, s := range conf.opts.EngineServers(client) {
+			servers = append(servers, s.String())
+		}
+	}
+	if len(servers) == 0 {
+		return nil, true
+	}
+	return p.pass(conf, r, conf.fwd.engine, servers, metrics.Forwarded), false
 }
 
 // wouldRefuse answers a name that is not allowed in audit mode: as the
@@ -179,16 +213,17 @@ func (p *Proxy) wouldRefuse(conf *proxyConf, r *dns.Msg) *dns.Msg {
 	if p.refusals.Allow() {
 		p.log.Info("would refuse name (audit mode: answered, nothing opened)", "name", q.Name, "type", dns.TypeToString[q.Qtype], "would_refuse", true)
 	}
-	return p.pass(conf, r, conf.fwd.audit, metrics.WouldRefuse)
+	return p.pass(conf, r, conf.fwd.audit, conf.fwd.audit.servers, metrics.WouldRefuse)
 }
 
-func (p *Proxy) pass(conf *proxyConf, r *dns.Msg, f *forwarder, result string) *dns.Msg {
+// pass answers r as servers answer it, through f.
+func (p *Proxy) pass(conf *proxyConf, r *dns.Msg, f *forwarder, servers []string, result string) *dns.Msg {
 	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
 	defer cancel()
-	resp, err := f.exchange(ctx, r)
+	resp, err := f.exchange(ctx, r, servers)
 	if err != nil {
 		if p.failures.Allow() {
-			p.log.Warn("servfail", "name", r.Question[0].Name, "type", dns.TypeToString[r.Question[0].Qtype], "forwarded_to", f.servers, "err", err)
+			p.log.Warn("servfail", "name", r.Question[0].Name, "type", dns.TypeToString[r.Question[0].Qtype], "forwarded_to", servers, "err", err)
 		}
 		conf.opts.Metrics.Query(metrics.Servfail)
 		m := new(dns.Msg)

@@ -1,7 +1,9 @@
 package dnsresolve
 
 import (
+	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -96,4 +98,137 @@ func TestAuditAnswersUnlisted(t *testing.T) {
 	if got := rec.opened(); len(got) != 1 {
 		t.Errorf("allowed name opened %v", got)
 	}
+}
+
+// askFrom is ask from a socket bound to the address from.
+func askFrom(t *testing.T, from, server, name string, qtype uint16, network string) *dns.Msg {
+	t.Helper()
+	var local net.Addr = &net.UDPAddr{IP: net.ParseIP(from)}
+	if network == "tcp" {
+		local = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	m := new(dns.Msg)
+	m.SetQuestion(name, qtype)
+	c := &dns.Client{Net: network, Dialer: &net.Dialer{LocalAddr: local, Timeout: 2 * time.Second}}
+	r, _, err := c.Exchange(m, server)
+	if err != nil {
+		t.Fatalf("%s from %s: %v", name, from, err)
+	}
+	return r
+}
+
+// Names of engine zones go to the engine on the client's own bridge, which
+// EngineServers finds per client: each client gets its own engine's
+// answer, unchanged (NXDOMAIN included), and nothing is opened. Clients
+// behind no bridge are refused; a dns.forward zone as long or longer
+// wins; other names never ask EngineServers.
+func TestEngineZones(t *testing.T) {
+	engineA := startUpstream(t, map[string][]string{
+		"web.dns.podman.": {"web.dns.podman. 60 A 10.89.0.5", "web.dns.podman. 60 AAAA fd00:89::5"},
+		"dns.podman.":     {"dns.podman. 60 TXT \"engine A\""},
+	})
+	engineB := startUpstream(t, map[string][]string{"web.dns.podman.": {"web.dns.podman. 60 A 10.89.1.5"}})
+	corp := startUpstream(t, map[string][]string{"db.corp.dns.podman.": {"db.corp.dns.podman. 60 A 10.0.0.9"}})
+	up := startUpstream(t, testZone)
+	rec := &recorder{}
+	var asked atomic.Int32
+	behind := map[netip.Addr][]netip.AddrPort{
+		netip.MustParseAddr("127.0.0.2"): {engineA.addr},
+		netip.MustParseAddr("127.0.0.3"): {engineB.addr},
+		// a dead engine first: the next one answers
+		netip.MustParseAddr("127.0.0.4"): {netip.MustParseAddrPort("127.0.0.1:9"), engineB.addr},
+	}
+	o := Options{
+		Domains:        []string{"*.cognitive.microsoft.com", "*.dns.podman"},
+		Upstream:       NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
+		Allower:        rec,
+		Guard:          docGuard,
+		MinTTL:         time.Second,
+		RefuseRcode:    dns.RcodeRefused,
+		ForwardTimeout: 300 * time.Millisecond,
+		Forward:        []ForwardZone{{Zone: "corp.dns.podman", Servers: []netip.AddrPort{corp.addr}}},
+		EngineZones:    []string{"DNS.Podman."},
+		EngineServers: func(client netip.Addr) []netip.AddrPort {
+			asked.Add(1)
+			return behind[client]
+		},
+	}
+	p := NewProxy(o)
+	addr := serve(t, p)
+
+	for _, network := range []string{"udp", "tcp"} {
+		r := askFrom(t, "127.0.0.2", addr, "web.dns.podman.", dns.TypeA, network)
+		if got := answerAddrs(r); r.Rcode != dns.RcodeSuccess || len(got) != 1 || got[0] != "10.89.0.5" {
+			t.Errorf("%s, client behind bridge A: %v, want engine A's 10.89.0.5 (a private address the rebinding guard would remove)", network, r)
+		}
+		r = askFrom(t, "127.0.0.3", addr, "WEB.dns.podman.", dns.TypeA, network)
+		if got := answerAddrs(r); len(got) != 1 || got[0] != "10.89.1.5" {
+			t.Errorf("%s, client behind bridge B: %v, want engine B's 10.89.1.5", network, r)
+		}
+	}
+	if r := askFrom(t, "127.0.0.2", addr, "web.dns.podman.", dns.TypeAAAA, "udp"); len(answerAddrs(r)) != 1 {
+		t.Errorf("AAAA: %v", r)
+	}
+	if r := askFrom(t, "127.0.0.2", addr, "dns.podman.", dns.TypeTXT, "udp"); len(r.Answer) != 1 {
+		t.Errorf("the zone itself, TXT: %v", r)
+	}
+	if r := askFrom(t, "127.0.0.2", addr, "nothere.dns.podman.", dns.TypeA, "udp"); r.Rcode != dns.RcodeNameError {
+		t.Errorf("a name the engine does not know: %v, want its NXDOMAIN", r)
+	}
+	if r := askFrom(t, "127.0.0.4", addr, "web.dns.podman.", dns.TypeA, "udp"); len(answerAddrs(r)) != 1 {
+		t.Errorf("first engine server dead: %v, want the next one's answer", r)
+	}
+	// The host itself (and any client behind no bridge): no engine to
+	// ask, refused as refuse_with says, although allow.domains has the
+	// zone.
+	if r := askFrom(t, "127.0.0.1", addr, "web.dns.podman.", dns.TypeA, "udp"); r.Rcode != dns.RcodeRefused || len(r.Answer) != 0 {
+		t.Errorf("client behind no bridge: %v, want REFUSED", r)
+	}
+	// A longer dns.forward zone wins.
+	if r := askFrom(t, "127.0.0.2", addr, "db.corp.dns.podman.", dns.TypeA, "udp"); len(answerAddrs(r)) != 1 || corp.queries.Load() != 1 {
+		t.Errorf("name of a longer dns.forward zone: %v (corp asked %d times)", r, corp.queries.Load())
+	}
+	calls := asked.Load()
+	// Other names never ask for an engine.
+	if r := askFrom(t, "127.0.0.2", addr, "a.cognitive.microsoft.com.", dns.TypeA, "udp"); len(r.Answer) != 1 {
+		t.Errorf("allowed name: %v", r)
+	}
+	if r := askFrom(t, "127.0.0.2", addr, "www.example.com.", dns.TypeA, "udp"); r.Rcode != dns.RcodeRefused {
+		t.Errorf("unlisted name: %v", r)
+	}
+	if n := asked.Load(); n != calls {
+		t.Errorf("names outside engine zones asked for an engine %d times", n-calls)
+	}
+	if got := rec.opened(); len(got) != 1 {
+		t.Errorf("opened %v, want only a.cognitive.microsoft.com's address", got)
+	}
+	if up.queries.Load() != 1 {
+		t.Errorf("upstream asked %d times, want 1 (engine zone names never go there)", up.queries.Load())
+	}
+
+	// The same zone in dns.forward wins; refuse_with nxdomain refuses
+	// with NXDOMAIN; no EngineServers refuses every client.
+	o.Forward = append(o.Forward, ForwardZone{Zone: "dns.podman", Servers: []netip.AddrPort{engineB.addr}})
+	p.Update(o)
+	if r := askFrom(t, "127.0.0.2", addr, "web.dns.podman.", dns.TypeA, "udp"); len(answerAddrs(r)) != 1 || answerAddrs(r)[0] != "10.89.1.5" {
+		t.Errorf("dns.forward of the same zone: %v, want its server's 10.89.1.5", r)
+	}
+	o.Forward, o.RefuseRcode, o.EngineServers = nil, dns.RcodeNameError, nil
+	p.Update(o)
+	if r := askFrom(t, "127.0.0.2", addr, "web.dns.podman.", dns.TypeA, "udp"); r.Rcode != dns.RcodeNameError {
+		t.Errorf("without EngineServers: %v, want refused (NXDOMAIN)", r)
+	}
+}
+
+func answerAddrs(m *dns.Msg) []string {
+	var out []string
+	for _, rr := range m.Answer {
+		switch r := rr.(type) {
+		case *dns.A:
+			out = append(out, r.A.String())
+		case *dns.AAAA:
+			out = append(out, r.AAAA.String())
+		}
+	}
+	return out
 }

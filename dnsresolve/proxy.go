@@ -71,7 +71,14 @@ type Options struct {
 	// of refusing them (firewall.mode audit). Both send from sockets with
 	// Mark, each try taking up to ForwardTimeout, and delete their UDP
 	// flows' conntrack entries through Flows, if not nil.
-	Forward        []ForwardZone
+	Forward []ForwardZone
+	// EngineZones are zones answered by the container engine's DNS on
+	// the client's own bridge (Podman's aardvark-dns, dns.podman):
+	// EngineServers finds that server for each client, and clients it
+	// finds none for are refused (nil: all are). A Forward zone as long
+	// or longer wins.
+	EngineZones    []string
+	EngineServers  EngineServers
 	Audit          bool
 	AuditServers   []netip.AddrPort
 	Mark           uint32
@@ -253,7 +260,7 @@ func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		return
 	}
 	defer p.limits.end(client)
-	m := p.reply(r)
+	m := p.reply(r, client)
 	if udp {
 		fitUDP(m, r)
 	}
@@ -272,7 +279,8 @@ func fitUDP(m, r *dns.Msg) {
 	m.Truncate(size)
 }
 
-func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
+// reply answers r from client.
+func (p *Proxy) reply(r *dns.Msg, client netip.Addr) *dns.Msg {
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.RecursionAvailable = true
@@ -289,8 +297,17 @@ func (p *Proxy) reply(r *dns.Msg) *dns.Msg {
 	}
 	q := r.Question[0]
 	conf := p.conf.Load()
-	if fm := p.forwarded(conf, r); fm != nil {
-		return fm // forward.go
+	fm, engineless := p.forwarded(conf, r, client) // forward.go
+	if fm != nil {
+		return fm
+	}
+	if engineless {
+		if p.refusals.Allow() {
+			p.log.Info("refused name of an engine zone: the client is behind no container bridge", "name", q.Name, "type", dns.TypeToString[q.Qtype], "client", client)
+		}
+		conf.opts.Metrics.Query(metrics.Refused)
+		m.Rcode = conf.opts.RefuseRcode
+		return m
 	}
 	if _, ok := conf.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
 		if am := p.wouldRefuse(conf, r); am != nil {

@@ -128,7 +128,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 			if err := r.Unpack(query); err != nil {
 				t.Fatal(err)
 			}
-			m := p.reply(r)
+			m := p.reply(r, netip.Addr{})
 			fitUDP(m, r)
 			b, err := m.Pack()
 			if err != nil {
@@ -201,7 +201,7 @@ func BenchmarkFastReply(b *testing.B) {
 	query := packQuery(b, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
 	r := new(dns.Msg)
 	_ = r.Unpack(query)
-	p.reply(r)
+	p.reply(r, netip.Addr{})
 	conf, now := p.conf.Load(), time.Now()
 	var key []byte
 	dst := make([]byte, 0, maxUDPAnswer)

@@ -225,6 +225,14 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 				own = append(own, Rule{Stmts: []Stmt{owner, to, Ports{Proto: p, Dport: u.Port()}}})
 			}
 		}
+		// dns.engine_zones: the container engines' DNS servers listen on
+		// the host's own addresses (the bridges' gateways, which come
+		// and go), port 53.
+		if len(cfg.DNS.EngineZones) > 0 {
+			for _, p := range []Proto{UDP, TCP} {
+				own = append(own, Rule{Stmts: []Stmt{owner, LocalDaddr{}, Ports{Proto: p, Dport: 53}}})
+			}
+		}
 		ownRules := func(comment string, v Verdict) []Rule {
 			out := make([]Rule, len(own))
 			for i, r := range own {

@@ -145,10 +145,32 @@ func TestBuild(t *testing.T) {
 			want:  []string{"meta mark 0x00001e55 ip daddr 192.0.2.53 udp dport 53 return", "meta mark 0x00001e55 ip daddr 192.0.2.53 tcp dport 53 return", "udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"},
 		},
 		{
-			name:  "without upstreams nothing is exempt",
+			name:  "without upstreams nor engine zones nothing is exempt",
+			yaml:  "dns:\n  engine_zones: []\n",
 			chain: "output",
 			want:  []string{`oifname "lo" accept`},
 			never: []string{"mark"},
+		},
+		{
+			name:  "without upstreams nor engine zones nothing escapes the host DNS redirect",
+			yaml:  "dns:\n  engine_zones: []\n",
+			chain: "dns_output",
+			want:  []string{"udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"},
+			never: []string{"mark", "return"},
+		},
+		{
+			name:  "engine zones: egressd's own DNS to the host's own addresses (the bridges' engines) is not redirected",
+			yaml:  "dns:\n  upstreams: [192.0.2.53]\n  engine_zones: [dns.podman]\n",
+			chain: "dns_output",
+			want: []string{"meta mark 0x00001e55 ip daddr 192.0.2.53 udp dport 53 return", "meta mark 0x00001e55 ip daddr 192.0.2.53 tcp dport 53 return",
+				"meta mark 0x00001e55 fib daddr type local udp dport 53 return", "meta mark 0x00001e55 fib daddr type local tcp dport 53 return",
+				"udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"},
+		},
+		{
+			name:  "engine zones: egressd's own DNS to the host's own addresses is accepted, port 53 only",
+			chain: "output",
+			want: []string{"meta mark 0x00001e55 fib daddr type local udp dport 53 accept", "meta mark 0x00001e55 fib daddr type local tcp dport 53 accept",
+				`oifname "lo" accept`, "fib daddr type local accept", "jump egress"},
 		},
 		{
 			name:  "forged sources from container interfaces are dropped, logged",
