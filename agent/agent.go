@@ -194,11 +194,9 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 		Guard:          guard(cfg),
 		RefuseRcode:    refuse,
 		QueryBudget:    cfg.DNS.QueryBudget,
-		Limits: dnsresolve.Limits{TCPPerClient: cfg.DNS.Limits.TCPConnectionsPerClient, TCPTotal: cfg.DNS.Limits.TCPConnections,
-			TCPIdleTimeout: cfg.DNS.Limits.TCPIdleTimeout, TCPReadTimeout: cfg.DNS.Limits.TCPReadTimeout,
-			InFlightPerClient: cfg.DNS.Limits.InFlightPerClient, RatePerClient: rateLimit(cfg.DNS.Limits.RatePerClient), Clients: cfg.DNS.Limits.Clients},
-		Logger:  log,
-		Metrics: m,
+		Limits:         cfg.DNS.Limits,
+		Logger:         log,
+		Metrics:        m,
 	}
 }
 
@@ -238,13 +236,4 @@ func Planned(cfg *config.Config) *rules.Ruleset {
 	unknown, _ := unknownForwarders(cfg)
 	onLink, _ := onLinkPrefixes(cfg)
 	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink})
-}
-
-// rateLimit maps dns.limits.rate_per_client (0: none) to
-// dnsresolve.Limits.RatePerClient (0: the default, negative: none).
-func rateLimit(r float64) float64 {
-	if r == 0 {
-		return -1
-	}
-	return r
 }

@@ -88,7 +88,10 @@ type DNS struct {
 	Limits         Limits        `mapstructure:"limits"`
 }
 
-// Limits bound what one client address can hold of the proxy.
+// Limits bound what one client address can hold of the proxy
+// (dns.limits; dnsresolve takes them as they are). default.yaml documents
+// each key and holds its default. Every field is required: validate wants
+// each one positive, except RatePerClient, whose 0 means no rate limit.
 type Limits struct {
 	TCPConnectionsPerClient int           `mapstructure:"tcp_connections_per_client"`
 	TCPConnections          int           `mapstructure:"tcp_connections"`

@@ -42,10 +42,8 @@ type forwarder struct {
 	flows   Flows // nil: UDP flows' entries are left to expire
 }
 
+// newForwarder returns a forwarder whose every try takes up to timeout.
 func newForwarder(servers []netip.AddrPort, mark uint32, timeout time.Duration, flows Flows) *forwarder {
-	if timeout <= 0 {
-		timeout = 2 * time.Second
-	}
 	dialer := &net.Dialer{Timeout: timeout, Control: markControl(mark)}
 	f := &forwarder{
 		udp:   &dns.Client{Net: "udp", Dialer: dialer, Timeout: timeout, UDPSize: dns.DefaultMsgSize},
@@ -216,9 +214,10 @@ func (p *Proxy) wouldRefuse(conf *proxyConf, r *dns.Msg) *dns.Msg {
 	return p.pass(conf, r, conf.fwd.audit, conf.fwd.audit.servers, metrics.WouldRefuse)
 }
 
-// pass answers r as servers answer it, through f.
+// pass answers r as servers answer it, through f, within the query
+// budget.
 func (p *Proxy) pass(conf *proxyConf, r *dns.Msg, f *forwarder, servers []string, result string) *dns.Msg {
-	ctx, cancel := context.WithTimeout(context.Background(), queryTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), conf.opts.QueryBudget)
 	defer cancel()
 	resp, err := f.exchange(ctx, r, servers)
 	if err != nil {

@@ -1,6 +1,7 @@
 package dnsresolve
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -21,15 +22,12 @@ func TestForwardZones(t *testing.T) {
 	})
 	up := startUpstream(t, testZone)
 	rec := &recorder{}
-	p := NewProxy(Options{
-		Domains:     []string{"*.cognitive.microsoft.com"},
-		Upstream:    NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
-		Allower:     rec,
-		Guard:       docGuard,
-		MinTTL:      time.Second,
-		RefuseRcode: dns.RcodeRefused,
-		Forward:     []ForwardZone{{Zone: "Cluster.Local.", Servers: []netip.AddrPort{cluster.addr}}},
-	})
+	o := testOptions()
+	o.Domains = []string{"*.cognitive.microsoft.com"}
+	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
+	o.Forward = []ForwardZone{{Zone: "Cluster.Local.", Servers: []netip.AddrPort{cluster.addr}}}
+	p := NewProxy(o)
 	addr := serve(t, p)
 
 	r := ask(t, addr, "kubernetes.default.svc.cluster.local.", dns.TypeA, "udp", false)
@@ -60,9 +58,11 @@ func TestForwardZones(t *testing.T) {
 		t.Errorf("name outside the zone: %v", r)
 	}
 	// A zone whose servers fail: SERVFAIL.
-	p.Update(Options{Domains: []string{"*.cognitive.microsoft.com"}, Upstream: NewUpstream(nil, 0, time.Second), Allower: rec,
-		RefuseRcode: dns.RcodeRefused, ForwardTimeout: 200 * time.Millisecond,
-		Forward: []ForwardZone{{Zone: "cluster.local", Servers: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}}})
+	o = testOptions()
+	o.Domains, o.Upstream, o.Allower = []string{"*.cognitive.microsoft.com"}, NewUpstream(nil, 0, time.Second), rec
+	o.ForwardTimeout = 200 * time.Millisecond
+	o.Forward = []ForwardZone{{Zone: "cluster.local", Servers: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}}
+	p.Update(o)
 	if r := ask(t, addr, "kubernetes.default.svc.cluster.local.", dns.TypeA, "udp", false); r.Rcode != dns.RcodeServerFailure {
 		t.Errorf("dead forward server: %v", r)
 	}
@@ -76,16 +76,12 @@ func TestAuditAnswersUnlisted(t *testing.T) {
 		"a.cognitive.microsoft.com.": {"a.cognitive.microsoft.com. 60 A 203.0.113.1"},
 	})
 	rec := &recorder{}
-	p := NewProxy(Options{
-		Domains:      []string{"*.cognitive.microsoft.com"},
-		Upstream:     NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
-		Allower:      rec,
-		Guard:        docGuard,
-		MinTTL:       time.Second,
-		RefuseRcode:  dns.RcodeRefused,
-		Audit:        true,
-		AuditServers: []netip.AddrPort{up.addr},
-	})
+	o := testOptions()
+	o.Domains = []string{"*.cognitive.microsoft.com"}
+	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
+	o.Audit, o.AuditServers = true, []netip.AddrPort{up.addr}
+	p := NewProxy(o)
 	addr := serve(t, p)
 	r := ask(t, addr, "www.example.com.", dns.TypeA, "udp", false)
 	if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
@@ -138,20 +134,16 @@ func TestEngineZones(t *testing.T) {
 		// a dead engine first: the next one answers
 		netip.MustParseAddr("127.0.0.4"): {netip.MustParseAddrPort("127.0.0.1:9"), engineB.addr},
 	}
-	o := Options{
-		Domains:        []string{"*.cognitive.microsoft.com", "*.dns.podman"},
-		Upstream:       NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
-		Allower:        rec,
-		Guard:          docGuard,
-		MinTTL:         time.Second,
-		RefuseRcode:    dns.RcodeRefused,
-		ForwardTimeout: 300 * time.Millisecond,
-		Forward:        []ForwardZone{{Zone: "corp.dns.podman", Servers: []netip.AddrPort{corp.addr}}},
-		EngineZones:    []string{"DNS.Podman."},
-		EngineServers: func(client netip.Addr) []netip.AddrPort {
-			asked.Add(1)
-			return behind[client]
-		},
+	o := testOptions()
+	o.Domains = []string{"*.cognitive.microsoft.com", "*.dns.podman"}
+	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
+	o.ForwardTimeout = 300 * time.Millisecond
+	o.Forward = []ForwardZone{{Zone: "corp.dns.podman", Servers: []netip.AddrPort{corp.addr}}}
+	o.EngineZones = []string{"DNS.Podman."}
+	o.EngineServers = func(client netip.Addr) []netip.AddrPort {
+		asked.Add(1)
+		return behind[client]
 	}
 	p := NewProxy(o)
 	addr := serve(t, p)
@@ -231,4 +223,86 @@ func answerAddrs(m *dns.Msg) []string {
 		}
 	}
 	return out
+}
+
+// Every query path ends within dns.query_budget: a client query resolved
+// upstream, a forwarded zone's, an engine zone's and, in audit mode, a
+// name that is not allowed. Each server answers after 1.5 s, within one
+// try's timeout (dns.timeout, 2 s): with a budget of 1 s the client gets
+// SERVFAIL after about 1 s, with 3 s the answer.
+func TestQueryBudgetEveryPath(t *testing.T) {
+	const delay = 1500 * time.Millisecond
+	slow := startSlowServer(t, delay, map[string][]string{
+		"slow.cognitive.microsoft.com.": {"slow.cognitive.microsoft.com. 60 A 203.0.113.7"},
+		"kubernetes.cluster.local.":     {"kubernetes.cluster.local. 60 A 10.96.0.1"},
+		"web.dns.podman.":               {"web.dns.podman. 60 A 10.89.0.5"},
+		"www.example.com.":              {"www.example.com. 60 A 203.0.113.50"},
+	})
+	paths := []struct {
+		path, name string
+		options    func(*Options)
+	}{
+		{"upstream", "slow.cognitive.microsoft.com.", func(*Options) {}},
+		{"dns.forward", "kubernetes.cluster.local.", func(o *Options) {
+			o.Forward = []ForwardZone{{Zone: "cluster.local", Servers: []netip.AddrPort{slow.addr}}}
+		}},
+		{"dns.engine_zones", "web.dns.podman.", func(o *Options) {
+			o.EngineZones = []string{"dns.podman"}
+			o.EngineServers = func(netip.Addr) []netip.AddrPort { return []netip.AddrPort{slow.addr} }
+		}},
+		{"audit", "www.example.com.", func(o *Options) {
+			o.Audit, o.AuditServers = true, []netip.AddrPort{slow.addr}
+		}},
+	}
+	for _, budget := range []time.Duration{time.Second, 3 * time.Second} {
+		for _, tt := range paths {
+			t.Run(fmt.Sprintf("%s/%v", tt.path, budget), func(t *testing.T) {
+				t.Parallel()
+				o := testOptions()
+				if o.ForwardTimeout <= delay {
+					t.Fatalf("dns.timeout %v: a try must outlast the server's %v", o.ForwardTimeout, delay)
+				}
+				o.Domains = []string{"*.cognitive.microsoft.com"}
+				o.Upstream = NewUpstream([]netip.AddrPort{slow.addr}, 0, o.ForwardTimeout)
+				o.Allower, o.Guard = &recorder{}, docGuard
+				o.QueryBudget = budget
+				tt.options(&o)
+				addr := serve(t, NewProxy(o))
+				m := new(dns.Msg)
+				m.SetQuestion(tt.name, dns.TypeA)
+				start := time.Now()
+				r, _, err := (&dns.Client{Timeout: 5 * time.Second}).Exchange(m, addr)
+				took := time.Since(start)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if budget < delay {
+					if r.Rcode != dns.RcodeServerFailure || took > budget+400*time.Millisecond {
+						t.Errorf("budget %v, server answering after %v: %s after %v, want SERVFAIL after about %v",
+							budget, delay, dns.RcodeToString[r.Rcode], took.Round(time.Millisecond), budget)
+					}
+				} else if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+					t.Errorf("budget %v, server answering after %v: %v after %v, want the answer", budget, delay, r, took.Round(time.Millisecond))
+				}
+			})
+		}
+	}
+}
+
+// startSlowServer is startUpstream answering every query after delay.
+func startSlowServer(t *testing.T, delay time.Duration, zone map[string][]string) *upstreamServer {
+	t.Helper()
+	inner := startUpstream(t, zone)
+	s := &upstreamServer{}
+	s.addr = netip.MustParseAddrPort(serve(t, dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		s.queries.Add(1)
+		time.Sleep(delay)
+		resp, _, err := (&dns.Client{Net: "tcp"}).Exchange(r, inner.addr.String())
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		_ = w.WriteMsg(resp)
+	})))
+	return s
 }

@@ -14,58 +14,9 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/metrics"
 )
-
-// Limits bound what one client (a source address) can hold of the proxy,
-// so that a misbehaving container cannot starve the others. Zero fields
-// take the defaults of DefaultLimits.
-type Limits struct {
-	TCPPerClient      int           // open TCP connections per client address
-	TCPTotal          int           // open TCP connections in all
-	TCPIdleTimeout    time.Duration // between queries on a TCP connection
-	TCPReadTimeout    time.Duration // for the first query of a connection, all of its bytes
-	InFlightPerClient int           // queries of one client being answered at once
-	RatePerClient     float64       // queries per second per client (bursts of twice as many); < 0: no rate limit
-	Clients           int           // clients tracked at once (memory bound)
-}
-
-// DefaultLimits are the bounds used where Limits fields are zero.
-var DefaultLimits = Limits{
-	TCPPerClient:      16,
-	TCPTotal:          1024,
-	TCPIdleTimeout:    10 * time.Second,
-	TCPReadTimeout:    2 * time.Second,
-	InFlightPerClient: 32,
-	RatePerClient:     500,
-	Clients:           10000,
-}
-
-func (l Limits) withDefaults() Limits {
-	d := DefaultLimits
-	if l.TCPPerClient > 0 {
-		d.TCPPerClient = l.TCPPerClient
-	}
-	if l.TCPTotal > 0 {
-		d.TCPTotal = l.TCPTotal
-	}
-	if l.TCPIdleTimeout > 0 {
-		d.TCPIdleTimeout = l.TCPIdleTimeout
-	}
-	if l.TCPReadTimeout > 0 {
-		d.TCPReadTimeout = l.TCPReadTimeout
-	}
-	if l.InFlightPerClient > 0 {
-		d.InFlightPerClient = l.InFlightPerClient
-	}
-	if l.Clients > 0 {
-		d.Clients = l.Clients
-	}
-	if l.RatePerClient != 0 {
-		d.RatePerClient = l.RatePerClient
-	}
-	return d
-}
 
 // Reasons a client was limited (the reason label of
 // egressd_dns_limited_total).
@@ -80,13 +31,13 @@ const (
 // limitLogInterval is how often each reason is logged at most.
 const limitLogInterval = 10 * time.Second
 
-// limiter keeps the per-client bookkeeping. Its map holds at most
-// Limits.Clients entries: when full, idle entries (nothing in flight, no
+// limiter keeps the per-client bookkeeping within config.Limits
+// (dns.limits). Its map holds at most Limits.Clients entries: when full, idle entries (nothing in flight, no
 // TCP connection) are swept, the least recently seen first; if none is
 // idle the new client is refused, which only happens when that many
 // clients are all busy at once.
 type limiter struct {
-	limits  atomic.Pointer[Limits]
+	limits  atomic.Pointer[config.Limits]
 	log     *slog.Logger
 	metrics atomic.Pointer[metrics.Metrics]
 
@@ -106,7 +57,7 @@ type client struct {
 	rate     *rate.Limiter // nil without a rate limit
 }
 
-func newLimiter(l Limits, log *slog.Logger, m *metrics.Metrics) *limiter {
+func newLimiter(l config.Limits, log *slog.Logger, m *metrics.Metrics) *limiter {
 	lm := &limiter{log: log, clients: map[netip.Addr]*client{}, logged: map[string]time.Time{}, quiet: map[string]int{}}
 	lm.update(l, m)
 	return lm
@@ -114,8 +65,7 @@ func newLimiter(l Limits, log *slog.Logger, m *metrics.Metrics) *limiter {
 
 // update replaces the bounds (on reload); entries keep their counts, and
 // rate limiters are made anew for the new rate.
-func (lm *limiter) update(l Limits, m *metrics.Metrics) {
-	l = l.withDefaults()
+func (lm *limiter) update(l config.Limits, m *metrics.Metrics) {
 	old := lm.limits.Swap(&l)
 	lm.metrics.Store(m)
 	if old != nil && old.RatePerClient != l.RatePerClient {
@@ -127,7 +77,9 @@ func (lm *limiter) update(l Limits, m *metrics.Metrics) {
 	}
 }
 
-func (lm *limiter) newRate(l *Limits) *rate.Limiter {
+// newRate returns a client's rate limiter; nil for RatePerClient 0 (no
+// rate limit; config refuses negative rates).
+func (lm *limiter) newRate(l *config.Limits) *rate.Limiter {
 	if l.RatePerClient <= 0 {
 		return nil
 	}
@@ -247,11 +199,11 @@ func (lm *limiter) openTCP(addr netip.Addr) bool {
 	l := lm.limits.Load()
 	lm.mu.Lock()
 	reason := ""
-	if lm.tcp >= l.TCPTotal {
+	if lm.tcp >= l.TCPConnections {
 		reason = LimitTCPTotal
 	} else if c := lm.get(addr, time.Now()); c == nil {
 		reason = LimitClients
-	} else if c.tcp >= l.TCPPerClient {
+	} else if c.tcp >= l.TCPConnectionsPerClient {
 		reason = LimitTCPPerClient
 	} else {
 		c.tcp++

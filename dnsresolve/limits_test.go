@@ -15,7 +15,9 @@ import (
 
 func TestLimiterBounds(t *testing.T) {
 	a, b := netip.MustParseAddr("172.30.0.2"), netip.MustParseAddr("172.30.0.3")
-	lm := newLimiter(Limits{TCPPerClient: 2, TCPTotal: 3, InFlightPerClient: 2, Clients: 4, RatePerClient: -1}, slog.New(slog.DiscardHandler), nil)
+	l := testOptions().Limits
+	l.TCPConnectionsPerClient, l.TCPConnections, l.InFlightPerClient, l.Clients, l.RatePerClient = 2, 3, 2, 4, 0
+	lm := newLimiter(l, slog.New(slog.DiscardHandler), nil)
 
 	// TCP: per client, then in total; closing frees the slot.
 	for i, want := range []bool{true, true, false} {
@@ -64,7 +66,9 @@ func TestLimiterBounds(t *testing.T) {
 
 func TestLimiterRate(t *testing.T) {
 	a, b := netip.MustParseAddr("172.30.0.2"), netip.MustParseAddr("172.30.0.3")
-	lm := newLimiter(Limits{RatePerClient: 10}, slog.New(slog.DiscardHandler), nil)
+	l := testOptions().Limits
+	l.RatePerClient = 10
+	lm := newLimiter(l, slog.New(slog.DiscardHandler), nil)
 	passed := 0
 	for range 100 {
 		if lm.admitPacket(a) {
@@ -77,10 +81,11 @@ func TestLimiterRate(t *testing.T) {
 	if !lm.admitPacket(b) {
 		t.Errorf("b must not feel a's rate")
 	}
-	off := newLimiter(Limits{RatePerClient: -1}, slog.New(slog.DiscardHandler), nil)
+	l.RatePerClient = 0
+	off := newLimiter(l, slog.New(slog.DiscardHandler), nil)
 	for range 1000 {
 		if !off.admitPacket(a) {
-			t.Fatal("a negative rate must not limit")
+			t.Fatal("rate 0 must not limit")
 		}
 	}
 }
@@ -90,7 +95,9 @@ func TestLimiterRate(t *testing.T) {
 // query is cut at the read timeout.
 func TestProxyTCPLimits(t *testing.T) {
 	p, _, _ := newTestProxy(t, &recorder{})
-	p.limits.update(Limits{TCPPerClient: 2, TCPReadTimeout: 300 * time.Millisecond, TCPIdleTimeout: 300 * time.Millisecond}, nil)
+	l := testOptions().Limits
+	l.TCPConnectionsPerClient, l.TCPReadTimeout, l.TCPIdleTimeout = 2, 300*time.Millisecond, 300*time.Millisecond
+	p.limits.update(l, nil)
 	server := net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
 	dialFrom := func(src string) net.Conn {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}

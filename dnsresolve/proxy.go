@@ -4,7 +4,6 @@
 package dnsresolve
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -20,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
@@ -41,15 +41,17 @@ type coverer interface {
 	Covered(name string, addrs []netip.Addr, until time.Time) bool
 }
 
-// Options configure a Proxy.
+// Options configure a Proxy. Their values come from the configuration
+// (agent.proxyOptions): every duration and every bound is required, none
+// has a default here (config/default.yaml holds the defaults).
 type Options struct {
 	Domains  []string  // allow-list patterns, see dnsname.Matcher
 	Upstream *Upstream // where allowed names are resolved
 	Allower  Allower
 	// An answered address stays open for max(TTL, MinTTL) + Grace, where
-	// TTL is at most MaxTTL (0: DefaultMaxTTL). The capped TTL is also the
-	// one cached and sent to the client, so that no client keeps an
-	// address longer than the firewall keeps it open.
+	// TTL is at most MaxTTL. The capped TTL is also the one cached and
+	// sent to the client, so that no client keeps an address longer than
+	// the firewall keeps it open.
 	MinTTL, MaxTTL, Grace time.Duration
 	// Guard removes addresses that are not globally reachable; nil
 	// exempts nothing.
@@ -57,20 +59,20 @@ type Options struct {
 	// RefuseRcode answers names that are not allowed (dns.RcodeRefused or
 	// dns.RcodeNameError).
 	RefuseRcode int
-	// Limits bound what one client can hold (see limits.go); zero fields
-	// take DefaultLimits.
-	Limits Limits
-	// QueryBudget is the most one client query may take, upstream tries
-	// and firewall update included, before it is answered SERVFAIL
-	// (0: DefaultQueryBudget).
+	// Limits bound what one client can hold (see limits.go).
+	Limits config.Limits
+	// QueryBudget is the most one query may take, on every path
+	// (upstream tries and firewall update, forwarded and engine zones,
+	// audit mode), before it is answered SERVFAIL; Resolve's as well.
 	QueryBudget time.Duration
 	Logger      *slog.Logger
 	Metrics     *metrics.Metrics // may be nil
 	// Forward lists zones answered by other servers (see ForwardZone).
 	// Audit answers names that are not allowed from AuditServers instead
 	// of refusing them (firewall.mode audit). Both send from sockets with
-	// Mark, each try taking up to ForwardTimeout, and delete their UDP
-	// flows' conntrack entries through Flows, if not nil.
+	// Mark, each try taking up to ForwardTimeout (all of them within
+	// QueryBudget), and delete their UDP flows' conntrack entries through
+	// Flows, if not nil.
 	Forward []ForwardZone
 	// EngineZones are zones answered by the container engine's DNS on
 	// the client's own bridge (Podman's aardvark-dns, dns.podman):
@@ -85,10 +87,6 @@ type Options struct {
 	ForwardTimeout time.Duration
 	Flows          Flows
 }
-
-// DefaultMaxTTL caps TTLs when Options.MaxTTL is 0: an upstream's TTL of
-// 2^31 s would otherwise open an address for decades.
-const DefaultMaxTTL = 24 * time.Hour
 
 // Proxy is the DNS handler.
 //
@@ -109,14 +107,10 @@ type Proxy struct {
 	limits             *limiter
 }
 
-// Time budgets for one client query.
 const (
-	// DefaultQueryBudget is the whole budget of one query when
-	// Options.QueryBudget is 0: below the 5 s that stub resolvers wait.
-	DefaultQueryBudget = 4 * time.Second
-	// queryTimeout bounds forwarded queries (forward.go).
-	queryTimeout = DefaultQueryBudget
-	allowTimeout = 2 * time.Second // firewall update before SERVFAIL
+	// allowTimeout bounds the firewall update of one answer, within the
+	// query budget.
+	allowTimeout = 2 * time.Second
 	// maxUDPAnswer is the largest UDP answer sent, whatever EDNS0 size the
 	// client offers (the DNS flag day 2020 value, avoids fragmentation).
 	maxUDPAnswer = 1232
@@ -178,9 +172,13 @@ type Answer struct {
 // Resolve asks upstream for name/qtype, follows the CNAME chain (asking
 // again where the upstream left it incomplete), removes non-routable
 // addresses and opens the remaining ones in the firewall. It returns an
-// error if the upstream failed or the firewall did not confirm in time.
+// error if the upstream failed or the firewall did not confirm in time,
+// all of it within the query budget (or ctx's deadline, if sooner).
 func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer, error) {
-	return p.resolve(ctx, p.conf.Load().opts, name, qtype)
+	o := p.conf.Load().opts
+	ctx, cancel := context.WithTimeout(ctx, o.QueryBudget)
+	defer cancel()
+	return p.resolve(ctx, o, name, qtype)
 }
 
 func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16) (*Answer, error) {
@@ -201,7 +199,7 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 		}
 		target = ans.Chain.Target
 	}
-	maxTTL := uint32(min(cmp.Or(o.MaxTTL, DefaultMaxTTL)/time.Second, math.MaxUint32))
+	maxTTL := uint32(min(o.MaxTTL/time.Second, math.MaxUint32))
 	ans.Chain.capTTL(maxTTL)
 	ans.SOA = capTTL(ans.SOA, maxTTL)
 	if len(ans.Chain.Blocked) > 0 {
@@ -377,7 +375,7 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, a
 		}
 		return e.sections(age)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), cmp.Or(conf.opts.QueryBudget, DefaultQueryBudget))
+	ctx, cancel := context.WithTimeout(context.Background(), conf.opts.QueryBudget)
 	defer cancel()
 	v, err, _ := p.flight.Do(name+dns.TypeToString[qtype], func() (any, error) {
 		ans, err := p.resolve(ctx, conf.opts, name, qtype)

@@ -121,15 +121,12 @@ func serve(t testing.TB, p dns.Handler) string {
 
 func newTestProxy(t testing.TB, allow Allower) (*Proxy, *upstreamServer, string) {
 	up := startUpstream(t, testZone)
-	p := NewProxy(Options{
-		Domains:     []string{"*.cognitive.microsoft.com", "*.cognitiveservices.azure.com"},
-		Upstream:    NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
-		Allower:     allow,
-		Guard:       docGuard,
-		MinTTL:      time.Second,
-		Grace:       2 * time.Second,
-		RefuseRcode: dns.RcodeRefused,
-	})
+	o := testOptions()
+	o.Domains = []string{"*.cognitive.microsoft.com", "*.cognitiveservices.azure.com"}
+	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+	o.Allower, o.Guard = allow, docGuard
+	o.MinTTL, o.Grace = time.Second, 2*time.Second
+	p := NewProxy(o)
 	return p, up, net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
 }
 
@@ -293,18 +290,15 @@ func TestProxyCapsTTL(t *testing.T) {
 	for _, tt := range []struct {
 		maxTTL time.Duration
 		want   uint32
-	}{{100 * time.Second, 100}, {0, uint32(DefaultMaxTTL / time.Second)}} {
+	}{{100 * time.Second, 100}, {testOptions().MaxTTL, uint32(testOptions().MaxTTL / time.Second)}} {
 		rec := &recorder{}
 		up := startUpstream(t, testZone)
-		p := NewProxy(Options{
-			Domains:  []string{"*.cognitive.microsoft.com"},
-			Upstream: NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second),
-			Allower:  rec,
-			Guard:    docGuard,
-			MinTTL:   time.Second,
-			MaxTTL:   tt.maxTTL,
-			Grace:    2 * time.Second,
-		})
+		o := testOptions()
+		o.Domains = []string{"*.cognitive.microsoft.com"}
+		o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+		o.Allower, o.Guard = rec, docGuard
+		o.MinTTL, o.MaxTTL, o.Grace = time.Second, tt.maxTTL, 2*time.Second
+		p := NewProxy(o)
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(serveProxy(t, p)))
 		for i := range 2 { // the second answer comes from the cache
 			r := ask(t, addr, "long.cognitive.microsoft.com.", dns.TypeA, "udp", false)

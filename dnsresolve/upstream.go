@@ -212,9 +212,9 @@ func markControl(mark uint32) func(network, address string, c syscall.RawConn) e
 
 // Exchange asks the upstreams name/qtype with recursion desired, trying
 // servers in turn (see order) until one gives a usable answer (not
-// SERVFAIL or REFUSED), at most maxTries tries and until ctx ends
-// (DefaultQueryBudget if ctx has no deadline). A truncated UDP answer is
-// asked again over TCP.
+// SERVFAIL or REFUSED), at most maxTries tries and until ctx ends: ctx
+// must have a deadline (the query budget). A truncated UDP answer is asked
+// again over TCP.
 //
 // A try that is not answered within the server's retransmission timeout
 // is not abandoned: its socket keeps listening while the next try goes
@@ -225,9 +225,7 @@ func (u *Upstream) Exchange(ctx context.Context, name string, qtype uint16) (*dn
 		return nil, errors.New("no upstream resolvers")
 	}
 	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, DefaultQueryBudget)
-		defer cancel()
+		return nil, errors.New("upstream query without a deadline (query budget)")
 	}
 	x := &exchange{u: u, name: dns.Fqdn(name), qtype: qtype, order: u.order(), answered: make([]bool, len(u.servers))}
 	var err error

@@ -163,7 +163,9 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 	if _, ok := p.fastReply(conf, queries["CNAME chain"], nil, &key, now.Add(61*time.Second)); ok {
 		t.Error("expired answer: answered on the fast path")
 	}
-	p.Update(Options{Domains: conf.opts.Domains, Upstream: conf.opts.Upstream, Allower: &recorder{}, Guard: docGuard})
+	o := testOptions()
+	o.Domains, o.Upstream, o.Allower, o.Guard = conf.opts.Domains, conf.opts.Upstream, &recorder{}, docGuard
+	p.Update(o)
 	plain := p.conf.Load()
 	plain.cache = conf.cache
 	if _, ok := p.fastReply(plain, queries["CNAME chain"], nil, &key, now); ok {
