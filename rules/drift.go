@@ -10,7 +10,6 @@ import (
 	"os"
 	"reflect"
 	"slices"
-	"strconv"
 	"time"
 
 	"github.com/google/nftables"
@@ -232,10 +231,8 @@ func (f *Firewall) watch(ctx context.Context, changed func(string)) error {
 	stop := context.AfterFunc(ctx, func() { sock.Close() })
 	defer stop()
 	size := 8 << 20 // bursts of element notifications
-	// Test only: a small buffer, so that a test can make it overflow
-	// (test/faults_test.go).
-	if n, err := strconv.Atoi(os.Getenv("EGRESSD_TEST_EVENT_BUFFER")); err == nil {
-		size = n
+	if n, ok := testEventBuffer(); ok {
+		size = n // a test hook, testhooks.go
 	}
 	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, size)

@@ -8,9 +8,7 @@ import (
 	"iter"
 	"maps"
 	"net/netip"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -328,10 +326,8 @@ func bigSendBuffer(c *netlink.Conn) error {
 func nftSet(t *nftables.Table, s Set) *nftables.Set {
 	ns := &nftables.Set{Table: t, Name: s.Name, HasTimeout: s.Timeout, Comment: s.Comment}
 	if s.Timeout {
-		// Test only: a learned set the kernel refuses to grow beyond
-		// this many elements (test/faults_test.go).
-		if n, err := strconv.ParseUint(os.Getenv("EGRESSD_TEST_SET_SIZE"), 10, 32); err == nil {
-			ns.Size = uint32(n)
+		if n, ok := testSetSize(); ok {
+			ns.Size = n // a test hook, testhooks.go
 		}
 	}
 	switch s.Type {
