@@ -8,6 +8,29 @@ package test
 // containers' own network namespaces (attached under /run/netns) and with
 // busybox inside the containers, on hosts with a plain resolv.conf and
 // hosts with systemd-resolved's stub, with firewall.host true and false.
+//
+// Every scenario: an allowed name nobody asked before resolves and
+// connects on 443; an unlisted name gets no address and its address stays
+// closed; a query to another resolver gets egressd's answer; nothing gets
+// past egressd to the host's stub resolver; container names resolve and
+// containers reach each other on user networks; a published port is
+// reachable from the internet. Also: the engine restarted while egressd
+// runs, and container churn (veths, bridges coming and going) that makes
+// egressd neither warn nor replace its table.
+//
+// What they rely on besides firewall.host and the redirects:
+//   - dns.engine_zones (default [dns.podman]): egressd forwards a Podman
+//     container's dns.podman names to aardvark-dns on the bridge it sits
+//     behind;
+//   - firewall.engine_cgroups: dockerd's cgroup, whose DNS from the host's
+//     namespace (Docker's embedded DNS forwarding to a loopback host
+//     resolver, every host resolver from Docker 28 on) is redirected to
+//     egressd with firewall.host false. The lab runs dockerd in a cgroup v2
+//     of its own, /egressd-lab-<lab>/docker.service.
+//
+// The engines are skipped when missing (failed under CI=true); each test
+// starts its engine once. Everything the lab starts is ended by pid, and
+// its cgroups and namespaces removed, when the test ends.
 
 import (
 	"archive/tar"
@@ -51,26 +74,33 @@ const (
 	engineCmdWait   = 90 * time.Second
 )
 
-// engineTools lists what each engine test needs (Debian packages in
-// parentheses in the skip message).
-var engineTools = map[string][]string{
-	"docker":     {"dockerd", "containerd", "containerd-shim-runc-v2", "runc", "iptables", "docker-proxy", "nsenter", "unshare"},
-	"podman":     {"podman", "conmon", "runc", "iptables", "nsenter", "unshare"},
-	"containerd": {"containerd", "ctr", "containerd-shim-runc-v2", "runc", "iptables", "nsenter", "unshare"},
-}
+// engineTools lists what each engine test needs, and engineDebs the
+// Debian packages that have it.
+var (
+	engineTools = map[string][]string{
+		"docker":     {"dockerd", "containerd", "containerd-shim-runc-v2", "runc", "iptables", "docker-proxy", "nsenter", "unshare", "ss"},
+		"podman":     {"podman", "conmon", "runc", "iptables", "nsenter", "unshare", "ss"},
+		"containerd": {"containerd", "ctr", "containerd-shim-runc-v2", "runc", "iptables", "nsenter", "unshare", "ss"},
+	}
+	engineDebs = map[string]string{
+		"docker":     "docker.io containerd runc iptables busybox-static",
+		"podman":     "podman netavark aardvark-dns conmon runc iptables busybox-static",
+		"containerd": "containerd runc containernetworking-plugins iptables busybox-static",
+	}
+)
 
-// needEngine skips (or, under CI, fails) t when a tool of engine is missing.
+// needEngine skips (or, under CI, fails) t when a tool of engine is missing;
+// extra are more tools, absolute paths or names looked up in enginePath.
 func needEngine(t *testing.T, engine string, extra ...string) {
 	t.Helper()
 	for _, tool := range append(engineTools[engine], extra...) {
+		found := lookTool(tool) != ""
 		if strings.HasPrefix(tool, "/") {
-			if _, err := os.Stat(tool); err != nil {
-				need(t, "%s engine test: %s is missing (apt-get install docker.io podman containerd runc containernetworking-plugins iptables busybox-static)", engine, tool)
-			}
-			continue
+			_, err := os.Stat(tool)
+			found = err == nil
 		}
-		if lookTool(tool) == "" {
-			need(t, "%s engine test: %s is not installed (apt-get install docker.io podman containerd runc containernetworking-plugins iptables busybox-static)", engine, tool)
+		if !found {
+			need(t, "%s engine test: %s is not installed (apt-get install %s)", engine, tool, engineDebs[engine])
 		}
 	}
 	if _, err := staticBusybox(); err != nil {
@@ -1090,11 +1120,11 @@ func TestEngineDocker(t *testing.T) {
 	// stub host here): engine_cgroups sends that through egressd too.
 	hostOffCg := e.egressdConfig("docker-nohost-cgroups.yaml", false, fmt.Sprintf("engine_cgroups: [%q]", dk.cg))
 
-	e.sub(t, "plain resolv.conf/host true", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		dk.checkDocker(t)
 	})
-	e.sub(t, "plain resolv.conf/host true/container churn", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true/container churn", func(t *testing.T) {
 		from, handle := len(e.egressdLog.String()), e.tableHandle()
 		for i := 0; i < 2; i++ {
 			dk.must("run", "--rm", engineImage, "true")
@@ -1105,7 +1135,7 @@ func TestEngineDocker(t *testing.T) {
 		dk.must("network", "rm", "churnnet")
 		e.checkQuiet(t, from, handle, "br-"+id[:12])
 	})
-	e.sub(t, "plain resolv.conf/host true/dockerd restarted", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true/dockerd restarted", func(t *testing.T) {
 		dk.d.restart()
 		// The containers come back with dockerd (restart always).
 		for _, n := range []string{"d0", "u1", "u2"} {
@@ -1116,7 +1146,7 @@ func TestEngineDocker(t *testing.T) {
 		})
 		dk.checkDocker(t)
 	})
-	e.sub(t, "plain resolv.conf/host false", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host false", func(t *testing.T) {
 		e.egressd(hostOff)
 		dk.checkDocker(t)
 	})
@@ -1126,11 +1156,11 @@ func TestEngineDocker(t *testing.T) {
 	e.setResolv(stubResolv)
 	dk.d.restart()
 	dk.containers()
-	e.sub(t, "systemd-resolved stub/host false/engine_cgroups", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host false/engine_cgroups", func(t *testing.T) {
 		e.egressd(hostOffCg)
 		dk.checkDocker(t)
 	})
-	e.sub(t, "systemd-resolved stub/host true", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		dk.checkDocker(t)
 	})
@@ -1289,11 +1319,11 @@ func TestEnginePodman(t *testing.T) {
 
 	hostOn := e.egressdConfig("podman-host.yaml", true)
 	hostOff := e.egressdConfig("podman-nohost.yaml", false)
-	e.sub(t, "plain resolv.conf/host true", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		pm.checkPodman(t)
 	})
-	e.sub(t, "plain resolv.conf/host true/container churn", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true/container churn", func(t *testing.T) {
 		from, handle := len(e.egressdLog.String()), e.tableHandle()
 		pm.must("run", "--rm", "--cgroup-parent", "/"+e.cg+"/podman", podmanImage, "true")
 		pm.must("run", "--rm", "--cgroup-parent", "/"+e.cg+"/podman", "--network", podmanNet, podmanImage, "true")
@@ -1303,7 +1333,7 @@ func TestEnginePodman(t *testing.T) {
 		pm.must("network", "rm", "churnnet")
 		e.checkQuiet(t, from, handle, bridge)
 	})
-	e.sub(t, "plain resolv.conf/host true/networks restarted", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true/networks restarted", func(t *testing.T) {
 		// Every container stopped: netavark deletes the bridges and
 		// aardvark-dns exits; started again, they come back.
 		pm.must("stop", "-a", "-t", "0")
@@ -1314,17 +1344,17 @@ func TestEnginePodman(t *testing.T) {
 		})
 		pm.checkPodman(t)
 	})
-	e.sub(t, "plain resolv.conf/host false", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host false", func(t *testing.T) {
 		e.egressd(hostOff)
 		pm.checkPodman(t)
 	})
 
 	e.setResolv(stubResolv)
 	pm.containers()
-	e.sub(t, "systemd-resolved stub/host false", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host false", func(t *testing.T) {
 		pm.checkPodman(t)
 	})
-	e.sub(t, "systemd-resolved stub/host true", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		pm.checkPodman(t)
 	})
@@ -1492,7 +1522,7 @@ func (c *ctrd) setPodResolv(s resolvStyle) {
 func TestEngineContainerd(t *testing.T) {
 	needEngine(t, "containerd")
 	if cniPluginDir() == "" {
-		need(t, "containerd engine test: the CNI bridge plugin is not installed (apt-get install containernetworking-plugins)")
+		need(t, "containerd engine test: the CNI bridge plugin is not installed (apt-get install %s)", engineDebs["containerd"])
 	}
 	l := newLab(t)
 	e := newEngineLab(l)
@@ -1504,24 +1534,24 @@ func TestEngineContainerd(t *testing.T) {
 
 	hostOn := e.egressdConfig("containerd-host.yaml", true)
 	hostOff := e.egressdConfig("containerd-nohost.yaml", false)
-	e.sub(t, "plain resolv.conf/host true", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		c.checkContainerd(t)
 	})
-	e.sub(t, "plain resolv.conf/host true/containerd restarted", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host true/containerd restarted", func(t *testing.T) {
 		c.d.restart()
 		c.checkContainerd(t)
 	})
-	e.sub(t, "plain resolv.conf/host false", func(t *testing.T) {
+	e.sub(t, plainResolv.name+"/host false", func(t *testing.T) {
 		e.egressd(hostOff)
 		c.checkContainerd(t)
 	})
 	e.setResolv(stubResolv)
 	c.setPodResolv(stubResolv)
-	e.sub(t, "systemd-resolved stub/host false", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host false", func(t *testing.T) {
 		c.checkContainerd(t)
 	})
-	e.sub(t, "systemd-resolved stub/host true", func(t *testing.T) {
+	e.sub(t, stubResolv.name+"/host true", func(t *testing.T) {
 		e.egressd(hostOn)
 		c.checkContainerd(t)
 	})
