@@ -1063,6 +1063,16 @@ func (dk *docker) containers() {
 	dk.must(append(run, "--name", "u1", "--network", dockerNet, engineImage, "sleep", "1000000")...)
 	dk.must(append(run, "--name", "u2", "--network", dockerNet, "-p", dockerPublished+":"+echoPort,
 		engineImage, "nc", "-ll", "-p", echoPort, "-e", "/bin/cat")...)
+	dk.e.waitPublished(dockerPublished)
+}
+
+// waitPublished waits until an echo server answers on port, published on
+// the host's uplink, from the internet.
+func (e *engineLab) waitPublished(port string) {
+	e.t.Helper()
+	e.waitFor("the port published on "+hostUplink+":"+port, 30*time.Second, func() error {
+		return dial(e.Inet, hostUplink+":"+port, shortWait)
+	})
 }
 
 // checkDocker runs every check against the Docker containers.
@@ -1141,9 +1151,7 @@ func TestEngineDocker(t *testing.T) {
 		for _, n := range []string{"d0", "u1", "u2"} {
 			dk.inspect(n)
 		}
-		e.waitFor("u2's published port", 30*time.Second, func() error {
-			return dial(e.Inet, hostUplink+":"+dockerPublished, shortWait)
-		})
+		e.waitPublished(dockerPublished)
 		dk.checkDocker(t)
 	})
 	e.sub(t, plainResolv.name+"/host false", func(t *testing.T) {
@@ -1255,6 +1263,7 @@ func (pm *podman) containers() {
 	pm.runCtr("--name", "pa", "--network", podmanNet, podmanImage, "sleep", "1000000")
 	pm.runCtr("--name", "pb", "--network", podmanNet, "-p", podmanPublished+":"+echoPort, podmanImage, "nc", "-ll", "-p", echoPort, "-e", "/bin/cat")
 	pm.waitAardvark()
+	pm.e.waitPublished(podmanPublished)
 }
 
 // waitAardvark waits until aardvark-dns listens on the Podman network's
@@ -1339,9 +1348,7 @@ func TestEnginePodman(t *testing.T) {
 		pm.must("stop", "-a", "-t", "0")
 		pm.must("start", "p0", "pa", "pb")
 		pm.waitAardvark()
-		e.waitFor("pb's published port", 30*time.Second, func() error {
-			return dial(e.Inet, hostUplink+":"+podmanPublished, shortWait)
-		})
+		e.waitPublished(podmanPublished)
 		pm.checkPodman(t)
 	})
 	e.sub(t, plainResolv.name+"/host false", func(t *testing.T) {
@@ -1531,6 +1538,10 @@ func TestEngineContainerd(t *testing.T) {
 	c.d.start()
 	c.pod("c1", "sleep", "1000000")
 	c.pod("c2", "nc", "-ll", "-p", echoPort, "-e", "/bin/cat")
+	_, c2 := c.client("c2")
+	e.waitFor("c2's echo server", 30*time.Second, func() error {
+		return dial(e.Host, hostPort(c2.ips[0], 8080), shortWait)
+	})
 
 	hostOn := e.egressdConfig("containerd-host.yaml", true)
 	hostOff := e.egressdConfig("containerd-nohost.yaml", false)
