@@ -624,15 +624,17 @@ func (e *engineLab) checkQuiet(t *testing.T, from int, handle, barrier string) {
 	e.waitLog("container interface gone", "interface="+barrier)
 	// Unknown interfaces are looked at once links are quiet for 300 ms:
 	// watch for a few times that.
-	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
-		if w := e.unknownWarnings(from); len(w) > 0 {
-			t.Errorf("container churn: egressd warned about interfaces:\n%s", strings.Join(w, "\n"))
-			return
-		}
+	replaced := ""
+	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end) && replaced == ""; time.Sleep(100 * time.Millisecond) {
 		if h := e.tableHandle(); h != handle {
-			t.Errorf("container churn: table inet egressd was replaced (handle %s, then %s)", handle, h)
-			return
+			replaced = h
 		}
+	}
+	if replaced != "" {
+		t.Errorf("container churn: table inet egressd was replaced (handle %s, then %s)", handle, replaced)
+	}
+	if w := e.unknownWarnings(from); len(w) > 0 {
+		t.Errorf("container churn: egressd warned about interfaces:\n%s", strings.Join(w, "\n"))
 	}
 }
 
