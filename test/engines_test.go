@@ -576,6 +576,7 @@ func (e *engineLab) egressd(cfg string) {
 			e.stopDaemon(syscall.SIGTERM)
 		}
 	}
+	e.withHostMounts() // firewall.engine_cgroups
 	e.startDaemon(cfg)
 }
 

@@ -369,6 +369,22 @@ log:
 `, upstreamDNS, proxyPort, filepath.Join(l.Dir, "state"), filepath.Join(l.Dir, "egressd.sock"))
 }
 
+// withHostMounts makes the lab run egressd in the test's mount namespace,
+// as on a host: `ip netns exec` mounts a fresh /sys without the cgroup
+// tree, where egressd finds firewall.engine_cgroups.
+func (l *Lab) withHostMounts() {
+	l.t.Helper()
+	wrapper := filepath.Join(l.Dir, "in-host-mounts")
+	if l.bin == wrapper {
+		return
+	}
+	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --mount=/proc/%d/ns/mnt -- %s \"$@\"\n", os.Getpid(), l.binary())
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		l.t.Fatal(err)
+	}
+	l.bin = wrapper
+}
+
 // binary is the egressd binary the lab runs: l.bin, or the one built for
 // the tests.
 func (l *Lab) binary() string {

@@ -668,14 +668,7 @@ func TestEngineCgroupDNSIsFiltered(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = os.Remove(cg); _ = os.Remove(filepath.Dir(cg)) })
 	l := newLab(t)
-	// `ip netns exec` mounts a fresh /sys without the cgroup tree: egressd
-	// runs in the test's mount namespace, as on a host.
-	wrapper := filepath.Join(l.Dir, "in-host-mounts")
-	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --mount=/proc/%d/ns/mnt -- %s \"$@\"\n", os.Getpid(), egressdBin)
-	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	l.bin = wrapper
+	l.withHostMounts()
 	// An engine outside the configured cgroups, and a rootless network
 	// helper, are not left unfiltered in silence.
 	for _, name := range []string{"dockerd", "slirp4netns"} {
