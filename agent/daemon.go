@@ -54,7 +54,7 @@ type daemon struct {
 	nextSave   time.Time // throttles saving a large state file to 5% of the time
 	saved      uint64    // version of the learned addresses last saved
 	host       rules.Host
-	reported   map[string]bool // unknown forwarding interfaces already logged
+	links      linkState // which forwarding interfaces are unknown, what was logged
 
 	waiting atomic.Pointer[string] // why the proxy cannot answer, for status
 	// saveFailing says since when and why the learned addresses cannot
@@ -92,7 +92,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d := &daemon{path: path, version: version, started: time.Now(), log: log, errors: errs, fw: fw,
 		audit:     make(chan struct{}, 1),
 		metrics:   metrics.New(version, fw.Counts),
-		repairLog: rate.NewLimiter(rate.Every(time.Second), 10), reported: map[string]bool{}}
+		repairLog: rate.NewLimiter(rate.Every(time.Second), 10)}
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
 	// Without a usable upstream the proxy answers SERVFAIL and the daemon
@@ -135,16 +135,18 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	if cfg.Metrics.Listen != "" {
 		go d.background(ctx, "metrics", func() error { return d.serveMetrics(ctx, cfg.Metrics.Listen) })
 	}
+	names := newLinkNames()
 	if cfg.Firewall.NFLOGGroup != 0 {
-		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
+		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, names, log)
 	}
 	relink := make(chan struct{}, 1)
-	go watchLinks(ctx, d.config, func() {
+	d.links.kick = func() {
 		select {
 		case relink <- struct{}{}:
 		default:
 		}
-	}, log)
+	}
+	go watchLinks(ctx, d.config, d.links.kick, names, log)
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
 	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
