@@ -102,6 +102,13 @@ func (l *Lab) podmanStop(c engineCtr, last bool) {
 	l.sh("ip netns del " + c.ns)
 }
 
+// waitMetrics waits until egressd's metrics endpoint at addr accepts
+// connections: it starts after the proxy answers.
+func (l *Lab) waitMetrics(addr string) {
+	l.t.Helper()
+	l.waitFor("the metrics endpoint", 10*time.Second, func() error { return dial(l.Host, addr, time.Second) })
+}
+
 // installs returns egressd_ruleset_installs_total once it has been the
 // same for a second (relinks are debounced): the installs so far.
 func (l *Lab) installs(metricsAddr string) float64 {
@@ -144,6 +151,7 @@ func TestChurnCostsNothing(t *testing.T) {
 	cfg = strings.Replace(cfg, "min_ttl: 1s", "min_ttl: 60s", 1)
 	l.startDaemon(l.writeConfig("egressd.yaml", cfg+"metrics:\n  listen: "+metricsAddr+"\n"))
 	l.in(l.Inet, "ip route add 10.88.0.0/24 via "+hostUplink)
+	l.waitMetrics(metricsAddr)
 	before := l.installs(metricsAddr)
 	offset := len(l.egressdLog.String())
 
@@ -224,6 +232,7 @@ func TestChurnUnknownBridge(t *testing.T) {
 	const metricsAddr = "127.0.0.1:9254"
 	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()+"metrics:\n  listen: "+metricsAddr+"\n"))
 	l.in(l.Inet, "ip route add 10.88.0.0/24 via "+hostUplink)
+	l.waitMetrics(metricsAddr)
 	before := l.installs(metricsAddr)
 	for i := range 4 {
 		c := l.podmanStart(netip.AddrFrom4([4]byte{10, 88, 0, byte(10 + i)}))
@@ -284,6 +293,7 @@ func TestChurnBenchmark(t *testing.T) {
 	start := time.Now()
 	l.startDaemon(l.writeConfig("egressd.yaml", cfg+"metrics:\n  listen: "+metricsAddr+"\n"))
 	t.Logf("egressd started with %d learned addresses in %v", learned, time.Since(start).Round(time.Millisecond))
+	l.waitMetrics(metricsAddr)
 	m := scrape(t, l, metricsAddr)
 	if got := m[`egressd_learned_addresses{set="allow4"}`]; got < learned {
 		t.Fatalf("%v learned addresses, want %d", got, learned)
