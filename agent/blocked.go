@@ -49,26 +49,21 @@ func (b Blocked) String() string {
 
 // watchBlocked reads the NFLOG group of the ruleset's reject rules and
 // reports each blocked connection: one log line (rate-limited, so a noisy
-// container cannot flood the journal) and a metric. It returns when ctx
-// ends.
+// container cannot flood the journal) and a metric, until ctx ends. It
+// returns once the group is bound: what is blocked from then on is
+// reported (the kernel drops what a group nobody bound logs).
 func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, names *linkNames, log *slog.Logger) {
 	nf, err := nflog.Open(&nflog.Config{Group: group, Copymode: nflog.CopyPacket, Bufsize: 128})
 	if err != nil {
 		log.Warn("blocked connections are not reported", "nflog_group", group, "err", err)
 		return
 	}
-	defer nf.Close()
 	limit := rate.NewLimiter(rate.Limit(10), 50)
 	suppressed := 0
 	hook := func(a nflog.Attribute) int {
 		b, ok := parseBlocked(a)
 		if !ok {
 			return 0
-		}
-		if a.InDev != nil {
-			// The interface may be gone by now (a container's veth, a
-			// bridge deleted with its last container): names remembers.
-			b.Interface = names.name(int32(*a.InDev))
 		}
 		if b.Reason == NotAnswered {
 			// The catch-all reject: say which of the allow rules missed.
@@ -89,6 +84,11 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 			suppressed++
 			return 0
 		}
+		if a.InDev != nil {
+			// The interface may be gone by now (a container's veth, a
+			// bridge deleted with its last container): names remembers.
+			b.Interface = names.name(int32(*a.InDev))
+		}
 		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
 			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
 		suppressed = 0
@@ -101,10 +101,14 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		return 0 // keep reading: an overrun loses reports, not enforcement
 	}
 	if err := nf.RegisterWithErrorFunc(ctx, hook, errFn); err != nil {
+		nf.Close()
 		log.Warn("blocked connections are not reported", "err", err)
 		return
 	}
-	<-ctx.Done()
+	go func() {
+		<-ctx.Done()
+		nf.Close()
+	}()
 }
 
 // parseBlocked reads the addresses and ports of a logged packet.

@@ -117,6 +117,11 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, log, d.metrics))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// Blocked connections are reported from before the proxy answers.
+	names := newLinkNames()
+	if cfg.Firewall.NFLOGGroup != 0 {
+		watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, names, log)
+	}
 	d.startPinned(ctx)
 
 	ready := make(chan struct{})
@@ -134,10 +139,6 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	go d.background(ctx, "control socket", func() error { return d.serveControl(ctx, cfg.Control.Socket) })
 	if cfg.Metrics.Listen != "" {
 		go d.background(ctx, "metrics", func() error { return d.serveMetrics(ctx, cfg.Metrics.Listen) })
-	}
-	names := newLinkNames()
-	if cfg.Firewall.NFLOGGroup != 0 {
-		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, names, log)
 	}
 	relink := make(chan struct{}, 1)
 	d.links.kick = func() {
