@@ -5,11 +5,13 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"strings"
+	"sync"
+	"time"
 
 	nflog "github.com/florianl/go-nflog/v2"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/time/rate"
 
 	"github.com/egressd/egressd/config"
@@ -47,15 +49,15 @@ func (b Blocked) String() string {
 
 // watchBlocked reads the NFLOG group of the ruleset's reject rules and
 // reports each blocked connection: one log line (rate-limited, so a noisy
-// container cannot flood the journal) and a metric. It returns when ctx
-// ends.
-func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, log *slog.Logger) {
+// container cannot flood the journal) and a metric, until ctx ends. It
+// returns once the group is bound: what is blocked from then on is
+// reported (the kernel drops what a group nobody bound logs).
+func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, names *linkNames, log *slog.Logger) {
 	nf, err := nflog.Open(&nflog.Config{Group: group, Copymode: nflog.CopyPacket, Bufsize: 128})
 	if err != nil {
 		log.Warn("blocked connections are not reported", "nflog_group", group, "err", err)
 		return
 	}
-	defer nf.Close()
 	limit := rate.NewLimiter(rate.Limit(10), 50)
 	suppressed := 0
 	hook := func(a nflog.Attribute) int {
@@ -82,6 +84,11 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 			suppressed++
 			return 0
 		}
+		if a.InDev != nil {
+			// The interface may be gone by now (a container's veth, a
+			// bridge deleted with its last container): names remembers.
+			b.Interface = names.name(int32(*a.InDev))
+		}
 		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
 			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
 		suppressed = 0
@@ -94,10 +101,14 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		return 0 // keep reading: an overrun loses reports, not enforcement
 	}
 	if err := nf.RegisterWithErrorFunc(ctx, hook, errFn); err != nil {
+		nf.Close()
 		log.Warn("blocked connections are not reported", "err", err)
 		return
 	}
-	<-ctx.Done()
+	go func() {
+		<-ctx.Done()
+		nf.Close()
+	}()
 }
 
 // parseBlocked reads the addresses and ports of a logged packet.
@@ -113,10 +124,7 @@ func parseBlocked(a nflog.Attribute) (Blocked, bool) {
 	}
 	b.Reason = logReason(prefix)
 	if a.InDev != nil {
-		b.Source = "container"
-		if ifc, err := net.InterfaceByIndex(int(*a.InDev)); err == nil {
-			b.Interface = ifc.Name
-		}
+		b.Source = "container" // b.Interface: the caller knows the names
 	}
 	p := *a.Payload
 	if len(p) < 1 {
@@ -164,4 +172,104 @@ func parseBlocked(a nflog.Attribute) (Blocked, bool) {
 	}
 	b.To = netip.AddrPortFrom(dst, port)
 	return b, true
+}
+
+// linkNames knows interface names by index, also for a while after an
+// interface is gone: blocked connections are read after the fact, when a
+// container's veth, or the bridge deleted with its last container, may be
+// gone. The link watcher tells it of every interface that appears, changes
+// or goes; an index it has not heard of is asked of the kernel once.
+// Indexes are not reused while the kernel's counter has not wrapped, so a
+// name remembered for an index is that interface's.
+type linkNames struct {
+	mu     sync.Mutex
+	live   map[int32]string
+	gone   map[int32]goneLink
+	now    func() time.Time
+	lookup func(index int32) (string, bool) // the kernel's current name
+}
+
+type goneLink struct {
+	name  string
+	since time.Time
+}
+
+// Bounds of linkNames.
+const (
+	liveNamesMax = 16384            // present interfaces (only missed deletions grow it beyond)
+	goneNamesMax = 1024             // interfaces gone
+	goneNamesFor = 10 * time.Minute // how long a gone interface's name is kept
+)
+
+func newLinkNames() *linkNames {
+	return &linkNames{live: map[int32]string{}, gone: map[int32]goneLink{}, now: time.Now,
+		lookup: func(index int32) (string, bool) {
+			l, err := netlink.LinkByIndex(int(index))
+			if err != nil {
+				return "", false
+			}
+			return l.Attrs().Name, true
+		}}
+}
+
+// seen records that interface index is now called name.
+func (n *linkNames) seen(index int32, name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.live[index]; !ok && len(n.live) >= liveNamesMax {
+		clear(n.live) // a cache: what it forgets is asked again
+	}
+	n.live[index] = name
+	delete(n.gone, index)
+}
+
+// removed records that interface index, called name, is gone (deleted,
+// or moved into another namespace).
+func (n *linkNames) removed(index int32, name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.live, index)
+	now := n.now()
+	n.gone[index] = goneLink{name: name, since: now}
+	var oldest int32
+	var first time.Time
+	for i, g := range n.gone {
+		switch {
+		case now.Sub(g.since) > goneNamesFor:
+			delete(n.gone, i)
+		case first.IsZero() || g.since.Before(first) || (g.since.Equal(first) && i < oldest):
+			oldest, first = i, g.since
+		}
+	}
+	if len(n.gone) > goneNamesMax {
+		delete(n.gone, oldest)
+	}
+}
+
+// name returns the name of interface index, present or recently gone; ""
+// if unknown.
+func (n *linkNames) name(index int32) string {
+	n.mu.Lock()
+	if name, ok := n.live[index]; ok {
+		n.mu.Unlock()
+		return name
+	}
+	if g, ok := n.gone[index]; ok {
+		n.mu.Unlock()
+		return g.name
+	}
+	n.mu.Unlock()
+	name, ok := n.lookup(index)
+	if !ok {
+		return ""
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.gone[index]; !ok { // gone meanwhile: that record is newer
+		if len(n.live) >= liveNamesMax {
+			clear(n.live)
+		}
+		n.live[index] = name
+	}
+	return name
 }

@@ -59,7 +59,7 @@ type daemon struct {
 	nextSave   time.Time // throttles saving a large state file to 5% of the time
 	saved      uint64    // version of the learned addresses last saved
 	host       rules.Host
-	reported   map[string]bool // unknown forwarding interfaces already logged
+	links      linkState // which forwarding interfaces are unknown, what was logged
 
 	waiting atomic.Pointer[string] // why the proxy cannot answer, for status
 	// saveFailing says since when and why the learned addresses cannot
@@ -68,8 +68,11 @@ type daemon struct {
 	// flows deletes the conntrack entries of egressd's own upstream
 	// queries; nil if ctnetlink could not be opened.
 	flows dnsresolve.Flows
-	// enginesReported is the engine-cgroup problem last logged ("" none).
+	// enginesReported is the engine-cgroup problem last logged ("" none);
+	// enginesSeen, the engine processes reported unfiltered (by name and
+	// cgroup: a handful per host).
 	enginesReported string
+	enginesSeen     map[string]bool
 }
 
 type saveFailure struct {
@@ -102,7 +105,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d := &daemon{path: path, version: version, started: time.Now(), log: log, errors: errs, fw: fw,
 		audit:     make(chan struct{}, 1),
 		metrics:   metrics.New(version, fw.Counts),
-		repairLog: rate.NewLimiter(rate.Every(time.Second), 10), reported: map[string]bool{}}
+		repairLog: rate.NewLimiter(rate.Every(time.Second), 10), enginesSeen: map[string]bool{}}
 	d.cfg.Store(cfg)
 	fw.Observe(d.metrics)
 	// Without a usable upstream the proxy answers SERVFAIL and the daemon
@@ -131,6 +134,11 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics, d.engines))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// Blocked connections are reported from before the proxy answers.
+	names := newLinkNames()
+	if cfg.Firewall.NFLOGGroup != 0 {
+		watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, names, log)
+	}
 	d.startPinned(ctx)
 
 	ready := make(chan struct{})
@@ -149,18 +157,15 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	if cfg.Metrics.Listen != "" {
 		go d.background(ctx, "metrics", func() error { return d.serveMetrics(ctx, cfg.Metrics.Listen) })
 	}
-	if cfg.Firewall.NFLOGGroup != 0 {
-		go watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, log)
-	}
 	relink := make(chan struct{}, 1)
-	kickRelink := func() {
+	d.links.kick = func() {
 		select {
 		case relink <- struct{}{}:
 		default:
 		}
 	}
-	go watchLinks(ctx, d.config, kickRelink, d.engines.invalidate, log)
-	go watchEngines(ctx, cfg, kickRelink, log)
+	go watchLinks(ctx, d.config, d.links.kick, d.engines.invalidate, names, log)
+	go watchEngines(ctx, cfg, d.links.kick, log)
 	d.reportEngines()
 	d.reportUnfilteredEngines()
 	engineScan := time.NewTicker(engineScanInterval)

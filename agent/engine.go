@@ -13,7 +13,6 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/egressd/egressd/config"
-	"github.com/egressd/egressd/ifname"
 )
 
 // engineAddr is one of the host's addresses on an interface whose
@@ -135,21 +134,15 @@ func (e *engines) refresh(now time.Time) {
 // the unknown forwarding ones (see unknownForwarders). Tentative IPv6
 // addresses are left out: nothing listens on them yet.
 func containerAddrs(cfg *config.Config) ([]engineAddr, error) {
-	links, err := netlink.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list interfaces: %w", err)
-	}
-	uplinks, err := defaultRouteLinks()
+	snap, err := takeSnapshot()
 	if err != nil {
 		return nil, err
 	}
 	ctr := map[int]bool{}
-	for _, l := range links {
-		name := l.Attrs().Name
-		_, matched := ifname.MatchAny(name, cfg.Firewall.Containers)
-		_, exempt := ifname.MatchAny(name, cfg.Firewall.Unfiltered)
-		if matched || isForwarder(l) && !exempt && !uplinks[name] {
-			ctr[l.Attrs().Index] = true
+	for _, l := range snap.links {
+		switch classify(l, cfg.Firewall.Containers, cfg.Firewall.Unfiltered) {
+		case linkContainer, linkUnknown, linkBare:
+			ctr[l.Index] = true
 		}
 	}
 	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)

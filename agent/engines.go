@@ -175,16 +175,16 @@ func (d *daemon) reportUnfilteredEngines() {
 		}
 		cg := procCgroup(p.Name())
 		key := "engine " + name + " " + cg
-		if d.reported[key] {
+		if d.enginesSeen[key] {
 			continue
 		}
 		switch {
 		case helper:
-			d.reported[key] = true
+			d.enginesSeen[key] = true
 			d.log.Warn("a rootless network helper runs: its containers' traffic leaves as the host's own, which firewall.host false leaves unfiltered; set firewall.host true to filter it",
 				"process", name, "pid", p.Name())
 		case mnt != "" && !slices.ContainsFunc(covered, func(c string) bool { return cg == c || strings.HasPrefix(cg, c+"/") }):
-			d.reported[key] = true
+			d.enginesSeen[key] = true
 			d.log.Warn("a container engine's DNS server runs outside firewall.engine_cgroups: the names it resolves for containers from the host's namespace pass unfiltered; add its cgroup to firewall.engine_cgroups",
 				"process", name, "pid", p.Name(), "cgroup", cg)
 		}

@@ -35,6 +35,7 @@ type Metrics struct {
 	wouldBlock   *prometheus.CounterVec
 	enforcing    prometheus.Gauge
 	driftRepairs prometheus.Counter
+	installs     prometheus.Counter
 	setRepairs   *prometheus.CounterVec
 	audit        prometheus.Histogram
 	saveErrors   prometheus.Counter
@@ -83,6 +84,10 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 			Name: "egressd_drift_repairs_total",
 			Help: "Times the ruleset was reinstalled because another process changed it.",
 		}),
+		installs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_ruleset_installs_total",
+			Help: "Times the whole table was installed (start, reload, drift repair, a change of upstreams, of unknown forwarding interfaces or of on-link subnets); each rewrites every learned address.",
+		}),
 		setRepairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egressd_set_repairs_total",
 			Help: "Learned-set elements an audit found differing from what egressd answered, and repaired, by kind: missing, early, late, foreign, expired.",
@@ -129,7 +134,7 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 		}
 	}
 	m.enforcing.Set(1)
-	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.setRepairs, m.audit, m.saveErrors, m.limited, m.setErrors, info,
+	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.installs, m.setRepairs, m.audit, m.saveErrors, m.limited, m.setErrors, info,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
 			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
@@ -191,6 +196,13 @@ func (m *Metrics) Enforcing(on bool) {
 func (m *Metrics) DriftRepaired() {
 	if m != nil {
 		m.driftRepairs.Inc()
+	}
+}
+
+// RulesetInstalled counts one installed table.
+func (m *Metrics) RulesetInstalled() {
+	if m != nil {
+		m.installs.Inc()
 	}
 }
 

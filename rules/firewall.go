@@ -221,6 +221,7 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	f.version++
 	f.installs.Add(1)
 	f.mu.Unlock()
+	f.metrics.RulesetInstalled()
 	return nil
 }
 

@@ -117,6 +117,7 @@ func TestMetrics(t *testing.T) {
 	l := newLab(t)
 	const addr = "127.0.0.1:9253"
 	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()+"metrics:\n  listen: "+addr+"\n"))
+	l.waitMetrics(addr) // it listens a moment after the proxy answers
 	before := scrape(t, l, addr)
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 	l.resolve(l.Ctr, "www.example.com", dns.TypeA)
