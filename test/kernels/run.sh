@@ -45,22 +45,32 @@ for tool in qemu-system-x86_64 busybox depmod modprobe dpkg-deb apt-get; do
 done
 [ "$(id -u)" = 0 ] || unavailable "needs root (the e2e tests and the 9p export of /)"
 
-# apt with a state of its own: the machine's bookworm mirror, plus backports.
+# apt with a state of its own: the machine's bookworm mirror, plus
+# bookworm-backports, and bullseye with bullseye-security for 5.10.
 APTDIR=$KERNEL_CACHE/apt
 APT=(-o Dir::Etc::SourceList="$APTDIR/sources.list" -o Dir::Etc::SourceParts="$APTDIR/none"
 	-o Dir::State::Lists="$APTDIR/lists" -o Dir::Cache="$APTDIR/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
 apt_update() {
-	[ -n "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mmin -720 2>/dev/null)" ] && return
-	mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/none"
-	local mirror
+	local mirror security sources
 	mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 == "bookworm" {print $1; exit}')
 	[ -n "$mirror" ] || die "no Debian bookworm source in the machine's apt configuration"
-	{
+	security=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 == "bookworm-security" {print $1; exit}')
+	sources=$(
 		apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 ~ /^bookworm/' | sort -u |
 			while read -r uri rel; do echo "deb $uri $rel main"; done
 		echo "deb $mirror bookworm-backports main"
-	} >"$APTDIR/sources.list"
-	apt-get "${APT[@]}" update -qq
+		echo "deb $mirror bullseye main"
+		echo "deb ${security:-${mirror%/debian/}/debian-security/} bullseye-security main"
+	)
+	# The lists are kept for 12 hours, unless the sources changed.
+	if [ "$sources" = "$(cat "$APTDIR/sources.list" 2>/dev/null)" ] &&
+		[ -n "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mmin -720 2>/dev/null)" ]; then
+		return
+	fi
+	mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/none"
+	echo "$sources" >"$APTDIR/sources.list"
+	# One retry: the archive sometimes serves a release file mid-update.
+	apt-get "${APT[@]}" update -qq || { sleep 5 && apt-get "${APT[@]}" update -qq; }
 }
 
 # fetch VERSION: unpacks the newest Debian package of that kernel series
@@ -68,9 +78,10 @@ apt_update() {
 fetch() {
 	local series=$1 pattern pkg root
 	case $series in
+	5.10) pattern='^linux-image-5\.10\.0-[0-9]+-amd64$' ;;
 	6.1) pattern='^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
 	6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-amd64$' ;;
-	*) die "unknown kernel $series (known: 6.1 6.12)" ;;
+	*) die "unknown kernel $series (known: 5.10 6.1 6.12)" ;;
 	esac
 	apt_update
 	pkg=$(apt-cache "${APT[@]}" search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
