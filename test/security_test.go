@@ -147,6 +147,35 @@ func cgroup2Dir(t *testing.T) string {
 	return ""
 }
 
+// needCgroupMatch skips t where the kernel cannot match a socket's cgroup
+// v2 (nftables `socket cgroupv2`, Linux 5.13): it loads such a rule for
+// cg, a directory below the cgroup v2 mount mnt, into a scratch table in
+// the lab's host namespace, in one transaction that deletes it again, as
+// egressd's own probe (rules.ProbeCgroup) does. The probe is of the
+// kernel, not its version; any other failure fails t.
+func needCgroupMatch(t *testing.T, l *Lab, mnt, cg string) {
+	t.Helper()
+	rel := strings.TrimPrefix(cg, mnt)
+	// nft looks the path up below /sys/fs/cgroup (cgroup2 may be mounted
+	// at /sys/fs/cgroup/unified).
+	path := strings.TrimPrefix(cg, "/sys/fs/cgroup")
+	const table = "egressd_test_cgroup"
+	script := fmt.Sprintf("table inet %s { chain c { socket cgroupv2 level %d %q accept; }; }\ndelete table inet %s\n",
+		table, strings.Count(rel, "/"), path, table)
+	// In the test's mount namespace: `ip netns exec` mounts a fresh /sys
+	// without the cgroup tree.
+	cmd := exec.Command("ip", "netns", "exec", l.Host, "nsenter", fmt.Sprintf("--mount=/proc/%d/ns/mnt", os.Getpid()), "--", "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	out, err := cmd.CombinedOutput()
+	switch {
+	case err == nil:
+	case strings.Contains(string(out), "Operation not supported"):
+		t.Skipf("kernel lacks socket cgroupv2 (5.13): nft: %s", strings.TrimSpace(strings.Split(string(out), "\n")[0]))
+	default:
+		t.Fatalf("probe of socket cgroupv2: %v\n%s", err, out)
+	}
+}
+
 // In a cgroup of its own, as under systemd, egressd is recognised by it:
 // the mark alone, even towards the upstream on port 53, is not enough.
 func TestOwnCgroupIsTheProof(t *testing.T) {
@@ -158,6 +187,7 @@ func TestOwnCgroupIsTheProof(t *testing.T) {
 	// gone: a populated cgroup cannot be removed.
 	t.Cleanup(func() { _ = os.Remove(cg) })
 	l := newLab(t)
+	needCgroupMatch(t, l, filepath.Dir(cg), cg)
 	wrapper := filepath.Join(l.Dir, "in-cgroup")
 	// `ip netns exec` mounts a fresh /sys without the cgroup tree: go
 	// back to the test's mount namespace (the network namespace stays),
@@ -651,6 +681,7 @@ func TestEngineCgroupDNSIsFiltered(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = os.Remove(cg); _ = os.Remove(filepath.Dir(cg)) })
 	l := newLab(t)
+	needCgroupMatch(t, l, mnt, cg)
 	// `ip netns exec` mounts a fresh /sys without the cgroup tree: egressd
 	// runs in the test's mount namespace, as on a host.
 	wrapper := filepath.Join(l.Dir, "in-host-mounts")
