@@ -332,8 +332,24 @@ func TestUnknownBridgeFailsClosed(t *testing.T) {
 	l.mustResolve(pod, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 	l.mustReach(pod, "203.0.113.10:443")
 	l.mustNotReach(pod, "203.0.113.31:443")
-	if n := strings.Count(l.egressdLog.String(), "matches no firewall.containers pattern"); n != 1 {
-		t.Errorf("the unknown bridge was reported %d times, want once", n)
+	// Reported once. Its veth may be reported too, once, if egressd
+	// looked while it was not yet the bridge's port (a standalone veth is
+	// a forwarder of its own): under emulation the window between the
+	// two `ip` commands is long.
+	reports := map[string]int{}
+	for _, line := range strings.Split(l.egressdLog.String(), "\n") {
+		if _, name, ok := strings.Cut(line, "matches no firewall.containers pattern"); ok {
+			_, name, _ = strings.Cut(name, " interface=")
+			reports[name]++
+		}
+	}
+	for name, n := range reports {
+		if n != 1 || name != "podman0" && name != "vethp0" {
+			t.Errorf("%s was reported %d times, want podman0 once (reports: %v)", name, n, reports)
+		}
+	}
+	if reports["podman0"] != 1 {
+		t.Errorf("the unknown bridge was reported %d times, want once", reports["podman0"])
 	}
 
 	// Exempting it opens it.

@@ -69,7 +69,7 @@ apt_update() {
 	fi
 	mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/none"
 	echo "$sources" >"$APTDIR/sources.list"
-	# One retry: the archive sometimes serves a release file mid-update.
+	# One retry: a release file can change on the mirror mid-update.
 	apt-get "${APT[@]}" update -qq || { sleep 5 && apt-get "${APT[@]}" update -qq; }
 }
 
@@ -83,6 +83,11 @@ fetch() {
 	6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-amd64$' ;;
 	*) die "unknown kernel $series (known: 5.10 6.1 6.12)" ;;
 	esac
+	# Other runs of the matrix on this machine share the cache (apt runs
+	# here without its own locking).
+	mkdir -p "$KERNEL_CACHE"
+	exec 9>"$KERNEL_CACHE/.lock"
+	flock 9
 	apt_update
 	pkg=$(apt-cache "${APT[@]}" search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
 	[ -n "$pkg" ] || die "no package matches $pattern"
