@@ -92,7 +92,9 @@ fetch() {
 	pkg=$(apt-cache "${APT[@]}" search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
 	[ -n "$pkg" ] || die "no package matches $pattern"
 	root=$KERNEL_CACHE/$pkg
-	if [ ! -e "$root/.done" ]; then
+	# An unpacked package whose kernel or modules have gone since is
+	# unpacked again.
+	if [ ! -e "$root/.done" ] || ! compgen -G "$root/boot/vmlinuz-*" >/dev/null || [ -z "$(ls "$root/lib/modules" 2>/dev/null)" ]; then
 		log "downloading $pkg"
 		rm -rf "$root" && mkdir -p "$root"
 		(cd "$APTDIR/cache" && apt-get "${APT[@]}" download -qq "$pkg")
