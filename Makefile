@@ -32,8 +32,8 @@ check: lint
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
 	cd deploy/image && $(GO) vet ./... && $(GO) test -count=1 ./...
 
-# The kernel-dependent end-to-end tests inside Debian's 6.1 and 6.12
-# kernels in qemu (test/kernels/run.sh); root. KERNELS="6.1 6.12",
+# The kernel-dependent end-to-end tests inside Debian's 5.10, 6.1 and 6.12
+# kernels in qemu (test/kernels/run.sh); root. KERNELS="5.10 6.1 6.12",
 # KERNEL_TESTS=<go test -run regex>.
 test-kernels:
 	KERNELS='$(value KERNELS)' KERNEL_TESTS='$(value KERNEL_TESTS)' bash test/kernels/run.sh

@@ -2,10 +2,12 @@
 # Kernel matrix: boots Debian's kernels in qemu on this machine's own root
 # filesystem (9p, read-only) and runs egressd's end-to-end tests inside them.
 #
-#   KERNELS        which kernels (default "6.1 6.12": the newest
-#                  linux-image-6.1.0-N-amd64 of Debian 12 and the newest
-#                  linux-image-6.12.N+deb12-amd64 Debian ships for bookworm,
-#                  from bookworm-security or bookworm-backports)
+#   KERNELS        which kernels (default "5.10 6.1 6.12": the newest
+#                  linux-image-5.10.0-N-amd64 of Debian 11 (bullseye or
+#                  bullseye-security), the newest linux-image-6.1.0-N-amd64
+#                  of Debian 12 and the newest linux-image-6.12.N+deb12-amd64
+#                  Debian ships for bookworm, from bookworm-security or
+#                  bookworm-backports)
 #   KERNEL_TESTS   -test.run regex for the e2e tests (default below)
 #   KERNEL_CACHE   where the kernel packages are unpacked (outside the repo)
 #   VM_ACCEL       auto (KVM, TCG if KVM does not boot), kvm or tcg
@@ -16,14 +18,15 @@
 #   KERNEL_CMD     a shell command to run in the guest instead of the tests
 #
 # Kernels come only from Debian's archive: apt-get download with an apt
-# state of our own (the machine's Debian mirror plus bookworm-backports),
+# state of our own (the machine's Debian mirror plus bookworm-backports,
+# bullseye and bullseye-security),
 # so the machine's apt configuration is left as it is. The guest's console
 # is streamed with a [kernel] prefix and kept in build/kernels/KERNEL/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
-KERNELS=${KERNELS:-6.1 6.12}
-KERNEL_TESTS=${KERNEL_TESTS:-'^(TestLifetime.*|TestTamper.*|TestForeignElement.*|TestApplyOpensPinnedNameOnly|TestPrintEqualsInstalledRuleset|TestDriftIsRepaired|TestKill9FailsClosed|TestRestartKeepsLearnedAddresses|TestProxyAddressExpires|TestSIGHUPReload|TestNewBridgeIsFiltered|TestCopiedMarkOpensNothing|TestHostCannotRideUpstreamFlows|TestEngineCgroupDNSIsFiltered|TestOwnCgroupIsTheProof|TestForged.*|TestUnknownBridgeFailsClosed|TestDHCPExemptionOnlyOnTheLink|TestCalicoPod|TestKubernetesNode|TestEventsLostForceAudit|TestSetAtSizeLimit)$'}
+KERNELS=${KERNELS:-5.10 6.1 6.12}
+KERNEL_TESTS=${KERNEL_TESTS:-'^(TestLifetime.*|TestTamper.*|TestForeignElement.*|TestParallelAAndAAAAFromOneSocket|TestResolveThenConnectSequential|TestApplyOpensPinnedNameOnly|TestPrintEqualsInstalledRuleset|TestDriftIsRepaired|TestKill9FailsClosed|TestRestartKeepsLearnedAddresses|TestProxyAddressExpires|TestSIGHUPReload|TestNewBridgeIsFiltered|TestCopiedMarkOpensNothing|TestHostCannotRideUpstreamFlows|TestEngineCgroupDNSIsFiltered|TestOwnCgroupIsTheProof|TestForged.*|TestUnknownBridgeFailsClosed|TestDHCPExemptionOnlyOnTheLink|TestCalicoPod|TestKubernetesNode|TestEventsLostForceAudit|TestSetAtSizeLimit)$'}
 KERNEL_CACHE=${KERNEL_CACHE:-/var/cache/egressd-kernels}
 VM_ACCEL=${VM_ACCEL:-auto}
 VM_MEM=${VM_MEM:-3072}
@@ -45,22 +48,32 @@ for tool in qemu-system-x86_64 busybox depmod modprobe dpkg-deb apt-get; do
 done
 [ "$(id -u)" = 0 ] || unavailable "needs root (the e2e tests and the 9p export of /)"
 
-# apt with a state of its own: the machine's bookworm mirror, plus backports.
+# apt with a state of its own: the machine's bookworm mirror, plus
+# bookworm-backports, and bullseye with bullseye-security for 5.10.
 APTDIR=$KERNEL_CACHE/apt
 APT=(-o Dir::Etc::SourceList="$APTDIR/sources.list" -o Dir::Etc::SourceParts="$APTDIR/none"
 	-o Dir::State::Lists="$APTDIR/lists" -o Dir::Cache="$APTDIR/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
 apt_update() {
-	[ -n "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mmin -720 2>/dev/null)" ] && return
-	mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/none"
-	local mirror
+	local mirror security sources
 	mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 == "bookworm" {print $1; exit}')
 	[ -n "$mirror" ] || die "no Debian bookworm source in the machine's apt configuration"
-	{
+	security=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 == "bookworm-security" {print $1; exit}')
+	sources=$(
 		apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 ~ /^bookworm/' | sort -u |
 			while read -r uri rel; do echo "deb $uri $rel main"; done
 		echo "deb $mirror bookworm-backports main"
-	} >"$APTDIR/sources.list"
-	apt-get "${APT[@]}" update -qq
+		echo "deb $mirror bullseye main"
+		echo "deb ${security:-${mirror%/debian/}/debian-security/} bullseye-security main"
+	)
+	# The lists are kept for 12 hours, unless the sources changed.
+	if [ "$sources" = "$(cat "$APTDIR/sources.list" 2>/dev/null)" ] &&
+		[ -n "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mmin -720 2>/dev/null)" ]; then
+		return
+	fi
+	mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/none"
+	echo "$sources" >"$APTDIR/sources.list"
+	# One retry: a release file can change on the mirror mid-update.
+	apt-get "${APT[@]}" update -qq || { sleep 5 && apt-get "${APT[@]}" update -qq; }
 }
 
 # fetch VERSION: unpacks the newest Debian package of that kernel series
@@ -68,15 +81,23 @@ apt_update() {
 fetch() {
 	local series=$1 pattern pkg root
 	case $series in
+	5.10) pattern='^linux-image-5\.10\.0-[0-9]+-amd64$' ;;
 	6.1) pattern='^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
 	6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-amd64$' ;;
-	*) die "unknown kernel $series (known: 6.1 6.12)" ;;
+	*) die "unknown kernel $series (known: 5.10 6.1 6.12)" ;;
 	esac
+	# Other runs of the matrix on this machine share the cache (apt runs
+	# here without its own locking).
+	mkdir -p "$KERNEL_CACHE"
+	exec 9>"$KERNEL_CACHE/.lock"
+	flock 9
 	apt_update
 	pkg=$(apt-cache "${APT[@]}" search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
 	[ -n "$pkg" ] || die "no package matches $pattern"
 	root=$KERNEL_CACHE/$pkg
-	if [ ! -e "$root/.done" ]; then
+	# An unpacked package whose kernel or modules have gone since is
+	# unpacked again.
+	if [ ! -e "$root/.done" ] || ! compgen -G "$root/boot/vmlinuz-*" >/dev/null || [ -z "$(ls "$root/lib/modules" 2>/dev/null)" ]; then
 		log "downloading $pkg"
 		rm -rf "$root" && mkdir -p "$root"
 		(cd "$APTDIR/cache" && apt-get "${APT[@]}" download -qq "$pkg")
@@ -97,8 +118,10 @@ initramfs() {
 	mkdir -p "$dir/bin" "$dir/mods" "$dir/proc" "$dir/dev" "$dir/newroot"
 	cp "$(command -v busybox)" "$dir/bin/busybox"
 	cp "$REPO/test/kernels/initramfs-init" "$dir/init"
-	# modprobe resolves the dependencies (netfs before 9pnet on 6.12);
-	# modules are unpacked here because busybox insmod cannot read .ko.xz.
+	# modprobe resolves the dependencies (netfs before 9pnet on 6.12,
+	# fscache before 9p on 5.10); .ko.xz modules (6.1, 6.12) are unpacked
+	# here because busybox insmod cannot read them, 5.10's plain .ko are
+	# copied.
 	while read -r kind path; do
 		[ "$kind" = insmod ] || continue
 		grep -qxF "$path" "$dir/loaded" 2>/dev/null && continue
