@@ -151,7 +151,7 @@ func (p *coreDNSProc) exited() bool {
 
 // startCoreDNS runs CoreDNS with corefile through argv's prefix (how it
 // enters its namespace; the binary and its flags are appended) and
-// waits until ready says it answers.
+// waits until ready says it answers (ready nil: no wait).
 func (n *nodeLocal) startCoreDNS(name, corefile string, prefix []string, ready func() error) *coreDNSProc {
 	n.t.Helper()
 	dir := filepath.Join(n.Dir, name)
@@ -177,6 +177,9 @@ func (n *nodeLocal) startCoreDNS(name, corefile string, prefix []string, ready f
 			n.t.Logf("%s (CoreDNS) output:\n%s", name, p.out)
 		}
 	})
+	if ready == nil {
+		return p
+	}
 	n.waitFor(name+" (CoreDNS) to answer", 30*time.Second, func() error {
 		if p.exited() {
 			n.t.Fatalf("%s (CoreDNS) exited:\n%s", name, p.out)
@@ -272,24 +275,34 @@ func (n *nodeLocal) inCgroup() (top string) {
 }
 
 // startEgressd runs egressd with the shipped ConfigMap's config in
-// enforce mode, cluster.local forwarded to kube-dns-upstream, and
-// firewall.host and engine_cgroups as given.
-func (n *nodeLocal) startEgressd(host bool, engineCgroups ...string) {
+// enforce mode, cluster.local forwarded to server (kube-dns-upstream's
+// address in the supported setups), and firewall.host and engine_cgroups
+// as given.
+func (n *nodeLocal) startEgressd(host bool, server string, engineCgroups ...string) {
 	n.t.Helper()
 	fw := fmt.Sprintf("host: %v", host)
 	if len(engineCgroups) > 0 {
 		fw += fmt.Sprintf("\n  engine_cgroups: [%q]", strings.Join(engineCgroups, `", "`))
 	}
 	cfg := shippedConfig(n.t, "mode: audit", "mode: enforce",
-		`servers: ["`+kubeDNSIP+`"]`, `servers: ["`+kubeDNSUpstream+`"]`,
+		`servers: ["`+kubeDNSIP+`"]`, `servers: ["`+server+`"]`,
 		"host: false", fw)
 	n.env = append(n.k8sEnv(), "EGRESSD_METRICS_LISTEN="+nodeLocalEgressd)
 	n.startDaemon(n.setConfigMap(cfg))
 }
 
 // startNodeLocal runs node-local-dns in the host's namespace (in its
-// cgroup after inCgroup) with the "." zone forwarded to upstream.
+// cgroup after inCgroup) with the "." zone forwarded to upstream, and
+// waits until it answers a cluster name.
 func (n *nodeLocal) startNodeLocal(upstream string) {
+	n.t.Helper()
+	n.nl = n.runNodeLocal(upstream, func() error {
+		return wantAddr(query(n.Host, nodeLocalIP+":53", "web.apps.svc.cluster.local", dns.TypeA, "tcp"))("10.96.0.20")
+	})
+}
+
+// runNodeLocal starts node-local-dns; ready as for startCoreDNS.
+func (n *nodeLocal) runNodeLocal(upstream string, ready func() error) *coreDNSProc {
 	n.t.Helper()
 	prefix := []string{"ip", "netns", "exec", n.Host}
 	if n.cgroup != "" {
@@ -299,9 +312,7 @@ func (n *nodeLocal) startNodeLocal(upstream string) {
 		prefix = append(prefix, "nsenter", fmt.Sprintf("--mount=/proc/%d/ns/mnt", os.Getpid()), "--",
 			"sh", "-c", fmt.Sprintf(`echo $$ > %s/cgroup.procs && exec "$@"`, n.cgroup), "node-local-dns")
 	}
-	n.nl = n.startCoreDNS("node-local-dns", nodeLocalCorefile(upstream), prefix, func() error {
-		return wantAddr(query(n.Host, nodeLocalIP+":53", "web.apps.svc.cluster.local", dns.TypeA, "tcp"))("10.96.0.20")
-	})
+	return n.startCoreDNS("node-local-dns", nodeLocalCorefile(upstream), prefix, ready)
 }
 
 // nodeResolvConf writes the node's resolv.conf (its resolver is the lab's
@@ -432,7 +443,7 @@ func TestNodeLocalDNSCacheEgressdUpstream(t *testing.T) {
 		t.Run(fmt.Sprintf("host=%v", host), func(t *testing.T) {
 			start := time.Now()
 			n := newNodeLocal(t)
-			n.startEgressd(host)
+			n.startEgressd(host, kubeDNSUpstream)
 			n.startNodeLocal(egressdProxy)
 			n.check()
 			t.Logf("took %v", time.Since(start).Round(10*time.Millisecond))
@@ -451,7 +462,7 @@ func TestNodeLocalDNSCacheIntercepted(t *testing.T) {
 	t.Run("host=true", func(t *testing.T) {
 		start := time.Now()
 		n := newNodeLocal(t)
-		n.startEgressd(true)
+		n.startEgressd(true, kubeDNSUpstream)
 		n.startNodeLocal(n.nodeResolvConf())
 		n.check()
 		t.Logf("took %v", time.Since(start).Round(10*time.Millisecond))
@@ -460,7 +471,7 @@ func TestNodeLocalDNSCacheIntercepted(t *testing.T) {
 		start := time.Now()
 		n := newNodeLocal(t)
 		slice := n.inCgroup()
-		n.startEgressd(false, slice)
+		n.startEgressd(false, kubeDNSUpstream, slice)
 		n.startNodeLocal(n.nodeResolvConf())
 		n.check()
 		// The node itself is not filtered: its DNS is its own.
@@ -479,7 +490,7 @@ func TestNodeLocalDNSCacheIntercepted(t *testing.T) {
 // never answered, which stay closed.
 func TestNodeLocalDNSCacheUnseenLeaks(t *testing.T) {
 	n := newNodeLocal(t)
-	n.startEgressd(false)
+	n.startEgressd(false, kubeDNSUpstream)
 	n.startNodeLocal(n.nodeResolvConf())
 	n.mustGetent("kubernetes.default", "10.96.0.1")
 	if err := wantAddr(query(n.Pod, nodeLocalIP+":53", "www.example.com", dns.TypeA, "udp"))("203.0.113.50"); err != nil {
@@ -491,5 +502,25 @@ func TestNodeLocalDNSCacheUnseenLeaks(t *testing.T) {
 	// Direct queries to another resolver still end at egressd.
 	if r, err := query(n.Pod, otherDNS+":53", "www.example.com", dns.TypeA, "udp"); err != nil || r.Rcode != dns.RcodeRefused {
 		t.Errorf("direct query to another resolver: %v, %v; want egressd's REFUSED", r, err)
+	}
+}
+
+// Known not to work: dns.forward naming kube-dns's ClusterIP (the shipped
+// ConfigMap's value) while node-local-dns's queries are redirected to
+// egressd (firewall.host true, or node-local-dns in engine_cgroups). In
+// iptables mode that address is node-local-dns's own: its cluster-domain
+// queries go to egressd, which forwards them back to node-local-dns.
+// CoreDNS's loop plugin sees its probe come back and node-local-dns exits.
+func TestNodeLocalDNSCacheForwardToKubeDNSLoops(t *testing.T) {
+	n := newNodeLocal(t)
+	n.startEgressd(true, kubeDNSIP)
+	p := n.runNodeLocal(n.nodeResolvConf(), nil)
+	select {
+	case <-p.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("node-local-dns still runs; want it to detect the loop:\n%s", p.out)
+	}
+	if out := p.out.String(); !strings.Contains(out, "plugin/loop: Loop") || !strings.Contains(out, `for zone "cluster.local."`) {
+		t.Errorf("node-local-dns exited, but not for a loop in cluster.local:\n%s", out)
 	}
 }
