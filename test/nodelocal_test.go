@@ -215,9 +215,9 @@ func newNodeLocal(t *testing.T) *nodeLocal {
 		k.in(h, "iptables -t nat -A KUBE-SERVICES -d "+kubeDNSUpstream+"/32 -p "+p+" --dport 53 -j DNAT --to-destination "+clusterDNSIP+":53")
 	}
 	// node-cache's interface and rules (iptables mode, -localip
-	// 169.254.20.10,10.96.0.10), prepended as it does.
-	// A dummy interface; an equally inert ifb where the kernel has no
-	// dummy driver (as egressd does for egressd0).
+	// 169.254.20.10,10.96.0.10), prepended as it does. The interface is a
+	// dummy; an equally inert ifb where the kernel has no dummy driver
+	// (as egressd does for egressd0).
 	if out, err := exec.Command("ip", "netns", "exec", h, "ip", "link", "add", "nodelocaldns", "type", "dummy").CombinedOutput(); err != nil {
 		t.Logf("no dummy interface (%v: %s); nodelocaldns is an ifb", err, strings.TrimSpace(string(out)))
 		k.in(h, "ip link add nodelocaldns type ifb")
@@ -242,16 +242,16 @@ func newNodeLocal(t *testing.T) *nodeLocal {
 	return n
 }
 
-// inCgroup makes node-local-dns run in a cgroup v2 directory below the
-// lab's own top cgroup, laid out as the kubelet's systemd driver names a
-// Burstable pod's container (node-local-dns requests CPU and memory and
-// sets no limits); it returns the top's path relative to the cgroup2
-// mount, and egressd (a wrapper) runs in the test's mount namespace to
-// see the tree.
-func (n *nodeLocal) inCgroup() (top string) {
+// inCgroup makes node-local-dns run in a cgroup v2 directory below a
+// top cgroup of the lab's own, laid out as the kubelet's systemd driver
+// names a Burstable pod's container (node-local-dns requests CPU and
+// memory and sets no limits), and egressd run through a wrapper in the
+// test's mount namespace, where it sees the cgroup tree. It returns the
+// path of the lab's kubepods.slice relative to the cgroup2 mount.
+func (n *nodeLocal) inCgroup() string {
 	n.t.Helper()
 	mnt := cgroup2Dir(n.t)
-	top = fmt.Sprintf("egressd-test-%d-%d", os.Getpid(), labSeq.Load())
+	top := fmt.Sprintf("egressd-test-%d-%d", os.Getpid(), labSeq.Load())
 	slice := filepath.Join(mnt, top, "kubepods.slice")
 	n.cgroup = filepath.Join(slice, "kubepods-burstable.slice", "kubepods-burstable-pod6e1f3c2a_5b7d_4c1e_9a3f_2d8b0c4e7f10.slice",
 		"cri-containerd-0f4e2d1c3b5a69788766554433221100ffeeddccbbaa99887766554433221100.scope")
@@ -282,7 +282,11 @@ func (n *nodeLocal) startEgressd(host bool, server string, engineCgroups ...stri
 	n.t.Helper()
 	fw := fmt.Sprintf("host: %v", host)
 	if len(engineCgroups) > 0 {
-		fw += fmt.Sprintf("\n  engine_cgroups: [%q]", strings.Join(engineCgroups, `", "`))
+		var q []string
+		for _, cg := range engineCgroups {
+			q = append(q, fmt.Sprintf("%q", cg))
+		}
+		fw += "\n  engine_cgroups: [" + strings.Join(q, ", ") + "]"
 	}
 	cfg := shippedConfig(n.t, "mode: audit", "mode: enforce",
 		`servers: ["`+kubeDNSIP+`"]`, `servers: ["`+server+`"]`,
