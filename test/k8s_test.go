@@ -55,6 +55,15 @@ const (
 
 func newK8sNode(t *testing.T) *k8sNode {
 	t.Helper()
+	k := newK8sNodeNet(t)
+	k.startClusterDNS()
+	return k
+}
+
+// newK8sNodeNet is the node without a cluster DNS server: the caller
+// starts one at clusterDNSIP.
+func newK8sNodeNet(t *testing.T) *k8sNode {
+	t.Helper()
 	if _, err := exec.LookPath("iptables"); err != nil {
 		need(t, "iptables is not installed (apt-get install iptables): no kube-proxy rules")
 	}
@@ -117,7 +126,6 @@ func newK8sNode(t *testing.T) *k8sNode {
 	} {
 		l.in(host, "iptables "+r)
 	}
-	k.startClusterDNS()
 
 	// The pod's resolv.conf, as the kubelet writes it for namespace
 	// "apps"; `ip netns exec` bind-mounts it over /etc/resolv.conf.
@@ -135,15 +143,8 @@ func newK8sNode(t *testing.T) *k8sNode {
 	return k
 }
 
-// startClusterDNS runs NSD in the cluster DNS pod, authoritative for
-// cluster.local.
-func (k *k8sNode) startClusterDNS() {
-	k.t.Helper()
-	dir := filepath.Join(k.Dir, "clusterdns")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		k.t.Fatal(err)
-	}
-	zone := `$ORIGIN cluster.local.
+// clusterZone is the cluster DNS's zone cluster.local.
+const clusterZone = `$ORIGIN cluster.local.
 $TTL 5
 @ SOA ns.dns.kube-system.svc.cluster.local. hostmaster.cluster.local. 1 3600 600 86400 5
 @ NS ns.dns.kube-system.svc.cluster.local.
@@ -152,6 +153,16 @@ kubernetes.default.svc A 10.96.0.1
 web.apps.svc A 10.96.0.20
 _https._tcp.kubernetes.default.svc SRV 0 100 443 kubernetes.default.svc.cluster.local.
 `
+
+// startClusterDNS runs NSD in the cluster DNS pod, authoritative for
+// cluster.local.
+func (k *k8sNode) startClusterDNS() {
+	k.t.Helper()
+	dir := filepath.Join(k.Dir, "clusterdns")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		k.t.Fatal(err)
+	}
+	zone := clusterZone
 	conf := fmt.Sprintf(`server:
 	ip-address: %[2]s
 	port: 53

@@ -101,6 +101,7 @@ func TestMain(m *testing.M) {
 		}
 		return m.Run()
 	}()
+	removeCoreDNS()
 	os.Exit(code)
 }
 
