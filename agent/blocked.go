@@ -13,6 +13,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
@@ -49,7 +50,7 @@ func (b Blocked) String() string {
 // reports each blocked connection: one log line (rate-limited, so a noisy
 // container cannot flood the journal) and a metric. It returns when ctx
 // ends.
-func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, log *slog.Logger) {
+func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *firewall.Firewall, m *metrics.Metrics, log *slog.Logger) {
 	nf, err := nflog.Open(&nflog.Config{Group: group, Copymode: nflog.CopyPacket, Bufsize: 128})
 	if err != nil {
 		log.Warn("blocked connections are not reported", "nflog_group", group, "err", err)

@@ -16,6 +16,7 @@ import (
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -241,7 +242,7 @@ func (d *daemon) addrsOf(name string) []string {
 
 func (d *daemon) list() []Entry {
 	learned, _ := d.fw.Learned()
-	slices.SortFunc(learned, func(a, b rules.Element) int { return a.Addr.Compare(b.Addr) })
+	slices.SortFunc(learned, func(a, b firewall.Element) int { return a.Addr.Compare(b.Addr) })
 	out := make([]Entry, 0, len(learned))
 	for _, el := range learned {
 		var names []string

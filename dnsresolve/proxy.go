@@ -36,7 +36,7 @@ type Allower interface {
 }
 
 // coverer is implemented by Allowers that can tell without waiting that
-// addresses are open long enough already (rules.Firewall).
+// addresses are open long enough already (firewall.Firewall).
 type coverer interface {
 	Covered(name string, addrs []netip.Addr, until time.Time) bool
 }
