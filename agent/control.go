@@ -190,10 +190,7 @@ func (d *daemon) explain(q string) Explanation {
 		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
 		return auditNote(cfg, e)
 	}
-	set := rules.SetAllow4
-	if addr.Is6() {
-		set = rules.SetAllow6
-	}
+	set := rules.LearnedSet(addr)
 	switch {
 	case v.Live != nil:
 		left := time.Until(v.Live.Expires).Round(time.Second)
