@@ -118,13 +118,7 @@ func (d *daemon) status(ctx context.Context) Status {
 		s.Ruleset = "drifted: " + drift
 	}
 	if a := d.lastAudit.Load(); a != nil {
-		s.Audit = &AuditStatus{At: a.At, Took: a.Took.Round(time.Millisecond).String(), Elements: a.Elements}
-		for k, n := range a.Repaired {
-			if s.Audit.Repaired == nil {
-				s.Audit.Repaired = map[string]int{}
-			}
-			s.Audit.Repaired[string(k)] = n
-		}
+		s.Audit = &AuditStatus{At: a.At, Took: a.Took.Round(time.Millisecond).String(), Elements: a.Elements, Repaired: a.Repairs()}
 		if a.Err != nil {
 			s.Audit.Error = a.Err.Error()
 		}

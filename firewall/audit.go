@@ -54,6 +54,19 @@ type Audit struct {
 	Repaired map[RepairKind]int // differences found and undone
 }
 
+// Repairs returns Repaired keyed by the kinds' names, for logs, metrics
+// and status; nil if nothing was repaired.
+func (a Audit) Repairs() map[string]int {
+	var out map[string]int
+	for k, n := range a.Repaired {
+		if out == nil {
+			out = map[string]int{}
+		}
+		out[string(k)] = n
+	}
+	return out
+}
+
 // auditPlan compares the kernel's elements (address → when it expires,
 // Unix ms, 0: never) with the record at now (Unix ms) and returns the lives
 // to set (address → until) and the addresses to delete, with what was
