@@ -486,10 +486,7 @@ func (d *daemon) auditSets(ctx context.Context) {
 		if err != nil {
 			d.log.Error("audit of the learned sets failed", "err", err)
 		} else {
-			repairs := map[string]int{}
-			for k, n := range a.Repaired {
-				repairs[string(k)] = n
-			}
+			repairs := a.Repairs()
 			d.metrics.Audited(a.Took, repairs)
 			if len(repairs) > 0 && limit.Allow() {
 				d.log.Warn("learned sets repaired: the kernel differed from what egressd answered", "repairs", repairs, "elements", a.Elements, "took", a.Took)
