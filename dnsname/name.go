@@ -33,6 +33,19 @@ func InZone(n, zone string) bool {
 	return n == zone || strings.HasSuffix(n, "."+zone)
 }
 
+// LongestZone returns the index of the longest zone in items (zone gives
+// each item's zone, canonical) that holds the canonical name n; of zones
+// as long, the first; -1 if none holds n.
+func LongestZone[T any](n string, items []T, zone func(T) string) int {
+	best := -1
+	for i, it := range items {
+		if z := zone(it); InZone(n, z) && (best < 0 || len(z) > len(zone(items[best]))) {
+			best = i
+		}
+	}
+	return best
+}
+
 // hostChar reports whether c may stand in a label: letters, digits, "-"
 // and "_" (service labels such as _dmarc). Upper case has been folded.
 func hostChar(c rune) bool {

@@ -164,14 +164,11 @@ func newForwarding(o Options) *forwarding {
 
 // zone returns the forwarder of the longest zone that holds name.
 func (f *forwarding) zone(name string) *zoneForwarder {
-	name = dnsname.Canonical(name)
-	var best *zoneForwarder
-	for i, z := range f.zones {
-		if dnsname.InZone(name, z.zone) && (best == nil || len(z.zone) > len(best.zone)) {
-			best = &f.zones[i]
-		}
+	i := dnsname.LongestZone(dnsname.Canonical(name), f.zones, func(z zoneForwarder) string { return z.zone })
+	if i < 0 {
+		return nil
 	}
-	return best
+	return &f.zones[i]
 }
 
 // forwarded answers r, from client, if its name is in a forwarded zone or
