@@ -46,9 +46,9 @@ func LongestZone[T any](n string, items []T, zone func(T) string) int {
 	return best
 }
 
-// hostChar reports whether c may stand in a label: letters, digits, "-"
+// LabelChar reports whether c may stand in a label: letters, digits, "-"
 // and "_" (service labels such as _dmarc). Upper case has been folded.
-func hostChar(c rune) bool {
+func LabelChar(c rune) bool {
 	return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_'
 }
 
@@ -56,7 +56,7 @@ func hostChar(c rune) bool {
 // and dots.
 func hostname(n string) bool {
 	for i := 0; i < len(n); i++ {
-		if c := n[i]; c != '.' && !hostChar(rune(c)) {
+		if c := n[i]; c != '.' && !LabelChar(rune(c)) {
 			return false
 		}
 	}
@@ -92,7 +92,7 @@ func Check(d string, wildcardOK bool) error {
 			return fmt.Errorf("has label %q longer than 63 characters", l)
 		default:
 			for _, r := range l {
-				if !hostChar(r) {
+				if !LabelChar(r) {
 					return fmt.Errorf("has invalid character %q", r)
 				}
 			}

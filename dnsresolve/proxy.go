@@ -13,19 +13,19 @@ import (
 	"net/netip"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/egressd/egressd/config"
-	"github.com/egressd/egressd/dnsname"
-	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsname"
+	"github.com/egressd/egressd/metrics"
 )
 
 // Allower opens addresses in the firewall. Allow returns only once the
@@ -182,7 +182,7 @@ func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer
 }
 
 func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16) (*Answer, error) {
-	name = dns.Fqdn(name)
+	name = dnsname.Fqdn(name) // pinned names are recorded as answers' names are
 	ans := &Answer{}
 	target := name
 	for hop := 0; ; hop++ {
@@ -360,7 +360,7 @@ func answerMsg(name string, qtype uint16, ans *Answer) *dns.Msg {
 // waiting may happen: most cache hits find their addresses open long
 // enough and need none.
 func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, answer, ns []dns.RR, _ error) {
-	name = strings.ToLower(dns.Fqdn(name))
+	name = dnsname.Fqdn(name)
 	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
 			until := conf.until(e, age, p.now())

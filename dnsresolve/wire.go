@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"time"
 
-	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
+
+	"github.com/egressd/egressd/dnsname"
+	"github.com/egressd/egressd/metrics"
 )
 
 // The fast path answers the common query, an A or AAAA question for a name
@@ -31,10 +33,11 @@ const (
 	flagCD                     = 0x10
 )
 
-// parseQuery reads a standard query with one IN question whose labels are
-// letters, digits, '-' and '_', and at most an OPT record carrying only
-// cookie or padding options, and nothing after it. It appends the cache key
-// of the question (see cacheKey) to key. ok is false for any other message.
+// parseQuery reads a standard query with one IN question whose labels hold
+// only label characters (dnsname.LabelChar), and at most an OPT record
+// carrying only cookie or padding options, and nothing after it. It
+// appends the cache key of the question (see cacheKey) to key. ok is false
+// for any other message.
 func parseQuery(b, key []byte) (q wireQuery, _ []byte, ok bool) {
 	if len(b) < headerLen || b[2]&(flagQR|opcodeMask) != 0 || // a response, or opcode other than QUERY
 		binary.BigEndian.Uint16(b[4:]) != 1 || binary.BigEndian.Uint16(b[6:]) != 0 ||
@@ -57,11 +60,10 @@ func parseQuery(b, key []byte) (q wireQuery, _ []byte, ok bool) {
 			return q, key, false
 		}
 		for _, c := range b[off : off+n] {
-			switch {
-			case 'A' <= c && c <= 'Z':
+			if 'A' <= c && c <= 'Z' {
 				c += 'a' - 'A'
-			case 'a' <= c && c <= 'z', '0' <= c && c <= '9', c == '-', c == '_':
-			default:
+			}
+			if !dnsname.LabelChar(rune(c)) {
 				return q, key, false // needs escaping: the slow path knows how
 			}
 			key = append(key, c)
