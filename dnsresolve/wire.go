@@ -15,6 +15,7 @@ import (
 // without dns.Msg: no unpack, no pack, no goroutine. Whatever it does not
 // recognise goes the slow path (ServeDNS), which gives the same answer, so
 // the fast path is an optimisation only and can decline at any point.
+// BenchmarkFastReply measures it (no allocation per answer).
 
 // wireQuery is what the fast path needs of a query.
 type wireQuery struct {
