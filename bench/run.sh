@@ -51,7 +51,7 @@ rm -f bench/dns.md
 	echo "Go micro-benchmarks:"
 	echo
 	echo '```'
-	go test -run XXX -bench . -benchtime 2s ./dnsresolve ./rules | grep -E '^Benchmark'
+	go test -run XXX -bench . -benchtime 2s ./dnsresolve ./firewall | grep -E '^Benchmark'
 	echo '```'
 } >>"$out"
 cat "$out"
