@@ -16,6 +16,7 @@ import (
 
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
@@ -32,7 +33,7 @@ var ErrPinnedPending = errors.New("ruleset installed (closed), pinned names pend
 // stays installed (closed) and Apply returns an error wrapping
 // ErrPinnedPending.
 func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, error) {
-	fw, err := rules.NewFirewall()
+	fw, err := firewall.New()
 	if err != nil {
 		return "", err
 	}
@@ -96,7 +97,7 @@ func planFor(cfg *config.Config, cg *rules.Cgroup) (plan, error) {
 // before anything that needs the network: without a usable upstream it
 // is installed all the same (closed) and plan.upErr says why. A config
 // that would leave the uplink open changes nothing.
-func start(ctx context.Context, cfg *config.Config, fw *rules.Firewall, log *slog.Logger) (plan, error) {
+func start(ctx context.Context, cfg *config.Config, fw *firewall.Firewall, log *slog.Logger) (plan, error) {
 	p, err := planFor(cfg, ownCgroup(log))
 	if err != nil {
 		return p, err
@@ -109,7 +110,7 @@ func start(ctx context.Context, cfg *config.Config, fw *rules.Firewall, log *slo
 // addresses, from the state file and from the kernel, that cfg still
 // allows (see learnedAllowed). A corrupt state file is reported and
 // ignored.
-func install(ctx context.Context, cfg *config.Config, fw *rules.Firewall, rs *rules.Ruleset, log *slog.Logger) error {
+func install(ctx context.Context, cfg *config.Config, fw *firewall.Firewall, rs *rules.Ruleset, log *slog.Logger) error {
 	now := time.Now()
 	keep, err := loadState(cfg.StateDir, now)
 	if err != nil {
@@ -141,7 +142,7 @@ func forget(cfg *config.Config, log *slog.Logger) {
 // Remove deletes the table and egressd's dummy interface; it reports
 // whether the table was installed.
 func Remove(ctx context.Context) (bool, error) {
-	fw, err := rules.NewFirewall()
+	fw, err := firewall.New()
 	if err != nil {
 		return false, err
 	}

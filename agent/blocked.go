@@ -15,6 +15,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
@@ -52,7 +53,7 @@ func (b Blocked) String() string {
 // container cannot flood the journal) and a metric, until ctx ends. It
 // returns once the group is bound: what is blocked from then on is
 // reported (the kernel drops what a group nobody bound logs).
-func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *rules.Firewall, m *metrics.Metrics, names *linkNames, log *slog.Logger) {
+func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, fw *firewall.Firewall, m *metrics.Metrics, names *linkNames, log *slog.Logger) {
 	nf, err := nflog.Open(&nflog.Config{Group: group, Copymode: nflog.CopyPacket, Bufsize: 128})
 	if err != nil {
 		log.Warn("blocked connections are not reported", "nflog_group", group, "err", err)

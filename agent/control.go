@@ -16,6 +16,7 @@ import (
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -117,13 +118,7 @@ func (d *daemon) status(ctx context.Context) Status {
 		s.Ruleset = "drifted: " + drift
 	}
 	if a := d.lastAudit.Load(); a != nil {
-		s.Audit = &AuditStatus{At: a.At, Took: a.Took.Round(time.Millisecond).String(), Elements: a.Elements}
-		for k, n := range a.Repaired {
-			if s.Audit.Repaired == nil {
-				s.Audit.Repaired = map[string]int{}
-			}
-			s.Audit.Repaired[string(k)] = n
-		}
+		s.Audit = &AuditStatus{At: a.At, Took: a.Took.Round(time.Millisecond).String(), Elements: a.Elements, Repaired: a.Repairs()}
 		if a.Err != nil {
 			s.Audit.Error = a.Err.Error()
 		}
@@ -189,10 +184,7 @@ func (d *daemon) explain(q string) Explanation {
 		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
 		return auditNote(cfg, e)
 	}
-	set := rules.SetAllow4
-	if addr.Is6() {
-		set = rules.SetAllow6
-	}
+	set := rules.LearnedSet(addr)
 	switch {
 	case v.Live != nil:
 		left := time.Until(v.Live.Expires).Round(time.Second)
@@ -241,7 +233,7 @@ func (d *daemon) addrsOf(name string) []string {
 
 func (d *daemon) list() []Entry {
 	learned, _ := d.fw.Learned()
-	slices.SortFunc(learned, func(a, b rules.Element) int { return a.Addr.Compare(b.Addr) })
+	slices.SortFunc(learned, func(a, b firewall.Element) int { return a.Addr.Compare(b.Addr) })
 	out := make([]Entry, 0, len(learned))
 	for _, el := range learned {
 		var names []string

@@ -17,6 +17,7 @@ import (
 
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsresolve"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
@@ -42,7 +43,7 @@ type daemon struct {
 	log     *slog.Logger
 	errors  *errorLog
 	metrics *metrics.Metrics
-	fw      *rules.Firewall
+	fw      *firewall.Firewall
 	proxy   *dnsresolve.Proxy
 	engines *engines // the engine zones' servers, from the container bridges' addresses
 	// cfg is replaced by reload while the control socket and watchers
@@ -96,7 +97,7 @@ func (d *daemon) config() *config.Config { return d.cfg.Load() }
 // and DNS stays redirected to the (then silent) proxy port. Only
 // `egressd remove` opens egress again.
 func Run(ctx context.Context, path, version string, cfg *config.Config, log *slog.Logger) error {
-	fw, err := rules.NewFirewall()
+	fw, err := firewall.New()
 	if err != nil {
 		return err
 	}
@@ -344,7 +345,7 @@ func (d *daemon) repair(ctx context.Context, reason string) {
 		d.log.Error("drift check failed", "err", err)
 		return
 	}
-	if strings.HasPrefix(reason, rules.ReasonEventsLost) && d.repairLog.Allow() {
+	if strings.HasPrefix(reason, firewall.ReasonEventsLost) && d.repairLog.Allow() {
 		d.log.Warn("nftables events lost: checking the ruleset and auditing the learned sets", "event", reason)
 	}
 	if drift == "" {
@@ -457,7 +458,7 @@ func keepPinned(ctx context.Context, p *dnsresolve.Proxy, name string, log *slog
 
 // auditResult is the last audit of the learned sets, for status.
 type auditResult struct {
-	rules.Audit
+	firewall.Audit
 	Err error
 }
 
@@ -469,7 +470,7 @@ func (d *daemon) auditNow() {
 }
 
 // auditSets compares the kernel's learned sets with what egressd answered
-// and repairs the differences (rules.Firewall.Audit): when asked, and
+// and repairs the differences (firewall.Firewall.Audit): when asked, and
 // periodically as the backstop for lost events.
 func (d *daemon) auditSets(ctx context.Context) {
 	limit := rate.NewLimiter(rate.Every(time.Second), 5)
@@ -490,10 +491,7 @@ func (d *daemon) auditSets(ctx context.Context) {
 		if err != nil {
 			d.log.Error("audit of the learned sets failed", "err", err)
 		} else {
-			repairs := map[string]int{}
-			for k, n := range a.Repaired {
-				repairs[string(k)] = n
-			}
+			repairs := a.Repairs()
 			d.metrics.Audited(a.Took, repairs)
 			if len(repairs) > 0 && limit.Allow() {
 				d.log.Warn("learned sets repaired: the kernel differed from what egressd answered", "repairs", repairs, "elements", a.Elements, "took", a.Took)

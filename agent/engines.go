@@ -13,6 +13,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -21,7 +22,7 @@ import (
 // can match them; see enginesProblem for why it returns none.
 func engineCgroups(cfg *config.Config) []rules.Cgroup {
 	cgs, err := presentEngines(cfg)
-	if err != nil || len(cgs) == 0 || rules.ProbeCgroup(cgs[0]) != nil {
+	if err != nil || len(cgs) == 0 || firewall.ProbeCgroup(cgs[0]) != nil {
 		return nil
 	}
 	return cgs
@@ -71,7 +72,7 @@ func enginesProblem(cfg *config.Config) string {
 	case len(cgs) == 0:
 		return ""
 	}
-	if err := rules.ProbeCgroup(cgs[0]); err != nil {
+	if err := firewall.ProbeCgroup(cgs[0]); err != nil {
 		return fmt.Sprintf("firewall.engine_cgroups cannot be matched: %v", err)
 	}
 	return ""

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -25,7 +26,7 @@ const cgroupRoot = "/sys/fs/cgroup"
 func ownCgroup(log *slog.Logger) *rules.Cgroup {
 	cg, err := findOwnCgroup()
 	if err == nil {
-		err = rules.ProbeCgroup(*cg)
+		err = firewall.ProbeCgroup(*cg)
 	}
 	if err != nil {
 		log.Warn("egressd's own DNS queries are recognised by the firewall mark, which other privileged processes can set too; run egressd as egressd.service (its own cgroup) on Linux >= 5.13 to close that",

@@ -7,7 +7,7 @@ import (
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/dnsname"
 	"github.com/egressd/egressd/dnsresolve"
-	"github.com/egressd/egressd/rules"
+	"github.com/egressd/egressd/firewall"
 )
 
 // expirySlack absorbs the rounding of expiries read back from the kernel
@@ -25,7 +25,7 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 //     laxer guard, or the state file may have been edited);
 //   - it expires within twice dns.max_ttl + dns.grace from now. An answer
 //     opens an address for at most max_ttl + grace, and the firewall
-//     extends lives by a fraction of that (rules.Firewall.Allow batches
+//     extends lives by a fraction of that (firewall.Firewall.Allow batches
 //     updates so); a longer life comes from an egressd without a cap or
 //     with a larger one. Such an address is dropped, and opened again with
 //     a capped life when its name is asked again;
@@ -40,11 +40,11 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 // most one capped lifetime of an address that the new config may no longer
 // want, while dropping it would cut clients that resolved it moments
 // before the restart and cache the answer.
-func learnedAllowed(cfg *config.Config, now time.Time) func(rules.Element) bool {
+func learnedAllowed(cfg *config.Config, now time.Time) func(firewall.Element) bool {
 	m := dnsname.NewMatcher(cfg.Allow.Domains)
 	g := guard(cfg)
 	latest := now.Add(2*(cfg.DNS.MaxTTL+cfg.DNS.Grace) + expirySlack)
-	return func(e rules.Element) bool {
+	return func(e firewall.Element) bool {
 		if !g.Allows(e.Addr) || e.Expires.After(latest) {
 			return false
 		}

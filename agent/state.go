@@ -14,7 +14,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/egressd/egressd/rules"
+	"github.com/egressd/egressd/firewall"
 )
 
 // stateFile is the name of the learned-address file in state_dir.
@@ -37,7 +37,7 @@ const (
 // crash leaves either the old or the new file, never a torn one. The
 // entries are written as they come (100 000 of them are megabytes); it
 // returns how many there were.
-func saveState(dir string, entries iter.Seq[rules.Element]) (int, error) {
+func saveState(dir string, entries iter.Seq[firewall.Element]) (int, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return 0, fmt.Errorf("save state: %w", err)
 	}
@@ -85,7 +85,7 @@ func saveState(dir string, entries iter.Seq[rules.Element]) (int, error) {
 // loadState reads the learned addresses that are still valid at now. A
 // missing file is no error; a corrupt or truncated one is reported, and
 // nothing of it is used, so that the caller can log it and start without.
-func loadState(dir string, now time.Time) ([]rules.Element, error) {
+func loadState(dir string, now time.Time) ([]firewall.Element, error) {
 	path := filepath.Join(dir, stateFile)
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -103,7 +103,7 @@ func loadState(dir string, now time.Time) ([]rules.Element, error) {
 }
 
 // parseState reads a state file as it comes, without holding all of it.
-func parseState(r io.Reader, now time.Time) ([]rules.Element, error) {
+func parseState(r io.Reader, now time.Time) ([]firewall.Element, error) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	if !sc.Scan() {
@@ -115,7 +115,7 @@ func parseState(r io.Reader, now time.Time) ([]rules.Element, error) {
 	if h := sc.Text(); h != stateHeader {
 		return nil, fmt.Errorf("corrupt or unknown format: first line %.40q", h)
 	}
-	var out []rules.Element
+	var out []firewall.Element
 	lines := 0
 	for sc.Scan() {
 		line := sc.Bytes()
@@ -143,7 +143,7 @@ func parseState(r io.Reader, now time.Time) ([]rules.Element, error) {
 		if !e.After(now) {
 			continue
 		}
-		out = append(out, rules.Element{Addr: a, Expires: e, Names: string(names)})
+		out = append(out, firewall.Element{Addr: a, Expires: e, Names: string(names)})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("corrupt: %w", err)

@@ -10,17 +10,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/rules"
+	"github.com/egressd/egressd/firewall"
 )
 
-func entry(addr string, exp time.Time, names ...string) rules.Element {
-	return rules.Element{Addr: netip.MustParseAddr(addr), Expires: exp, Names: strings.Join(names, ",")}
+func entry(addr string, exp time.Time, names ...string) firewall.Element {
+	return firewall.Element{Addr: netip.MustParseAddr(addr), Expires: exp, Names: strings.Join(names, ",")}
 }
 
 func TestStateRoundTrip(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state") // created on save
 	now := time.Now()
-	in := []rules.Element{
+	in := []firewall.Element{
 		entry("203.0.113.1", now.Add(time.Minute), "a.cognitive.microsoft.com"),
 		entry("2001:db8::1", now.Add(time.Hour), "b.cognitive.microsoft.com", "c.cognitive.microsoft.com"),
 		entry("203.0.113.2", now.Add(-time.Second)), // expired
@@ -50,7 +50,7 @@ func TestStateRoundTrip(t *testing.T) {
 func TestStateBadFiles(t *testing.T) {
 	now := time.Now()
 	good := t.TempDir()
-	if _, err := saveState(good, slices.Values([]rules.Element{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))})); err != nil {
+	if _, err := saveState(good, slices.Values([]firewall.Element{entry("203.0.113.1", now.Add(time.Hour)), entry("203.0.113.2", now.Add(time.Hour))})); err != nil {
 		t.Fatal(err)
 	}
 	whole, _ := os.ReadFile(filepath.Join(good, stateFile))
@@ -110,12 +110,12 @@ func TestStateFromEarlierVersion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []rules.Element{
+	want := []firewall.Element{
 		{Addr: netip.MustParseAddr("203.0.113.1"), Expires: time.UnixMilli(4102444800000), Names: "a.cognitive.microsoft.com.,b.cognitive.microsoft.com."},
 		{Addr: netip.MustParseAddr("2001:db8::1"), Expires: time.UnixMilli(4102444800123), Names: "c.cognitive.microsoft.com."},
 		{Addr: netip.MustParseAddr("203.0.113.2"), Expires: time.UnixMilli(4102444800000)},
 	}
-	if !slices.EqualFunc(out, want, func(a, b rules.Element) bool {
+	if !slices.EqualFunc(out, want, func(a, b firewall.Element) bool {
 		return a.Addr == b.Addr && a.Expires.Equal(b.Expires) && a.Names == b.Names
 	}) {
 		t.Errorf("loaded %+v\nwant %+v", out, want)

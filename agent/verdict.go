@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -60,9 +61,9 @@ func logReason(prefix string) Reason {
 }
 
 // learnedState is what verdict reads of the learned sets (a
-// *rules.Firewall).
+// *firewall.Firewall).
 type learnedState interface {
-	Lookup(netip.Addr) (rules.Element, bool)
+	Lookup(netip.Addr) (firewall.Element, bool)
 	Names(netip.Addr) (string, bool)
 }
 
@@ -74,7 +75,7 @@ type Verdict struct {
 	Static *config.Static
 	// Live is the learned element that opens the address, if any (Allowed
 	// unless the port or protocol is not allowed).
-	Live *rules.Element
+	Live *firewall.Element
 	// Names last answered for the address, if egressd knows them.
 	Names string
 	// NonPublic: the rebinding guard would refuse the address: no answer

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/firewall"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -18,8 +19,8 @@ type learnedMap struct {
 
 func (m learnedMap) Names(a netip.Addr) (string, bool) { n, ok := m.names[a]; return n, ok }
 
-func (m learnedMap) Lookup(a netip.Addr) (rules.Element, bool) {
-	return rules.Element{Addr: a, Expires: time.Now().Add(time.Minute), Names: m.names[a]}, m.live[a]
+func (m learnedMap) Lookup(a netip.Addr) (firewall.Element, bool) {
+	return firewall.Element{Addr: a, Expires: time.Now().Add(time.Minute), Names: m.names[a]}, m.live[a]
 }
 
 func TestVerdict(t *testing.T) {

@@ -41,7 +41,7 @@ rm -f bench/dns.md
 	echo '```'
 	go tool pprof -top -cum -nodecount=1000 "$prof/cpu" 2>/dev/null | grep -E '^ *(flat|Duration)|Total samples' || true
 	go tool pprof -top -cum -nodecount=1000 "$prof/cpu" 2>/dev/null |
-		grep -E ' (github.com/egressd/egressd/dnsresolve\.\(\*udpServer\)\.(serveBatch|worker)|golang.org/x/net/ipv4.\(\*payloadHandler\)\.(ReadBatch|WriteBatch)|github.com/egressd/egressd/dnsresolve\.\(\*Proxy\)\.fastReply|github.com/egressd/egressd/dnsresolve\.\(\*Upstream\)\.(Exchange|dial)|github.com/egressd/egressd/dnsresolve\.\(\*exchange\)\.send|github.com/egressd/egressd/rules\.\(\*Firewall\)\.(Allow|Audit|watch)|github.com/google/nftables\.\(\*Conn\)\.Flush|github.com/egressd/egressd/dnsresolve\.\(\*udpResponse\)\.WriteMsg|runtime\.gcBgMarkWorker|runtime\.mallocgc)$' || true
+		grep -E ' (github.com/egressd/egressd/dnsresolve\.\(\*udpServer\)\.(serveBatch|worker)|golang.org/x/net/ipv4.\(\*payloadHandler\)\.(ReadBatch|WriteBatch)|github.com/egressd/egressd/dnsresolve\.\(\*Proxy\)\.fastReply|github.com/egressd/egressd/dnsresolve\.\(\*Upstream\)\.(Exchange|dial)|github.com/egressd/egressd/dnsresolve\.\(\*exchange\)\.send|github.com/egressd/egressd/firewall\.\(\*Firewall\)\.(Allow|Audit|watch)|github.com/google/nftables\.\(\*Conn\)\.Flush|github.com/egressd/egressd/dnsresolve\.\(\*udpResponse\)\.WriteMsg|runtime\.gcBgMarkWorker|runtime\.mallocgc)$' || true
 	echo '```'
 	echo
 	echo "The kernel's share of the DNS path (redirect, conntrack, veth, tproxy): bench/kernelpath/results.md."
@@ -51,7 +51,7 @@ rm -f bench/dns.md
 	echo "Go micro-benchmarks:"
 	echo
 	echo '```'
-	go test -run XXX -bench . -benchtime 2s ./dnsresolve ./rules | grep -E '^Benchmark'
+	go test -run XXX -bench . -benchtime 2s ./dnsresolve ./firewall | grep -E '^Benchmark'
 	echo '```'
 } >>"$out"
 cat "$out"

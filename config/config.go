@@ -313,7 +313,22 @@ func decodeMessage(err error) string {
 
 var fieldQuote = regexp.MustCompile(`^'([^']+)' (.*)$`)
 
+// validate checks c and fills in what its fields parse to, section by
+// section; the errors are joined in the order of the sections.
 func (c *Config) validate() error {
+	var errs []error
+	for _, section := range []func() []error{
+		c.validateAllow, c.validateDNS, c.validateLimits, c.validateTTLs,
+		c.validateForward, c.validateEngineZones, c.validateLocal, c.validateResolving,
+		c.validateFirewall, c.validateService,
+	} {
+		errs = append(errs, section()...)
+	}
+	return errors.Join(errs...)
+}
+
+// validateAllow checks allow.* and parses allow.cidrs.
+func (c *Config) validateAllow() []error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
@@ -358,6 +373,13 @@ func (c *Config) validate() error {
 		c.Allow.Static = append(c.Allow.Static, st)
 	}
 	dupes(&errs, "allow.cidrs", c.Allow.Static, Static.String)
+	return errs
+}
+
+// validateDNS checks the proxy port, the upstreams and the query budget.
+func (c *Config) validateDNS() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
 	if c.DNS.ListenPort < 1 || c.DNS.ListenPort > 65535 {
 		bad("dns.listen_port: %d is not a port (1-65535)", c.DNS.ListenPort)
@@ -380,6 +402,14 @@ func (c *Config) validate() error {
 	if c.DNS.QueryBudget < 100*time.Millisecond {
 		bad("dns.query_budget: %v must be at least 100ms", c.DNS.QueryBudget)
 	}
+	return errs
+}
+
+// validateLimits checks dns.limits.
+func (c *Config) validateLimits() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
 	lim := c.DNS.Limits
 	for _, n := range []struct {
 		field string
@@ -404,6 +434,14 @@ func (c *Config) validate() error {
 	if lim.RatePerClient < 0 {
 		bad("dns.limits.rate_per_client: %v must not be negative (0: no rate limit)", lim.RatePerClient)
 	}
+	return errs
+}
+
+// validateTTLs checks the TTL bounds, dns.grace and dns.rebinding_exempt.
+func (c *Config) validateTTLs() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
 	if c.DNS.MinTTL < 0 {
 		bad("dns.min_ttl: %v must not be negative", c.DNS.MinTTL)
 	}
@@ -428,9 +466,14 @@ func (c *Config) validate() error {
 	if c.DNS.MinTTL+c.DNS.Grace < time.Second {
 		bad("dns.min_ttl + dns.grace: %v is less than 1s: answers would be unusable", c.DNS.MinTTL+c.DNS.Grace)
 	}
-	errs = append(errs, c.validateForward()...)
-	errs = append(errs, c.validateEngineZones()...)
-	errs = append(errs, c.validateLocal()...)
+	return errs
+}
+
+// validateResolving checks how names are refused and which resolver files are kept.
+func (c *Config) validateResolving() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
 	if !slices.Contains([]Refusal{RefuseRefused, RefuseNXDomain}, c.DNS.RefuseWith) {
 		bad("dns.refuse_with: %q must be \"refused\" or \"nxdomain\"", c.DNS.RefuseWith)
 	}
@@ -440,6 +483,14 @@ func (c *Config) validate() error {
 			bad("dns.resolv_conf[%d]: %q must be an absolute path", i, f)
 		}
 	}
+	return errs
+}
+
+// validateFirewall checks firewall.*.
+func (c *Config) validateFirewall() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
 	for i, e := range c.Firewall.EngineCgroups {
 		if _, err := EngineCgroupPath(e); err != nil {
 			bad("firewall.engine_cgroups[%d]: %v", i, err)
@@ -478,6 +529,14 @@ func (c *Config) validate() error {
 	if c.Firewall.Mark == 0 {
 		bad("firewall.mark: 0 cannot mark egressd's sockets; choose a non-zero mark")
 	}
+	return errs
+}
+
+// validateService checks metrics, the control socket, the state directory and logging.
+func (c *Config) validateService() []error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
 	if c.Metrics.Listen != "" {
 		if _, err := netip.ParseAddrPort(c.Metrics.Listen); err != nil {
 			bad("metrics.listen: %q must be \"ip:port\" (such as 127.0.0.1:9253) or empty", c.Metrics.Listen)
@@ -495,7 +554,7 @@ func (c *Config) validate() error {
 	if !slices.Contains([]LogFormat{FormatText, FormatJSON}, c.Log.Format) {
 		bad("log.format: %q must be \"text\" or \"json\"", c.Log.Format)
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 func dupes[T any](errs *[]error, field string, items []T, key func(T) string) {

@@ -96,12 +96,9 @@ func (c *Config) validateForward() []error {
 // ForwardFor returns the dns.forward entry whose zone holds name, the
 // longest such zone.
 func (c *Config) ForwardFor(name string) (Forward, bool) {
-	n := nameKey(name)
-	best, found := Forward{}, false
-	for _, f := range c.DNS.Forward {
-		if dnsname.InZone(n, f.Zone) && len(f.Zone) > len(best.Zone) {
-			best, found = f, true
-		}
+	i := dnsname.LongestZone(nameKey(name), c.DNS.Forward, func(f Forward) string { return f.Zone })
+	if i < 0 {
+		return Forward{}, false
 	}
-	return best, found
+	return c.DNS.Forward[i], true
 }

@@ -89,3 +89,15 @@ func BenchmarkMatcher(b *testing.B) {
 		m.Match(names[i%len(names)])
 	}
 }
+
+func TestLongestZone(t *testing.T) {
+	zones := []string{"local", "cluster.local", "svc.cluster.local", "cluster.local"}
+	id := func(z string) string { return z }
+	for n, want := range map[string]int{
+		"a.svc.cluster.local": 2, "cluster.local": 1, "x.local": 0, "example.com": -1, "notlocal": -1,
+	} {
+		if got := LongestZone(n, zones, id); got != want {
+			t.Errorf("LongestZone(%q) = %d, want %d", n, got, want)
+		}
+	}
+}

@@ -33,9 +33,22 @@ func InZone(n, zone string) bool {
 	return n == zone || strings.HasSuffix(n, "."+zone)
 }
 
-// hostChar reports whether c may stand in a label: letters, digits, "-"
+// LongestZone returns the index of the longest zone in items (zone gives
+// each item's zone, canonical) that holds the canonical name n; of zones
+// as long, the first; -1 if none holds n.
+func LongestZone[T any](n string, items []T, zone func(T) string) int {
+	best := -1
+	for i, it := range items {
+		if z := zone(it); InZone(n, z) && (best < 0 || len(z) > len(zone(items[best]))) {
+			best = i
+		}
+	}
+	return best
+}
+
+// LabelChar reports whether c may stand in a label: letters, digits, "-"
 // and "_" (service labels such as _dmarc). Upper case has been folded.
-func hostChar(c rune) bool {
+func LabelChar(c rune) bool {
 	return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_'
 }
 
@@ -43,7 +56,7 @@ func hostChar(c rune) bool {
 // and dots.
 func hostname(n string) bool {
 	for i := 0; i < len(n); i++ {
-		if c := n[i]; c != '.' && !hostChar(rune(c)) {
+		if c := n[i]; c != '.' && !LabelChar(rune(c)) {
 			return false
 		}
 	}
@@ -79,7 +92,7 @@ func Check(d string, wildcardOK bool) error {
 			return fmt.Errorf("has label %q longer than 63 characters", l)
 		default:
 			for _, r := range l {
-				if !hostChar(r) {
+				if !LabelChar(r) {
 					return fmt.Errorf("has invalid character %q", r)
 				}
 			}

@@ -68,8 +68,8 @@ func (f *forwarder) exchange(ctx context.Context, r *dns.Msg, servers []string) 
 	var errs []error
 	for _, s := range servers {
 		resp, err := f.exchangeOne(ctx, q, s)
-		if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
-			err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
+		if err == nil {
+			err = unusable(resp)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", s, err))
@@ -108,8 +108,8 @@ func (f *forwarder) exchangeOne(ctx context.Context, q *dns.Msg, server string) 
 		_ = f.flows.Delete(unix.IPPROTO_UDP, local.AddrPort(), remote.AddrPort())
 	}
 	conn.Close()
-	if err == nil && !sameQuestion(q, resp) {
-		err = errors.New("answer does not match the question")
+	if err == nil && !answers(resp, q.Id, q.Question[0].Name, q.Question[0].Qtype) {
+		err = errMismatch
 	}
 	if err != nil {
 		return nil, err
@@ -117,8 +117,8 @@ func (f *forwarder) exchangeOne(ctx context.Context, q *dns.Msg, server string) 
 	if resp.Truncated {
 		q.Id = dns.Id()
 		resp, _, err = f.tcp.ExchangeContext(ctx, q, server)
-		if err == nil && !sameQuestion(q, resp) {
-			err = errors.New("answer does not match the question")
+		if err == nil && !answers(resp, q.Id, q.Question[0].Name, q.Question[0].Qtype) {
+			err = errMismatch
 		}
 		if err != nil {
 			return nil, fmt.Errorf("over TCP after truncation: %w", err)
@@ -164,14 +164,11 @@ func newForwarding(o Options) *forwarding {
 
 // zone returns the forwarder of the longest zone that holds name.
 func (f *forwarding) zone(name string) *zoneForwarder {
-	name = dnsname.Canonical(name)
-	var best *zoneForwarder
-	for i, z := range f.zones {
-		if dnsname.InZone(name, z.zone) && (best == nil || len(z.zone) > len(best.zone)) {
-			best = &f.zones[i]
-		}
+	i := dnsname.LongestZone(dnsname.Canonical(name), f.zones, func(z zoneForwarder) string { return z.zone })
+	if i < 0 {
+		return nil
 	}
-	return best
+	return &f.zones[i]
 }
 
 // forwarded answers r, from client, if its name is in a forwarded zone or

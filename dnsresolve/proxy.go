@@ -13,19 +13,19 @@ import (
 	"net/netip"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/egressd/egressd/config"
-	"github.com/egressd/egressd/dnsname"
-	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
+
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/dnsname"
+	"github.com/egressd/egressd/metrics"
 )
 
 // Allower opens addresses in the firewall. Allow returns only once the
@@ -36,7 +36,7 @@ type Allower interface {
 }
 
 // coverer is implemented by Allowers that can tell without waiting that
-// addresses are open long enough already (rules.Firewall).
+// addresses are open long enough already (firewall.Firewall).
 type coverer interface {
 	Covered(name string, addrs []netip.Addr, until time.Time) bool
 }
@@ -151,8 +151,8 @@ func (p *Proxy) Upstream() *Upstream { return p.conf.Load().opts.Upstream }
 func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().matcher.Pattern(name) }
 
 // Update replaces the options; queries already being answered finish with
-// the old ones, and the old upstream's idle sockets are closed. The logger
-// is not replaced.
+// the old ones (an Upstream keeps no sockets between queries: each query
+// closes its own). The logger is not replaced.
 func (p *Proxy) Update(o Options) {
 	old := p.conf.Swap(&proxyConf{opts: o, matcher: dnsname.NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
 	p.limits.update(o.Limits, o.Metrics)
@@ -182,7 +182,7 @@ func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer
 }
 
 func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16) (*Answer, error) {
-	name = dns.Fqdn(name)
+	name = dnsname.Fqdn(name) // pinned names are recorded as answers' names are
 	ans := &Answer{}
 	target := name
 	for hop := 0; ; hop++ {
@@ -360,7 +360,7 @@ func answerMsg(name string, qtype uint16, ans *Answer) *dns.Msg {
 // waiting may happen: most cache hits find their addresses open long
 // enough and need none.
 func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, answer, ns []dns.RR, _ error) {
-	name = strings.ToLower(dns.Fqdn(name))
+	name = dnsname.Fqdn(name)
 	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
 			until := conf.until(e, age, p.now())
@@ -397,80 +397,107 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, a
 // udpSockets SO_REUSEPORT sockets (at least one per CPU), each served by a
 // udpServer, with queries steered to them by client address.
 func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-			// A receive queue that absorbs a flood while the readers are
-			// off the CPU for a few ms, so that other clients' queries
-			// are not dropped with it (limits.go drops the flood's
-			// excess cheaply once read). Best effort: FORCE needs
-			// CAP_NET_ADMIN.
-			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpReceiveBuffer) != nil {
-				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, udpReceiveBuffer)
-			}
-		})
-		return errors.Join(err, serr)
-	}}
-	var udp []*udpServer
-	var tcp []*dns.Server
-	shutdown := func() {
-		for _, s := range udp {
-			s.shutdown()
-		}
-		for _, s := range tcp {
-			_ = s.Shutdown()
-		}
+	udp, tcp, err := p.listen(ctx, port)
+	if err != nil {
+		return err
 	}
+	return p.serve(ctx, udp, tcp, ready)
+}
+
+// reusePortListener makes the UDP sockets of a family: SO_REUSEPORT, and
+// a large receive queue.
+var reusePortListener = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		// A receive queue that absorbs a flood while the readers are off
+		// the CPU for a few ms, so that other clients' queries are not
+		// dropped with it (limits.go drops the flood's excess cheaply
+		// once read). Best effort: FORCE needs CAP_NET_ADMIN.
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpReceiveBuffer) != nil {
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, udpReceiveBuffer)
+		}
+	})
+	return errors.Join(err, serr)
+}}
+
+// listen opens the servers of both families; without IPv6 it warns and
+// serves IPv4 only.
+func (p *Proxy) listen(ctx context.Context, port int) (udp []*udpServer, tcp []*dns.Server, _ error) {
 	for _, family := range []string{"4", "6"} {
 		host := "0.0.0.0"
 		if family == "6" {
 			host = "::"
 		}
 		addr := net.JoinHostPort(host, strconv.Itoa(port))
-		var fam []*udpServer
-		var ftcp *dns.Server
-		var err error
-		for i := range max(runtime.GOMAXPROCS(0), udpSockets) {
-			var pc net.PacketConn
-			if pc, err = lc.ListenPacket(ctx, "udp"+family, addr); err != nil {
-				break
-			}
-			if i == 0 {
-				// The group's program: set on one socket, it steers
-				// for all of them.
-				if serr := steerBySource(pc, family == "6", max(runtime.GOMAXPROCS(0), udpSockets)); serr != nil {
-					p.log.Warn("UDP queries not steered by client address", "err", serr)
-				}
-			}
-			var s *udpServer
-			if s, err = newUDPServer(p, pc.(*net.UDPConn), family == "6"); err != nil {
-				pc.Close()
-				break
-			}
-			fam = append(fam, s)
-		}
-		if err == nil {
-			var ln net.Listener
-			if ln, err = net.Listen("tcp"+family, addr); err == nil {
-				ftcp = &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: p,
-					ReadTimeout: p.limits.limits.Load().TCPReadTimeout,
-					IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }}
-			}
-		}
+		fam, ftcp, err := p.listenFamily(ctx, family, addr)
 		if err != nil {
-			for _, s := range fam {
-				s.conn.Close()
-			}
 			if family == "6" {
 				p.log.Warn("no IPv6 listener", "addr", addr, "err", err)
 				continue
 			}
-			shutdown()
-			return fmt.Errorf("listen %s: %w", addr, err)
+			shutdownServers(udp, tcp)
+			return nil, nil, fmt.Errorf("listen %s: %w", addr, err)
 		}
 		udp, tcp = append(udp, fam...), append(tcp, ftcp)
 	}
+	return udp, tcp, nil
+}
+
+// listenFamily opens the UDP sockets and the TCP listener of one family
+// ("4" or "6") on addr; on error it leaves none open.
+func (p *Proxy) listenFamily(ctx context.Context, family, addr string) ([]*udpServer, *dns.Server, error) {
+	n := max(runtime.GOMAXPROCS(0), udpSockets)
+	var fam []*udpServer
+	closeAll := func() {
+		for _, s := range fam {
+			s.conn.Close()
+		}
+	}
+	for i := range n {
+		pc, err := reusePortListener.ListenPacket(ctx, "udp"+family, addr)
+		if err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		if i == 0 {
+			// The group's program: set on one socket, it steers for all
+			// of them.
+			if serr := steerBySource(pc, family == "6", n); serr != nil {
+				p.log.Warn("UDP queries not steered by client address", "err", serr)
+			}
+		}
+		s, err := newUDPServer(p, pc.(*net.UDPConn), family == "6")
+		if err != nil {
+			pc.Close()
+			closeAll()
+			return nil, nil, err
+		}
+		fam = append(fam, s)
+	}
+	ln, err := net.Listen("tcp"+family, addr)
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	return fam, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: p,
+		ReadTimeout: p.limits.limits.Load().TCPReadTimeout,
+		IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }}, nil
+}
+
+// shutdownServers stops the servers Serve started.
+func shutdownServers(udp []*udpServer, tcp []*dns.Server) {
+	for _, s := range udp {
+		s.shutdown()
+	}
+	for _, s := range tcp {
+		_ = s.Shutdown()
+	}
+}
+
+// serve runs the servers until ctx ends or one fails, calling ready once
+// all of them run, and shuts them all down.
+func (p *Proxy) serve(ctx context.Context, udp []*udpServer, tcp []*dns.Server, ready func()) error {
 	// Ready once every server runs: a TCP server that has not started yet
 	// ignores Shutdown, and would serve on after Serve returned.
 	var wg, started sync.WaitGroup
@@ -505,7 +532,7 @@ func (p *Proxy) Serve(ctx context.Context, port int, ready func()) error {
 		}
 	case err = <-errc:
 	}
-	shutdown()
+	shutdownServers(udp, tcp)
 	wg.Wait()
 	if errors.Is(err, net.ErrClosed) {
 		err = nil

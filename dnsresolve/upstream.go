@@ -313,7 +313,8 @@ func (t *try) failed(err error) error {
 
 // packUpstreamQuery packs the question name/qtype with recursion desired
 // and an OPT record offering dns.DefaultMsgSize, ID 0: what dns.Msg would
-// pack, without its allocations.
+// pack, without its allocations (BenchmarkPackUpstreamQuery compares the
+// two).
 func packUpstreamQuery(name string, qtype uint16) ([]byte, error) {
 	b := make([]byte, 12+255+4+11) // header, longest name, type and class, OPT
 	b[2] = 0x01                    // RD
@@ -456,17 +457,10 @@ func (x *exchange) parse(id uint16, b []byte) *dns.Msg {
 		return nil
 	}
 	resp := new(dns.Msg)
-	if resp.Unpack(b) != nil || !x.answers(id, resp) {
+	if resp.Unpack(b) != nil || !answers(resp, id, x.name, x.qtype) {
 		return nil
 	}
 	return resp
-}
-
-// answers reports whether r is a response to the question asked with id.
-func (x *exchange) answers(id uint16, r *dns.Msg) bool {
-	return r.Id == id && r.Response && r.Opcode == dns.OpcodeQuery && len(r.Question) == 1 &&
-		r.Question[0].Qtype == x.qtype && r.Question[0].Qclass == dns.ClassINET &&
-		strings.EqualFold(r.Question[0].Name, x.name)
 }
 
 // overTCP asks server idx again over TCP, after a truncated answer.
@@ -478,8 +472,8 @@ func (x *exchange) overTCP(ctx context.Context, idx int) (*dns.Msg, error) {
 	tctx, cancel := context.WithTimeout(ctx, x.u.timeout)
 	defer cancel()
 	resp, _, err := x.u.tcp.ExchangeContext(tctx, q, x.u.servers[idx])
-	if err == nil && !x.answers(q.Id, resp) {
-		err = errors.New("answer does not match the question")
+	if err == nil && !answers(resp, q.Id, x.name, x.qtype) {
+		err = errMismatch
 	}
 	if err != nil {
 		return nil, fmt.Errorf("over TCP after truncation: %w", err)
@@ -490,9 +484,10 @@ func (x *exchange) overTCP(ctx context.Context, idx int) (*dns.Msg, error) {
 // outcome takes the end of a try of server idx: the answer if it is
 // usable, else it notes why not.
 func (x *exchange) outcome(ctx context.Context, idx int, resp *dns.Msg, err error, rtt time.Duration) (*dns.Msg, bool) {
-	if err == nil && (resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused) {
-		err = fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
-		x.answered[idx] = true
+	if err == nil {
+		if err = unusable(resp); err != nil {
+			x.answered[idx] = true
+		}
 	}
 	if err == nil {
 		x.u.record(idx, nil, rtt)
@@ -591,8 +586,23 @@ func (x *exchange) retry(ctx context.Context, late *try) (*dns.Msg, error) {
 // try would make the garbage collector work for every cache miss.
 var answerBuffers = sync.Pool{New: func() any { b := make([]byte, dns.DefaultMsgSize); return &b }}
 
-// sameQuestion reports whether r carries q's single question (forward.go).
-func sameQuestion(q, r *dns.Msg) bool {
-	return len(r.Question) == 1 && r.Question[0].Qtype == q.Question[0].Qtype &&
-		strings.EqualFold(r.Question[0].Name, q.Question[0].Name)
+// answers reports whether r answers the query with id for name and qtype
+// (class IN): a response, opcode QUERY, with the single question asked (the
+// name in any case). Every answer from a server is checked with it.
+func answers(r *dns.Msg, id uint16, name string, qtype uint16) bool {
+	return r.Id == id && r.Response && r.Opcode == dns.OpcodeQuery && len(r.Question) == 1 &&
+		r.Question[0].Qtype == qtype && r.Question[0].Qclass == dns.ClassINET &&
+		strings.EqualFold(r.Question[0].Name, name)
+}
+
+// errMismatch is the error of an answer to another question.
+var errMismatch = errors.New("answer does not match the question")
+
+// unusable says why resp is no answer to pass on (SERVFAIL or REFUSED: the
+// next server may know better); nil if it is usable.
+func unusable(resp *dns.Msg) error {
+	if resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused {
+		return fmt.Errorf("answered %s", dns.RcodeToString[resp.Rcode])
+	}
+	return nil
 }

@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"time"
 
-	"github.com/egressd/egressd/metrics"
 	"github.com/miekg/dns"
+
+	"github.com/egressd/egressd/dnsname"
+	"github.com/egressd/egressd/metrics"
 )
 
 // The fast path answers the common query, an A or AAAA question for a name
@@ -13,6 +15,7 @@ import (
 // without dns.Msg: no unpack, no pack, no goroutine. Whatever it does not
 // recognise goes the slow path (ServeDNS), which gives the same answer, so
 // the fast path is an optimisation only and can decline at any point.
+// BenchmarkFastReply measures it (no allocation per answer).
 
 // wireQuery is what the fast path needs of a query.
 type wireQuery struct {
@@ -31,10 +34,11 @@ const (
 	flagCD                     = 0x10
 )
 
-// parseQuery reads a standard query with one IN question whose labels are
-// letters, digits, '-' and '_', and at most an OPT record carrying only
-// cookie or padding options, and nothing after it. It appends the cache key
-// of the question (see cacheKey) to key. ok is false for any other message.
+// parseQuery reads a standard query with one IN question whose labels hold
+// only label characters (dnsname.LabelChar), and at most an OPT record
+// carrying only cookie or padding options, and nothing after it. It
+// appends the cache key of the question (see cacheKey) to key. ok is false
+// for any other message.
 func parseQuery(b, key []byte) (q wireQuery, _ []byte, ok bool) {
 	if len(b) < headerLen || b[2]&(flagQR|opcodeMask) != 0 || // a response, or opcode other than QUERY
 		binary.BigEndian.Uint16(b[4:]) != 1 || binary.BigEndian.Uint16(b[6:]) != 0 ||
@@ -57,11 +61,10 @@ func parseQuery(b, key []byte) (q wireQuery, _ []byte, ok bool) {
 			return q, key, false
 		}
 		for _, c := range b[off : off+n] {
-			switch {
-			case 'A' <= c && c <= 'Z':
+			if 'A' <= c && c <= 'Z' {
 				c += 'a' - 'A'
-			case 'a' <= c && c <= 'z', '0' <= c && c <= '9', c == '-', c == '_':
-			default:
+			}
+			if !dnsname.LabelChar(rune(c)) {
 				return q, key, false // needs escaping: the slow path knows how
 			}
 			key = append(key, c)

@@ -12,7 +12,7 @@ import (
 )
 
 // coveringRecorder is an Allower whose addresses are always open long
-// enough, as rules.Firewall reports for an address it holds.
+// enough, as firewall.Firewall reports for an address it holds.
 type coveringRecorder struct{ recorder }
 
 func (*coveringRecorder) Covered(string, []netip.Addr, time.Time) bool { return true }

@@ -9,6 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/egressd/egressd/rules"
 )
 
 // Query results.
@@ -136,9 +138,9 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 	m.enforcing.Set(1)
 	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.installs, m.setRepairs, m.audit, m.saveErrors, m.limited, m.setErrors, info,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
-			ConstLabels: prometheus.Labels{"set": "allow4"}}, live(false)),
+			ConstLabels: prometheus.Labels{"set": rules.SetAllow4}}, live(false)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
-			ConstLabels: prometheus.Labels{"set": "allow6"}}, live(true)),
+			ConstLabels: prometheus.Labels{"set": rules.SetAllow6}}, live(true)),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

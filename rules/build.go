@@ -77,27 +77,47 @@ func Build(cfg *config.Config) *Ruleset {
 	return BuildFor(cfg, Host{Upstreams: cfg.DNS.UpstreamAddrs})
 }
 
-// BuildFor returns the ruleset for cfg on host.
+// BuildFor returns the ruleset for cfg on host: one builder per chain.
 func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	fw := cfg.Firewall
 	proxy := uint16(cfg.DNS.ListenPort)
-	// In audit mode every blocking verdict becomes "log as would-block,
-	// accept": the same rules in the same places, so what the log reports
-	// is exactly what enforce would block.
-	audit := fw.Mode == config.ModeAudit
 	ports := make([]uint16, len(cfg.Allow.Ports))
 	for i, p := range cfg.Allow.Ports {
 		ports[i] = uint16(p)
 	}
-
 	rs := &Ruleset{Sets: []Set{
 		{Name: SetAllow4, Type: IPv4Addr, Timeout: true, Comment: "IPv4 addresses answered by the DNS proxy, each with its own timeout"},
 		{Name: SetAllow6, Type: IPv6Addr, Timeout: true, Comment: "IPv6 addresses answered by the DNS proxy, each with its own timeout"},
 		{Name: SetPorts, Type: InetService, Ports: ports, Comment: "TCP ports allowed to those addresses (allow.ports)"},
 	}}
 
-	// egress decides about a new outbound connection; containers and the
-	// host share it so they follow exactly the same rules.
+	// Container interfaces, and forwarding interfaces (bridges, veths)
+	// that match no pattern: their DNS goes to the proxy as well.
+	ctrIfaces := slices.Clip(fw.Containers)
+	for _, u := range host.Unknown {
+		ctrIfaces = append(ctrIfaces, ifname.Pattern(u))
+	}
+	servers := ownServers(cfg, host)
+	rs.Chains = []Chain{egressChain(cfg), forwardChain(fw), proxyInChain(ctrIfaces), inputChain(fw, proxy, servers),
+		dnsRedirectChain(cfg, proxy), dnsPreroutingChain(ctrIfaces)}
+	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces)...)
+	switch {
+	case fw.Host:
+		rs.Chains = append(rs.Chains, hostOutputChains(cfg, host, servers, proxy)...)
+	case len(host.Engines) > 0:
+		rs.Chains = append(rs.Chains, engineDNSChain(host.Engines, proxy))
+	}
+	return rs
+}
+
+// egressChain decides about a new outbound connection; containers and the
+// host share it so they follow exactly the same rules.
+func egressChain(cfg *config.Config) Chain {
+	fw := cfg.Firewall
+	// In audit mode every blocking verdict becomes "log as would-block,
+	// accept": the same rules in the same places, so what the log reports
+	// is exactly what enforce would block.
+	audit := fw.Mode == config.ModeAudit
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
 		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
 		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, rejectTCP(fw.Action))},
@@ -119,25 +139,14 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 				Stmts: logged(fw.NFLOGGroup, LogBlocked, L4Proto(TCP), RejectTCP{})},
 			Rule{Stmts: logged(fw.NFLOGGroup, LogBlocked, RejectAdmin{})})
 	}
+	return egress
+}
 
-	// Container interfaces, and forwarding interfaces (bridges, veths)
-	// that match no pattern: their DNS goes to the proxy as well.
-	ctrIfaces := slices.Clip(fw.Containers)
-	for _, u := range host.Unknown {
-		ctrIfaces = append(ctrIfaces, ifname.Pattern(u))
-	}
-	fromContainers := func(target string) []Rule {
-		var rs []Rule
-		for _, c := range ctrIfaces {
-			rs = append(rs, Rule{Stmts: []Stmt{IfName{Pattern: c}, Jump(target)}})
-		}
-		return rs
-	}
-
-	// Forwarded traffic that leaves the host is filtered whichever
-	// interface it came from (an unknown bridge fails closed); traffic
-	// into container networks (published ports, between containers) stays
-	// on the host, and firewall.unfiltered is left alone.
+// forwardChain: forwarded traffic that leaves the host is filtered
+// whichever interface it came from (an unknown bridge fails closed);
+// traffic into container networks (published ports, between containers)
+// stays on the host, and firewall.unfiltered is left alone.
+func forwardChain(fw config.Firewall) Chain {
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
 		Comment: "forwarded traffic: filtered when it leaves the host, from any interface"}
 	for i, u := range fw.Unfiltered {
@@ -149,141 +158,175 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 			forward.Rules = append(forward.Rules, r)
 		}
 	}
-	for i, c := range fw.Containers {
+	forward.Rules = append(forward.Rules, intoContainers(fw.Containers, "into container networks: inbound, published ports, between containers")...)
+	return forward.with(Rule{Comment: "out of the host", Stmts: []Stmt{Jump("egress")}})
+}
+
+// intoContainers accepts what goes out of a container interface; comment
+// is the first rule's.
+func intoContainers(containers []ifname.Pattern, comment string) []Rule {
+	var out []Rule
+	for i, c := range containers {
 		r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}
 		if i == 0 {
-			r.Comment = "into container networks: inbound, published ports, between containers"
+			r.Comment = comment
 		}
-		forward.Rules = append(forward.Rules, r)
+		out = append(out, r)
 	}
-	forward.Rules = append(forward.Rules, Rule{Comment: "out of the host", Stmts: []Stmt{Jump("egress")}})
+	return out
+}
 
+// with returns ch with rules appended.
+func (ch Chain) with(rules ...Rule) Chain {
+	ch.Rules = append(ch.Rules, rules...)
+	return ch
+}
+
+// proxyInChain lets the host and the containers reach the proxy port.
+func proxyInChain(ctrIfaces []ifname.Pattern) Chain {
 	proxyIn := Chain{Name: "dns_proxy_in", Comment: "the proxy answers the host and containers only, never the outside",
 		Rules: []Rule{{Stmts: []Stmt{IfName{Pattern: "lo"}, Accept}}}}
 	for _, c := range ctrIfaces {
 		proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{IfName{Pattern: c}, Accept}})
 	}
-	proxyIn.Rules = append(proxyIn.Rules, Rule{Stmts: []Stmt{Drop}})
+	return proxyIn.with(Rule{Stmts: []Stmt{Drop}})
+}
+
+// inputChain filters the proxy port on input, and with the host filtered
+// the late answers to egressd's own queries.
+func inputChain(fw config.Firewall, proxy uint16, servers []netip.AddrPort) Chain {
 	input := Chain{Name: "input", Hook: &Hook{"filter", "input", priorityFilter},
 		Comment: "only the proxy port is filtered on input",
 		Rules: []Rule{
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: proxy}, Jump("dns_proxy_in")}},
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: proxy}, Jump("dns_proxy_in")}},
 		}}
-	servers := ownServers(cfg, host)
-	if fw.Host {
-		// egressd deletes its upstream flows' entries as it closes their
-		// sockets (so no other socket can use them). An answer arriving
-		// after that would start an entry in reverse, whose other
-		// direction is the port's query to the server: a host process
-		// sending from the port would pass the redirect as "established".
-		for i, s := range servers {
-			r := Rule{Stmts: []Stmt{SaddrPrefix(netip.PrefixFrom(s.Addr().WithZone(""), s.Addr().BitLen())), Ports{Proto: UDP, Sport: s.Port()}, New{}, Drop}}
-			if i == 0 {
-				r.Comment = "late answers to egressd's own queries start no flow"
-			}
-			input.Rules = append(input.Rules, r)
-		}
+	if !fw.Host {
+		return input
 	}
+	// egressd deletes its upstream flows' entries as it closes their
+	// sockets (so no other socket can use them). An answer arriving after
+	// that would start an entry in reverse, whose other direction is the
+	// port's query to the server: a host process sending from the port
+	// would pass the redirect as "established".
+	for i, s := range servers {
+		r := Rule{Stmts: []Stmt{SaddrPrefix(netip.PrefixFrom(s.Addr().WithZone(""), s.Addr().BitLen())), Ports{Proto: UDP, Sport: s.Port()}, New{}, Drop}}
+		if i == 0 {
+			r.Comment = "late answers to egressd's own queries start no flow"
+		}
+		input.Rules = append(input.Rules, r)
+	}
+	return input
+}
 
-	// Container DNS is DNATed to the proxy's own addresses on egressd's
-	// dummy interface (dns.local_ipv4/6), not redirected: a redirect goes
-	// to the primary address of the interface the packet came in on, and
-	// the kernel drops the packet when that interface has none, as
-	// Calico's cali* and Cilium's lxc* veths have not (IPv6: none of the
-	// destination's scope). Replies go back through conntrack's reverse
-	// NAT, from the resolver's address the container asked.
+// dnsRedirectChain: container DNS is DNATed to the proxy's own addresses
+// on egressd's dummy interface (dns.local_ipv4/6), not redirected: a
+// redirect goes to the primary address of the interface the packet came
+// in on, and the kernel drops the packet when that interface has none, as
+// Calico's cali* and Cilium's lxc* veths have not (IPv6: none of the
+// destination's scope). Replies go back through conntrack's reverse NAT,
+// from the resolver's address the container asked.
+func dnsRedirectChain(cfg *config.Config, proxy uint16) Chain {
 	local4 := netip.AddrPortFrom(cfg.DNS.Local4, proxy)
 	local6 := netip.AddrPortFrom(cfg.DNS.Local6, proxy)
-	dnsRedirect := Chain{Name: "dns_redirect", Comment: "container DNS goes to the proxy at its own addresses (dns.local_ipv4/6), whatever resolver it was sent to",
+	return Chain{Name: "dns_redirect", Comment: "container DNS goes to the proxy at its own addresses (dns.local_ipv4/6), whatever resolver it was sent to",
 		Rules: []Rule{
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local4)}},
 			{Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, DNAT(local6)}},
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, DNAT(local4)}},
 			{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, DNAT(local6)}},
 		}}
-	dnsPrerouting := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityRedirect},
-		Rules: fromContainers("dns_redirect")}
+}
 
-	rs.Chains = []Chain{egress, forward, proxyIn, input, dnsRedirect, dnsPrerouting}
-	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces)...)
-
-	if fw.Host {
-		// egressd's own queries (and so the pinned names' lookups) go to
-		// its upstreams and the servers of forwarded zones, and only
-		// there, unredirected and unfiltered. A forward server behind a
-		// DNAT (a service address) is reached at the DNAT's target, which
-		// the filter sees: allow.cidrs must cover it.
-		var owner Stmt = Mark(fw.Mark)
-		if host.Cgroup != nil {
-			owner = *host.Cgroup
-		}
-		var own []Rule
-		for _, u := range servers {
-			to := DaddrPrefix(netip.PrefixFrom(u.Addr().WithZone(""), u.Addr().BitLen()))
-			for _, p := range []Proto{UDP, TCP} {
-				own = append(own, Rule{Stmts: []Stmt{owner, to, Ports{Proto: p, Dport: u.Port()}}})
-			}
-		}
-		// dns.engine_zones: the container engines' DNS servers listen on
-		// the host's own addresses (the bridges' gateways, which come
-		// and go), port 53.
-		if len(cfg.DNS.EngineZones) > 0 {
-			for _, p := range []Proto{UDP, TCP} {
-				own = append(own, Rule{Stmts: []Stmt{owner, LocalDaddr{}, Ports{Proto: p, Dport: 53}}})
-			}
-		}
-		ownRules := func(comment string, v Verdict) []Rule {
-			out := make([]Rule, len(own))
-			for i, r := range own {
-				out[i] = Rule{Stmts: append(r.Stmts[:len(r.Stmts):len(r.Stmts)], v)}
-			}
-			if len(out) > 0 {
-				out[0].Comment = comment
-			}
-			return out
-		}
-		output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
-			Comment: "the host's own traffic",
-			Rules: append(ownRules("egressd's own upstream queries", Accept),
-				Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
-				Rule{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
-			)}
-		for i, c := range fw.Containers {
-			r := Rule{Stmts: []Stmt{IfName{Out: true, Pattern: c}, Accept}}
-			if i == 0 {
-				r.Comment = "the host talking to its containers"
-			}
-			output.Rules = append(output.Rules, r)
-		}
-		output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
-		output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
-		// The host's own DNS is redirected: in the output hook a redirect
-		// goes to 127.0.0.1 or ::1, whatever the interfaces, so it keeps
-		// working even while the dummy interface is missing.
-		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect},
-			Rules: append(ownRules("egressd's own upstream queries are not redirected", Return),
-				Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
-				Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})}
-		rs.Chains = append(rs.Chains, output, dnsOutput)
-	} else if len(host.Engines) > 0 {
-		// Container engines' DNS servers forward containers' queries
-		// from the host's namespace: they go through the allow-list
-		// like the containers' own. (With the host filtered, all host
-		// DNS does.)
-		dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect}}
-		for i, cg := range host.Engines {
-			for _, p := range []Proto{UDP, TCP} {
-				r := Rule{Stmts: []Stmt{cg, Ports{Proto: p, Dport: 53}, Redirect(proxy)}}
-				if i == 0 && p == UDP {
-					r.Comment = "DNS that container engines send for containers (firewall.engine_cgroups), to the proxy on loopback"
-				}
-				dnsOutput.Rules = append(dnsOutput.Rules, r)
-			}
-		}
-		rs.Chains = append(rs.Chains, dnsOutput)
+// dnsPreroutingChain sends the containers' DNS to dns_redirect.
+func dnsPreroutingChain(ctrIfaces []ifname.Pattern) Chain {
+	ch := Chain{Name: "dns_prerouting", Hook: &Hook{"nat", "prerouting", priorityRedirect}}
+	for _, c := range ctrIfaces {
+		ch.Rules = append(ch.Rules, Rule{Stmts: []Stmt{IfName{Pattern: c}, Jump("dns_redirect")}})
 	}
-	return rs
+	return ch
+}
+
+// ownQueries matches egressd's own queries (and so the pinned names'
+// lookups): to its upstreams and the servers of forwarded zones, and to
+// the container engines' DNS servers for dns.engine_zones. A forward
+// server behind a DNAT (a service address) is reached at the DNAT's
+// target, which the filter sees: allow.cidrs must cover it.
+func ownQueries(cfg *config.Config, host Host, servers []netip.AddrPort) []Rule {
+	var owner Stmt = Mark(cfg.Firewall.Mark)
+	if host.Cgroup != nil {
+		owner = *host.Cgroup
+	}
+	var own []Rule
+	for _, u := range servers {
+		to := DaddrPrefix(netip.PrefixFrom(u.Addr().WithZone(""), u.Addr().BitLen()))
+		for _, p := range []Proto{UDP, TCP} {
+			own = append(own, Rule{Stmts: []Stmt{owner, to, Ports{Proto: p, Dport: u.Port()}}})
+		}
+	}
+	// The container engines' DNS servers listen on the host's own
+	// addresses (the bridges' gateways, which come and go), port 53.
+	if len(cfg.DNS.EngineZones) > 0 {
+		for _, p := range []Proto{UDP, TCP} {
+			own = append(own, Rule{Stmts: []Stmt{owner, LocalDaddr{}, Ports{Proto: p, Dport: 53}}})
+		}
+	}
+	return own
+}
+
+// withVerdict returns rules with v appended to each; comment is the
+// first one's.
+func withVerdict(rules []Rule, comment string, v Verdict) []Rule {
+	out := make([]Rule, len(rules))
+	for i, r := range rules {
+		out[i] = Rule{Stmts: append(r.Stmts[:len(r.Stmts):len(r.Stmts)], v)}
+	}
+	if len(out) > 0 {
+		out[0].Comment = comment
+	}
+	return out
+}
+
+// hostOutputChains filter the host's own traffic (output) and redirect
+// its DNS to the proxy (dns_output); egressd's own queries go to their
+// servers, and only there, unredirected and unfiltered.
+func hostOutputChains(cfg *config.Config, host Host, servers []netip.AddrPort, proxy uint16) []Chain {
+	own := ownQueries(cfg, host, servers)
+	output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
+		Comment: "the host's own traffic",
+		Rules: append(withVerdict(own, "egressd's own upstream queries", Accept),
+			Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+			Rule{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
+		)}
+	output.Rules = append(output.Rules, intoContainers(cfg.Firewall.Containers, "the host talking to its containers")...)
+	output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
+	output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
+	// The host's own DNS is redirected: in the output hook a redirect
+	// goes to 127.0.0.1 or ::1, whatever the interfaces, so it keeps
+	// working even while the dummy interface is missing.
+	dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect},
+		Rules: append(withVerdict(own, "egressd's own upstream queries are not redirected", Return),
+			Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
+			Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})}
+	return []Chain{output, dnsOutput}
+}
+
+// engineDNSChain: with the host not filtered, container engines' DNS
+// servers still forward containers' queries from the host's namespace:
+// they go through the allow-list like the containers' own. (With the host
+// filtered, all host DNS does.)
+func engineDNSChain(engines []Cgroup, proxy uint16) Chain {
+	dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect}}
+	for i, cg := range engines {
+		for _, p := range []Proto{UDP, TCP} {
+			r := Rule{Stmts: []Stmt{cg, Ports{Proto: p, Dport: 53}, Redirect(proxy)}}
+			if i == 0 && p == UDP {
+				r.Comment = "DNS that container engines send for containers (firewall.engine_cgroups), to the proxy on loopback"
+			}
+			dnsOutput.Rules = append(dnsOutput.Rules, r)
+		}
+	}
+	return dnsOutput
 }
 
 // ownServers are the servers egressd itself asks: its upstreams and the

@@ -2,30 +2,12 @@ package rules
 
 import (
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/config/configtest"
 )
-
-func loadConfig(t testing.TB, yaml string) *config.Config {
-	t.Helper()
-	path := ""
-	if yaml != "" {
-		path = filepath.Join(t.TempDir(), "c.yaml")
-		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := config.Load(path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
 
 func chainText(rs *Ruleset, name string) []string {
 	for _, c := range rs.Chains {
@@ -200,7 +182,7 @@ func TestBuild(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rs := Build(loadConfig(t, tt.yaml))
+			rs := Build(configtest.Load(t, tt.yaml))
 			got := chainText(rs, tt.chain)
 			if tt.want == nil && got != nil {
 				t.Fatalf("chain %s exists: %v", tt.chain, got)
@@ -224,7 +206,7 @@ func TestBuild(t *testing.T) {
 }
 
 func TestTextPorts(t *testing.T) {
-	txt := Build(loadConfig(t, "allow:\n  ports: [443, 8443]\n")).Text()
+	txt := Build(configtest.Load(t, "allow:\n  ports: [443, 8443]\n")).Text()
 	if !strings.Contains(txt, "elements = { 443, 8443 }") {
 		t.Errorf("ports set missing:\n%s", txt)
 	}
@@ -237,11 +219,11 @@ func TestTextPorts(t *testing.T) {
 // Every statement renders netlink expressions; a set lookup refers to a
 // declared set.
 func TestExprsReferToDeclaredSets(t *testing.T) {
-	rs := Build(loadConfig(t, "allow:\n  cidrs: [\"203.0.113.0/24 80\"]\n"))
+	rs := Build(configtest.Load(t, "allow:\n  cidrs: [\"203.0.113.0/24 80\"]\n"))
 	sets := declared(rs)
 	for _, c := range rs.Chains {
 		for _, r := range c.Rules {
-			if len(r.exprs(sets)) == 0 {
+			if len(r.Exprs(sets)) == 0 {
 				t.Errorf("rule %q has no expressions", r.Text())
 			}
 		}
@@ -249,7 +231,7 @@ func TestExprsReferToDeclaredSets(t *testing.T) {
 }
 
 func TestBuildCgroupOwner(t *testing.T) {
-	cfg := loadConfig(t, "")
+	cfg := configtest.Load(t, "")
 	cg := &Cgroup{Path: "/system.slice/egressd.service", Level: 2, ID: 4242}
 	ups := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.53:53")}
 	rs := BuildFor(cfg, Host{Upstreams: ups, Cgroup: cg})
@@ -270,7 +252,7 @@ func TestBuildCgroupOwner(t *testing.T) {
 }
 
 func TestBuildUnknownInterfaces(t *testing.T) {
-	rs := BuildFor(loadConfig(t, ""), Host{Unknown: []string{"podman0"}})
+	rs := BuildFor(configtest.Load(t, ""), Host{Unknown: []string{"podman0"}})
 	for chain, want := range map[string]string{
 		"dns_prerouting": `iifname "podman0" jump dns_redirect`,
 		"dns_proxy_in":   `iifname "podman0" accept`,
@@ -283,7 +265,7 @@ func TestBuildUnknownInterfaces(t *testing.T) {
 }
 
 func TestBuildOnLink(t *testing.T) {
-	rs := BuildFor(loadConfig(t, ""), Host{OnLink: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8:1::/64")}})
+	rs := BuildFor(configtest.Load(t, ""), Host{OnLink: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8:1::/64")}})
 	got := chainText(rs, "output")
 	for _, want := range []string{
 		"ip daddr 192.0.2.0/24 udp sport 68 udp dport 67 accept",
@@ -309,7 +291,7 @@ func TestBuildOnLink(t *testing.T) {
 // give two chains at one priority; egressd's own queries to forwarded
 // zones' servers are exempt like those to its upstreams.
 func TestBuildRedirectBeforeKubeProxy(t *testing.T) {
-	rs := BuildFor(loadConfig(t, "dns:\n  upstreams: [192.0.2.53]\n  forward: [{zone: cluster.local, servers: [10.96.0.10, 192.0.2.53]}]\n"),
+	rs := BuildFor(configtest.Load(t, "dns:\n  upstreams: [192.0.2.53]\n  forward: [{zone: cluster.local, servers: [10.96.0.10, 192.0.2.53]}]\n"),
 		Host{Upstreams: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.53:53")}})
 	for _, c := range rs.Chains {
 		if (c.Name == "dns_prerouting" || c.Name == "dns_output") && c.Hook.Priority != -101 {
@@ -333,8 +315,8 @@ func TestBuildRedirectBeforeKubeProxy(t *testing.T) {
 // Audit mode: the same rules, every blocking verdict logged as would-block
 // and let through; the proxy port stays closed to the outside.
 func TestBuildAudit(t *testing.T) {
-	enforce := Build(loadConfig(t, ""))
-	audit := Build(loadConfig(t, "firewall:\n  mode: audit\n"))
+	enforce := Build(configtest.Load(t, ""))
+	audit := Build(configtest.Load(t, "firewall:\n  mode: audit\n"))
 	if len(enforce.Chains) != len(audit.Chains) {
 		t.Fatalf("audit has %d chains, enforce %d", len(audit.Chains), len(enforce.Chains))
 	}
@@ -373,7 +355,7 @@ func TestEngineCgroups(t *testing.T) {
 		{"", []Cgroup{docker}, []string{"udp dport 53 redirect to :10053", "tcp dport 53 redirect to :10053"}},
 	}
 	for _, tt := range tests {
-		cfg := loadConfig(t, tt.yaml)
+		cfg := configtest.Load(t, tt.yaml)
 		got := chainText(BuildFor(cfg, Host{Upstreams: cfg.DNS.UpstreamAddrs, Engines: tt.engines}), "dns_output")
 		if tt.want == nil {
 			if got != nil {

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/egressd/egressd/config/configtest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden rulesets in testdata")
@@ -46,7 +48,7 @@ firewall:
 		"audit": "firewall:\n  mode: audit\n",
 	} {
 		t.Run(name, func(t *testing.T) {
-			got := BuildFor(loadConfig(t, yaml), host).Text()
+			got := BuildFor(configtest.Load(t, yaml), host).Text()
 			path := filepath.Join("testdata", name+".nft")
 			if *update {
 				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {

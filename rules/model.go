@@ -1,9 +1,12 @@
 // Package rules holds egressd's ruleset: a typed model built from the
-// configuration, rendered two ways from the same values: as nft text
-// (Ruleset.Text, for `egressd print`) and as one netlink transaction
-// (Firewall.Install, for `egressd apply` and the daemon). Because both
-// renderings walk the same statements, the dry run cannot disagree with
-// what is installed.
+// configuration (Build, BuildFor), rendered two ways from the same values:
+// as nft text (Ruleset.Text, for `egressd print`) and as the netlink
+// messages of one transaction (Ruleset.AddTo), and compared with what the
+// kernel holds (Ruleset.Drift). Because both renderings walk the same
+// statements, the dry run cannot disagree with what is installed. It also
+// names the learned-address sets (LearnedSet). What talks to the kernel
+// over time, the learned addresses, the audit and the event watcher, is
+// package firewall.
 package rules
 
 import (

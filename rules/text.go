@@ -7,7 +7,7 @@ import (
 
 // Text renders the ruleset as an nft script, in the layout
 // `nft list table inet egressd` prints, plus "#" comments. Loading it with
-// `nft -f` replaces the table the same way Firewall.Install does.
+// `nft -f` replaces the table the same way Ruleset.AddTo does.
 func (rs *Ruleset) Text() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# egressd ruleset. Load with: nft -f FILE\n")

@@ -113,7 +113,7 @@ func fill(t *testing.T, path string) {
 func TestEventsLostForceAudit(t *testing.T) {
 	l := newLab(t)
 	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "min_ttl: 1s", "min_ttl: 120s", 1))
-	// A small event buffer (a test hook, rules/testhooks.go): the kernel coalesces element
+	// A small event buffer (a test hook, firewall/testhooks.go): the kernel coalesces element
 	// notifications, which 8 MiB would absorb.
 	l.startDaemon(cfg, "EGRESSD_TEST_EVENT_BUFFER=4096")
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
@@ -146,7 +146,7 @@ func TestEventsLostForceAudit(t *testing.T) {
 }
 
 // TestSetAtSizeLimit runs egressd with learned sets of 4 elements at most
-// (a test hook, rules/testhooks.go), so the kernel refuses new elements once the pinned
+// (a test hook, firewall/testhooks.go), so the kernel refuses new elements once the pinned
 // name and 3 answers fill allow4: such answers are SERVFAIL, logged and
 // counted, and answers work again once elements expire and make room.
 func TestSetAtSizeLimit(t *testing.T) {

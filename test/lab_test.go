@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,6 +36,8 @@ import (
 
 	"github.com/miekg/dns"
 	"github.com/vishvananda/netns"
+
+	"github.com/egressd/egressd/rules"
 )
 
 // Addresses of the lab.
@@ -778,11 +781,7 @@ func (l *Lab) stateHas(addr string) error {
 // (zero if not at all).
 func (l *Lab) kernelExpires(addr string) time.Duration {
 	l.t.Helper()
-	set := "allow4"
-	if strings.Contains(addr, ":") {
-		set = "allow6"
-	}
-	out := l.in(l.Host, "nft list set inet egressd "+set)
+	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(netip.MustParseAddr(addr)))
 	m := regexp.MustCompile(regexp.QuoteMeta(addr) + ` timeout \S+ expires ([0-9dhms]+)`).FindStringSubmatch(out)
 	if m == nil {
 		return 0
@@ -893,11 +892,7 @@ func (l *Lab) resolve(ns, name string, qtype uint16) *dns.Msg {
 
 func (l *Lab) inSet(addr string) bool {
 	l.t.Helper()
-	set := "allow4"
-	if strings.Contains(addr, ":") {
-		set = "allow6"
-	}
-	out := l.in(l.Host, "nft list set inet egressd "+set)
+	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(netip.MustParseAddr(addr)))
 	return strings.Contains(out, " "+addr+" ") || strings.Contains(out, "{ "+addr) || strings.Contains(out, ", "+addr)
 }
 

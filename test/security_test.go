@@ -151,7 +151,7 @@ func cgroup2Dir(t *testing.T) string {
 // v2 (nftables `socket cgroupv2`, Linux 5.13): it loads such a rule for
 // cg, a directory below the cgroup v2 mount mnt, into a scratch table in
 // the lab's host namespace, in one transaction that deletes it again, as
-// egressd's own probe (rules.ProbeCgroup) does. The probe is of the
+// egressd's own probe (firewall.ProbeCgroup) does. The probe is of the
 // kernel, not its version; any other failure fails t.
 func needCgroupMatch(t *testing.T, l *Lab, mnt, cg string) {
 	t.Helper()

@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"context"
@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+
+	"github.com/egressd/egressd/rules"
 )
 
 // kernelElement is an element of a learned set: its address and when it
@@ -182,7 +184,7 @@ func TestAuditRepairsTheKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := foreignConn(t, fw)
-	s := &nftables.Set{Table: table(), Name: SetAllow4, KeyType: nftables.TypeIPAddr, HasTimeout: true}
+	s := &nftables.Set{Table: rules.Table(), Name: rules.SetAllow4, KeyType: nftables.TypeIPAddr, HasTimeout: true}
 	el := func(a netip.Addr, d time.Duration) []nftables.SetElement {
 		return []nftables.SetElement{{Key: a.AsSlice(), Timeout: d}}
 	}

@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"context"
@@ -9,6 +9,9 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/egressd/egressd/config/configtest"
+	"github.com/egressd/egressd/rules"
 )
 
 // nftIn runs nft with script in ns, as another process would.
@@ -40,7 +43,7 @@ firewall:
 func TestInstalledRulesetHasNoDrift(t *testing.T) {
 	for _, yaml := range []string{"", richConfig, "firewall:\n  host: false\n  nflog_group: 0\n", "firewall:\n  mode: audit\n  antispoof: [\"*\"]\ndns:\n  upstreams: [192.0.2.53]\n  forward: [{zone: cluster.local, servers: [10.96.0.10]}]\n"} {
 		fw := newTestFirewall(t)
-		if err := fw.Install(context.Background(), Build(loadConfig(t, yaml)), nil, nil); err != nil {
+		if err := fw.Install(context.Background(), rules.Build(configtest.Load(t, yaml)), nil, nil); err != nil {
 			t.Fatal(err)
 		}
 		if d, err := fw.Drift(context.Background()); d != "" || err != nil {

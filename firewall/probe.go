@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+
+	"github.com/egressd/egressd/rules"
 )
 
 // Lifetimes is what the running kernel does when egressd extends the life
@@ -27,7 +29,7 @@ func (l Lifetimes) String() string {
 
 // probeTable is a scratch table, removed again before ProbeLifetimes
 // returns.
-const probeTable = TableName + "_probe"
+const probeTable = rules.TableName + "_probe"
 
 // ProbeLifetimes measures, in a scratch table, how the running kernel
 // treats extended set element lifetimes, rather than trusting its version.

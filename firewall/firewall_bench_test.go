@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"context"
@@ -11,6 +11,9 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netns"
+
+	"github.com/egressd/egressd/config/configtest"
+	"github.com/egressd/egressd/rules"
 )
 
 // newTestFirewall installs the default ruleset in a fresh network
@@ -40,11 +43,11 @@ func newTestFirewallNS(tb testing.TB) (*Firewall, netns.NsHandle) {
 	}
 	runtime.UnlockOSThread()
 	tb.Cleanup(func() { ns.Close(); orig.Close() })
-	fw, err := NewFirewall(nftables.WithNetNSFd(int(ns)))
+	fw, err := New(nftables.WithNetNSFd(int(ns)))
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if err := fw.Install(context.Background(), Build(loadConfig(tb, "")), nil, nil); err != nil {
+	if err := fw.Install(context.Background(), rules.Build(configtest.Load(tb, "")), nil, nil); err != nil {
 		tb.Fatal(err)
 	}
 	return fw, ns
@@ -143,7 +146,7 @@ func BenchmarkInstall100k(b *testing.B) {
 	fw := newTestFirewall(b)
 	ctx := context.Background()
 	learn100k(b, fw)
-	rs := Build(loadConfig(b, ""))
+	rs := rules.Build(configtest.Load(b, ""))
 	for b.Loop() {
 		if err := fw.Install(ctx, rs, nil, nil); err != nil {
 			b.Fatal(err)

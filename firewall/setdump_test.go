@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"encoding/binary"
@@ -9,6 +9,8 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/rules"
 )
 
 // dumpElem is one element of a set dump as the kernel sends it; zero
@@ -24,8 +26,8 @@ const dumpSeq = 7
 func elemMsg(t *testing.T, seq uint32, elems ...dumpElem) netlink.Message {
 	t.Helper()
 	ae := netlink.NewAttributeEncoder()
-	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, TableName)
-	ae.String(unix.NFTA_SET_ELEM_LIST_SET, SetAllow4)
+	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, rules.TableName)
+	ae.String(unix.NFTA_SET_ELEM_LIST_SET, rules.SetAllow4)
 	ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(list *netlink.AttributeEncoder) error {
 		for _, e := range elems {
 			list.Nested(unix.NFTA_LIST_ELEM, func(el *netlink.AttributeEncoder) error {

@@ -1,4 +1,16 @@
-package rules
+// Package firewall is the kernel side of egressd's ruleset: it installs a
+// rules.Ruleset over netlink and owns what changes after that. One file
+// each:
+//   - firewall.go: the Firewall, its netlink connection, Install, Remove
+//     and Drift (the comparison itself is rules.Ruleset.Drift);
+//   - learned.go: the learned-address store and Allow, its group commit;
+//   - audit.go: the audit of the learned sets against that store;
+//   - watch.go: the watcher of other processes' nftables changes;
+//   - probe.go, cgroup_probe.go: what the running kernel supports;
+//   - netlink.go: the netlink wire helpers (the set dump, message and
+//     attribute parsing);
+//   - testhooks.go: the environment hooks of the end-to-end tests.
+package firewall
 
 import (
 	"cmp"
@@ -14,12 +26,11 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
-	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/egressd/egressd/metrics"
+	"github.com/egressd/egressd/rules"
 )
 
 // Firewall installs a Ruleset over netlink and keeps the learned-address
@@ -46,7 +57,7 @@ type Firewall struct {
 	limit int
 
 	mu      sync.Mutex
-	rs      *Ruleset
+	rs      *rules.Ruleset
 	sets    map[string]*nftables.Set
 	learned *learnedMap
 	version uint64 // counts changes of learned, for savers
@@ -57,15 +68,15 @@ type Firewall struct {
 	installs atomic.Uint64
 }
 
-// NewFirewall returns a Firewall that talks to the kernel through a new
+// New returns a Firewall that talks to the kernel through a new
 // nftables connection made with opts.
-func NewFirewall(opts ...nftables.ConnOption) (*Firewall, error) {
+func New(opts ...nftables.ConnOption) (*Firewall, error) {
 	// The send buffer must hold a whole transaction, which with every
 	// learned address can be megabytes.
 	return newFirewall(opts, nftables.WithSockOptions(bigSendBuffer))
 }
 
-// newFirewall is NewFirewall with extra options for the transaction
+// newFirewall is New with extra options for the transaction
 // socket only (a test connection has no socket buffer to size).
 func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Firewall, error) {
 	// One lasting netlink socket: dialling one per transaction costs more
@@ -87,10 +98,6 @@ func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Fi
 		sem:      make(chan struct{}, 1),
 		learned:  &learnedMap{},
 	}, nil
-}
-
-func table() *nftables.Table {
-	return &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
 }
 
 // Observe makes the Firewall record set updates in m.
@@ -129,7 +136,7 @@ func (f *Firewall) Counts() (v4, v6 int) {
 // this Firewall learned, keep (addresses from a state file), and, on its
 // first Install, those the kernel holds; if allowed is not nil, only
 // elements it accepts.
-func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, allowed func(Element) bool) error {
+func (f *Firewall) Install(ctx context.Context, rs *rules.Ruleset, keep []Element, allowed func(Element) bool) error {
 	if err := f.acquire(ctx); err != nil {
 		return err
 	}
@@ -169,52 +176,16 @@ func (f *Firewall) Install(ctx context.Context, rs *Ruleset, keep []Element, all
 	}
 
 	c := f.conn
-	t := c.AddTable(table())
-	c.DelTable(t)
-	t = c.AddTable(table())
-	sets := map[string]*nftables.Set{}
-	for _, s := range rs.Sets {
-		ns := nftSet(t, s)
-		if err := c.AddSet(ns, nil); err != nil {
-			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
-		}
+	size, _ := testSetSize() // a test hook, testhooks.go
+	sets, err := rs.AddTo(c, rules.Learned{Size: size, Fill: func(s rules.Set, ns *nftables.Set) error {
 		add := func(elems []nftables.SetElement) error { return c.SetAddElements(ns, elems) }
-		var err error
-		switch s.Type {
-		case IPv4Addr, IPv6Addr:
-			err = queueLives(untils(merged), s.Type == IPv6Addr, now, add)
-		case InetService:
-			var elems []nftables.SetElement
-			for _, p := range s.Ports {
-				elems = append(elems, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
-			}
-			err = addElements(c, ns, elems)
-		}
-		if err != nil {
-			return f.abort(fmt.Errorf("install set %s: %w", s.Name, err))
-		}
-		sets[s.Name] = ns
-	}
-	chains := map[string]*nftables.Chain{}
-	for _, ch := range rs.Chains {
-		nc := &nftables.Chain{Table: t, Name: ch.Name}
-		if h := ch.Hook; h != nil {
-			nc.Type = nftables.ChainType(h.Type)
-			nc.Hooknum = hookNum(h.Hook)
-			nc.Priority = nftables.ChainPriorityRef(nftables.ChainPriority(h.Priority))
-			accept := nftables.ChainPolicyAccept
-			nc.Policy = &accept
-		}
-		chains[ch.Name] = c.AddChain(nc)
-	}
-	for _, ch := range rs.Chains {
-		for _, r := range ch.Rules {
-			var exprs = r.exprs(sets)
-			c.AddRule(&nftables.Rule{Table: t, Chain: chains[ch.Name], Exprs: exprs})
-		}
+		return queueLives(untils(merged), s.Name, now, add)
+	}})
+	if err != nil {
+		return f.abort(err)
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("install table inet %s: %w", TableName, err)
+		return fmt.Errorf("install table inet %s: %w", rules.TableName, err)
 	}
 	f.mu.Lock()
 	f.rs, f.sets, f.learned = rs, sets, merged
@@ -238,29 +209,6 @@ func (f *Firewall) abort(err error) error {
 	return err
 }
 
-func (r Rule) exprs(sets map[string]*nftables.Set) []expr.Any {
-	var e []expr.Any
-	for _, s := range r.Stmts {
-		e = append(e, s.exprs(sets)...)
-	}
-	return e
-}
-
-// maxElementsPerMessage keeps one message's element list below the 64 KiB
-// that a netlink attribute can hold.
-const maxElementsPerMessage = 1000
-
-// addElements queues elems in as many messages as needed; they still
-// commit in the one transaction of the next Flush.
-func addElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
-	for chunk := range slices.Chunk(elems, maxElementsPerMessage) {
-		if err := c.SetAddElements(s, chunk); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // setLives queues, for the next Flush, that each address of lives lives
 // in its set until its until (Unix ms). The caller holds sem.
 //
@@ -272,8 +220,7 @@ func addElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement)
 // delete safe when the element is absent (expired a moment ago), which
 // would otherwise fail the whole transaction with ENOENT.
 func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]int64, replace bool, now time.Time) error {
-	for _, v6 := range []bool{false, true} {
-		name := learnedSet(v6)
+	for _, name := range rules.LearnedSets {
 		s := sets[name]
 		add := func(elems []nftables.SetElement) error { return f.conn.SetAddElements(s, elems) }
 		ops := []func([]nftables.SetElement) error{add}
@@ -281,26 +228,8 @@ func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]
 			del := func(elems []nftables.SetElement) error { return f.conn.SetDeleteElements(s, elems) }
 			ops = append(ops, del, add)
 		}
-		if err := queueLives(maps.All(lives), v6, now, ops...); err != nil {
+		if err := queueLives(maps.All(lives), name, now, ops...); err != nil {
 			return f.abort(fmt.Errorf("set lifetimes in set %s: %w", name, err))
-		}
-	}
-	return nil
-}
-
-// learnedSet names the set of learned IPv4 or IPv6 addresses.
-func learnedSet(v6 bool) string {
-	if v6 {
-		return SetAllow6
-	}
-	return SetAllow4
-}
-
-// delElements queues the deletion of elems (by key) like addElements.
-func delElements(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
-	for chunk := range slices.Chunk(elems, maxElementsPerMessage) {
-		if err := c.SetDeleteElements(s, chunk); err != nil {
-			return err
 		}
 	}
 	return nil
@@ -323,71 +252,17 @@ func bigSendBuffer(c *netlink.Conn) error {
 	return errors.Join(err, serr)
 }
 
-// nftSet declares s in table t.
-func nftSet(t *nftables.Table, s Set) *nftables.Set {
-	ns := &nftables.Set{Table: t, Name: s.Name, HasTimeout: s.Timeout, Comment: s.Comment}
-	if s.Timeout {
-		if n, ok := testSetSize(); ok {
-			ns.Size = n // a test hook, testhooks.go
-		}
-	}
-	switch s.Type {
-	case IPv4Addr:
-		ns.KeyType = nftables.TypeIPAddr
-	case IPv6Addr:
-		ns.KeyType = nftables.TypeIP6Addr
-	case InetService:
-		ns.KeyType = nftables.TypeInetService
-		ns.Constant = true
-	}
-	return ns
-}
-
-func hookNum(name string) *nftables.ChainHook {
-	switch name {
-	case "prerouting":
-		return nftables.ChainHookPrerouting
-	case "input":
-		return nftables.ChainHookInput
-	case "forward":
-		return nftables.ChainHookForward
-	case "output":
-		return nftables.ChainHookOutput
-	}
-	panic("rules: unknown hook " + name)
-}
-
-// queueLives queues each address of one family in lives, with the
-// timeout that ends at its until (Unix ms), in messages of at most
-// maxElementsPerMessage elements: ops, in order, for each message's
-// elements. The elements are built a message at a time (a SetElement is
-// 136 bytes; the messages keep only what the kernel needs).
-func queueLives(lives iter.Seq2[netip.Addr, int64], v6 bool, now time.Time, ops ...func([]nftables.SetElement) error) error {
-	var chunk []nftables.SetElement
-	flush := func() error {
-		for _, op := range ops {
-			if err := op(chunk); err != nil {
-				return err
+// queueLives queues each address of lives that belongs in the learned set
+// name, with the timeout that ends at its until (Unix ms): ops, in order,
+// for each message's elements (see rules.QueueElements).
+func queueLives(lives iter.Seq2[netip.Addr, int64], name string, now time.Time, ops ...func([]nftables.SetElement) error) error {
+	return rules.QueueElements(func(yield func(nftables.SetElement) bool) {
+		for a, until := range lives {
+			if rules.LearnedSet(a) == name && !yield(nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)}) {
+				return
 			}
 		}
-		chunk = chunk[:0]
-		return nil
-	}
-	for a, until := range lives {
-		if a.Is6() != v6 {
-			continue
-		}
-		chunk = append(chunk, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)})
-		if len(chunk) == maxElementsPerMessage {
-			if err := flush(); err != nil {
-				return err
-			}
-		}
-	}
-	if len(chunk) == 0 {
-		return nil
-	}
-	return flush()
+	}, ops...)
 }
 
 // timeout is the kernel timeout from now to until (Unix ms), rounded up to
@@ -403,20 +278,36 @@ func (f *Firewall) Remove(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	defer f.release()
-	if _, err := f.conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
+	if _, err := f.conn.ListTableOfFamily(rules.TableName, nftables.TableFamilyINet); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return false, nil
 		}
-		return false, fmt.Errorf("look up table inet %s: %w", TableName, err)
+		return false, fmt.Errorf("look up table inet %s: %w", rules.TableName, err)
 	}
-	f.conn.DelTable(table())
+	f.conn.DelTable(rules.Table())
 	if err := f.conn.Flush(); err != nil {
-		return false, fmt.Errorf("delete table inet %s: %w", TableName, err)
+		return false, fmt.Errorf("delete table inet %s: %w", rules.TableName, err)
 	}
 	f.mu.Lock()
 	f.rs, f.sets = nil, nil
 	f.mu.Unlock()
 	return true, nil
+}
+
+// Drift compares the installed table with the ruleset this Firewall
+// installed last (see rules.Ruleset.Drift); "" if none was installed.
+func (f *Firewall) Drift(ctx context.Context) (string, error) {
+	if err := f.acquire(ctx); err != nil {
+		return "", err
+	}
+	defer f.release()
+	f.mu.Lock()
+	rs := f.rs
+	f.mu.Unlock()
+	if rs == nil {
+		return "", nil
+	}
+	return rs.Drift(f.conn)
 }
 
 func (f *Firewall) acquire(ctx context.Context) error {

@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 import (
 	"context"
@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+
+	"github.com/egressd/egressd/config/configtest"
+	"github.com/egressd/egressd/rules"
 )
 
 // learn100kNamed opens 100 000 addresses for an hour, each for a name of
@@ -81,10 +84,10 @@ func BenchmarkRestart100k(b *testing.B) {
 	fw, ns := newTestFirewallNS(b)
 	learn100kNamed(b, fw)
 	keep, _ := fw.Learned()
-	rs := Build(loadConfig(b, ""))
+	rs := rules.Build(configtest.Load(b, ""))
 	b.ReportAllocs()
 	for b.Loop() {
-		again, err := NewFirewall(nftables.WithNetNSFd(int(ns)))
+		again, err := New(nftables.WithNetNSFd(int(ns)))
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -1,10 +1,13 @@
-package rules
+package firewall
 
 import (
 	"context"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/egressd/egressd/config/configtest"
+	"github.com/egressd/egressd/rules"
 )
 
 // A reinstall keeps every learned address, also when they are too many for
@@ -22,7 +25,7 @@ func TestInstallKeepsManyElements(t *testing.T) {
 	if err := fw.Allow(ctx, "many.example.", addrs, until); err != nil {
 		t.Fatal(err)
 	}
-	if err := fw.Install(ctx, Build(loadConfig(t, "")), nil, nil); err != nil {
+	if err := fw.Install(ctx, rules.Build(configtest.Load(t, "")), nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	kernel := readKernel(t, fw)

@@ -1,4 +1,4 @@
-package rules
+package firewall
 
 // Root-free tests of what the Firewall sends to the kernel, message by
 // message, through a test netlink connection.
@@ -15,6 +15,9 @@ import (
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/config/configtest"
+	"github.com/egressd/egressd/rules"
 )
 
 // nlMsg is one nftables message of a transaction, decoded far enough to
@@ -132,7 +135,7 @@ func newRecordedFirewall(t *testing.T) (*Firewall, *nlRecorder) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := fw.Install(context.Background(), Build(loadConfig(t, "")), nil, nil); err != nil {
+	if err := fw.Install(context.Background(), rules.Build(configtest.Load(t, "")), nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	return fw, r
@@ -215,7 +218,7 @@ func TestAllowExtensionReplaces(t *testing.T) {
 		t.Fatalf("extension sent %v, want add, delete, add per set", got)
 	}
 	for _, m := range ext {
-		if len(m.keys) != 1 || (m.set == SetAllow4) != (m.keys[0] == a4) {
+		if len(m.keys) != 1 || (m.set == rules.SetAllow4) != (m.keys[0] == a4) {
 			t.Errorf("%+v: wrong set or keys", m)
 		}
 		// 8 s asked plus an eighth of headroom.
