@@ -505,14 +505,6 @@ func (s *linkSnapshot) uplinks() []string {
 // interface that carries the default route: its egress would count as
 // "into a container network" (unfiltered) and the proxy would answer the
 // outside.
-func checkUplinks(cfg *config.Config) error {
-	s, err := takeSnapshot()
-	if err != nil {
-		return err
-	}
-	return s.checkUplinks(cfg)
-}
-
 func (s *linkSnapshot) checkUplinks(cfg *config.Config) error {
 	names := s.uplinks()
 	for i, p := range cfg.Firewall.Containers {
