@@ -75,19 +75,20 @@ type Entry struct {
 	ExpiresIn string     `json:"expires_in"`
 }
 
-// serveControl answers on the control socket until ctx ends.
-func (d *daemon) serveControl(ctx context.Context, path string) error {
+// listenControl opens the control socket and returns what answers on it
+// until ctx ends.
+func (d *daemon) listenControl(ctx context.Context, path string) (serve func() error, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("control socket: %w", err)
+		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	_ = os.Remove(path) // left by a killed egressd
 	ln, err := net.Listen("unix", path)
 	if err != nil {
-		return fmt.Errorf("control socket: %w", err)
+		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
-		return fmt.Errorf("control socket: %w", err)
+		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	mux := http.NewServeMux()
 	reply := func(w http.ResponseWriter, v any) {
@@ -97,7 +98,7 @@ func (d *daemon) serveControl(ctx context.Context, path string) error {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, d.status(r.Context())) })
 	mux.HandleFunc("GET /v1/explain", func(w http.ResponseWriter, r *http.Request) { reply(w, d.explain(r.URL.Query().Get("q"))) })
 	mux.HandleFunc("GET /v1/list", func(w http.ResponseWriter, r *http.Request) { reply(w, d.list()) })
-	return serveHTTP(ctx, ln, mux)
+	return func() error { return serveHTTP(ctx, ln, mux) }, nil
 }
 
 func (d *daemon) status(ctx context.Context) Status {

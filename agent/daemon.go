@@ -141,6 +141,12 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		watchBlocked(ctx, cfg.Firewall.NFLOGGroup, d.config, fw, d.metrics, names, log)
 	}
 	d.startPinned(ctx)
+	// The control socket and the metrics endpoint listen before the proxy
+	// answers: whoever sees DNS answered can ask them.
+	d.background(d.listenControl(ctx, cfg.Control.Socket))
+	if cfg.Metrics.Listen != "" {
+		d.background(d.listenMetrics(ctx, cfg.Metrics.Listen))
+	}
 
 	ready := make(chan struct{})
 	served := make(chan error, 1)
@@ -154,17 +160,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	}
 	log.Info("DNS proxy listening", "port", cfg.DNS.ListenPort)
 
-	go d.background(ctx, "control socket", func() error { return d.serveControl(ctx, cfg.Control.Socket) })
-	if cfg.Metrics.Listen != "" {
-		go d.background(ctx, "metrics", func() error { return d.serveMetrics(ctx, cfg.Metrics.Listen) })
-	}
 	relink := make(chan struct{}, 1)
-	d.links.kick = func() {
-		select {
-		case relink <- struct{}{}:
-		default:
-		}
-	}
+	d.links.kick = func() { offer(relink, struct{}{}) }
 	go watchLinks(ctx, d.config, d.links.kick, d.engines.invalidate, names, log)
 	go watchEngines(ctx, cfg, d.links.kick, log)
 	d.reportEngines()
@@ -173,19 +170,9 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	defer engineScan.Stop()
 	go d.auditSets(ctx)
 	resolv := make(chan struct{}, 1)
-	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() {
-		select {
-		case resolv <- struct{}{}:
-		default:
-		}
-	})
+	go watchResolvConf(ctx, cfg.DNS.ResolvConf, func() { offer(resolv, struct{}{}) })
 	changed := make(chan string, 1)
-	go fw.Watch(ctx, func(reason string) {
-		select {
-		case changed <- reason:
-		default: // a repair is already due
-		}
-	})
+	go fw.Watch(ctx, func(reason string) { offer(changed, reason) }) // else a repair is already due
 	d.notify(sd.SdNotifyReady)
 
 	hup := make(chan os.Signal, 1)
@@ -195,10 +182,7 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 		// A changed file reloads exactly as SIGHUP does (configwatch.go).
 		go watchConfig(ctx, path, func() {
 			log.Info("config file changed; reloading", "path", path)
-			select {
-			case hup <- syscall.SIGHUP:
-			default: // a reload is due already; it reads the newest file
-			}
+			offer[os.Signal](hup, syscall.SIGHUP) // else a reload is due already; it reads the newest file
 		}, log)
 	}
 	save := time.NewTicker(saveInterval)
@@ -265,12 +249,18 @@ func (d *daemon) stop() error {
 	return nil
 }
 
-// background runs f and logs its failure; egressd keeps enforcing without
-// it.
-func (d *daemon) background(ctx context.Context, what string, f func() error) {
-	if err := f(); err != nil && ctx.Err() == nil {
-		d.log.Error(what+" failed", "err", err)
+// background runs serve, what a listener that opened (err nil) serves;
+// a failure is logged, and egressd keeps enforcing without it.
+func (d *daemon) background(serve func() error, err error) {
+	if err != nil {
+		d.log.Error("not served", "err", err)
+		return
 	}
+	go func() {
+		if err := serve(); err != nil {
+			d.log.Error("no longer served", "err", err)
+		}
+	}()
 }
 
 func (d *daemon) learned() int {
@@ -462,10 +452,14 @@ type auditResult struct {
 	Err error
 }
 
-func (d *daemon) auditNow() {
+func (d *daemon) auditNow() { offer(d.audit, struct{}{}) } // else one is due already
+
+// offer sends v on ch unless ch is full: the main loop's work items are
+// idempotent, one pending is enough.
+func offer[T any](ch chan<- T, v T) {
 	select {
-	case d.audit <- struct{}{}:
-	default: // one is due already
+	case ch <- v:
+	default:
 	}
 }
 

@@ -9,15 +9,16 @@ import (
 	"time"
 )
 
-// serveMetrics exposes /metrics on addr until ctx ends.
-func (d *daemon) serveMetrics(ctx context.Context, addr string) error {
+// listenMetrics listens on addr and returns what serves /metrics there
+// until ctx ends.
+func (d *daemon) listenMetrics(ctx context.Context, addr string) (serve func() error, err error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("metrics listener: %w", err)
+		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", d.metrics.Handler())
-	return serveHTTP(ctx, ln, mux)
+	return func() error { return serveHTTP(ctx, ln, mux) }, nil
 }
 
 // serveHTTP serves h on ln until ctx ends.
@@ -29,7 +30,7 @@ func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()
 	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		return err
+		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
 	}
 	return nil
 }
