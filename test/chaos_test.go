@@ -267,7 +267,6 @@ func slowQueries(ctx context.Context, ns string, n int, lived *latencies, mu *sy
 func chaosNoisyNeighbour(t *testing.T, row *chaosRow) {
 	const rate, unloaded, loaded = 200, 10 * time.Second, 20 * time.Second
 	const rssBound = 150.0 // MiB
-	const p99Floor = 5 * time.Millisecond
 	l := chaosLab(t)
 	b := l.addContainer("b", "172.30.0.3")
 	l.restart(l.chaosConfig(fmt.Sprintf(`["%s"]`, upstreamDNS), ""))
@@ -323,11 +322,12 @@ func chaosNoisyNeighbour(t *testing.T, row *chaosRow) {
 	if res.Lost > 0 || res.Answered != res.Queries || res.ConnectFail > 0 {
 		t.Errorf("A lost queries or connections beside B: %v", res)
 	}
-	// 5× the unloaded p99, counted from at least 5 ms: below that, a
-	// p99 on two shared CPUs is scheduler noise (the table shows the raw
-	// ratio).
-	if p, b := res.Lat.pct(0.99), max(base.Lat.pct(0.99), p99Floor); p > 5*b {
-		t.Errorf("A's p99 beside B %v is more than 5× its p99 alone (%v, at least %v)", p, base.Lat.pct(0.99), p99Floor)
+	// A's latency beside B is measured (the table's ratio), not asserted:
+	// on shared CPUs it depends on whatever else runs. What isolates A
+	// is asserted: every query of A answered (above), and B held back by
+	// the per-client limits.
+	if limited[`egressd_dns_limited_total{reason="rate"}`]+limited[`egressd_dns_limited_total{reason="in_flight"}`] == 0 {
+		t.Errorf("B's flood was not limited (rate, in_flight): %v", limited)
 	}
 	if rss > rssBound {
 		t.Errorf("peak RSS %.1f MiB over the bound of %.0f MiB", rss, rssBound)
