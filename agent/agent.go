@@ -50,7 +50,7 @@ func Apply(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, e
 	}
 	own, flows := openFlows(log)
 	defer own.close()
-	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, flows, log, nil, nil))
+	p := dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, flows, log, nil, nil, nil))
 	var errs []error
 	for _, name := range cfg.Allow.Names {
 		n, _, err := openPinned(ctx, p, name)
@@ -83,6 +83,9 @@ type plan struct {
 // cg. A container pattern matching an uplink is an error.
 func planFor(cfg *config.Config, cg *rules.Cgroup) (plan, error) {
 	p := plan{}
+	if err := checkRuleCgroups(cfg); err != nil {
+		return p, err
+	}
 	p.ups, p.upErr = upstreams(cfg)
 	host, err := hostFor(cfg, p.ups, cg)
 	if err != nil {
@@ -162,7 +165,7 @@ func Remove(ctx context.Context) (bool, error) {
 // conntrack entries of egressd's own queries, eng finds the engine zones'
 // servers (nil: engine zones are refused, as Apply's proxy, which answers
 // no client, can).
-func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, flows dnsresolve.Flows, log *slog.Logger, m *metrics.Metrics, eng *engines) dnsresolve.Options {
+func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.Allower, flows dnsresolve.Flows, log *slog.Logger, m *metrics.Metrics, eng *engines, cl *clients) dnsresolve.Options {
 	refuse := dns.RcodeRefused
 	if cfg.DNS.RefuseWith == config.RefuseNXDomain {
 		refuse = dns.RcodeNameError
@@ -177,6 +180,10 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 	if eng != nil {
 		engineServers = eng.servers
 	}
+	var who dnsresolve.Clients
+	if cl != nil {
+		who = cl.lookup
+	}
 	return dnsresolve.Options{
 		Forward:        fwd,
 		Flows:          flows,
@@ -186,7 +193,9 @@ func proxyOptions(cfg *config.Config, ups []netip.AddrPort, allower dnsresolve.A
 		AuditServers:   ups,
 		Mark:           cfg.Firewall.Mark,
 		ForwardTimeout: cfg.DNS.Timeout,
-		Domains:        cfg.Allow.Domains,
+		Rules:          cfg.Rules,
+		Clients:        who,
+		Classes:        cfg.DNSClasses(),
 		Upstream:       upstream,
 		Allower:        allower,
 		MinTTL:         cfg.DNS.MinTTL,

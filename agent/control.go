@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -29,11 +30,14 @@ type Status struct {
 	Healthy bool   `json:"healthy"`
 	// Mode is firewall.mode; Enforced is false in audit mode, where
 	// nothing is blocked.
-	Mode         config.Mode               `json:"mode"`
-	Enforced     bool                      `json:"enforced"`
-	Ruleset      string                    `json:"ruleset"` // "in place" or what drifted
-	LearnedIPv4  int                       `json:"learned_ipv4"`
-	LearnedIPv6  int                       `json:"learned_ipv6"`
+	Mode        config.Mode `json:"mode"`
+	Enforced    bool        `json:"enforced"`
+	Ruleset     string      `json:"ruleset"` // "in place" or what drifted
+	LearnedIPv4 int         `json:"learned_ipv4"`
+	LearnedIPv6 int         `json:"learned_ipv6"`
+	// Rules are the allow rules, each with whom it applies to and its
+	// learned addresses.
+	Rules        []RuleStatus              `json:"rules"`
 	Upstreams    []dnsresolve.ServerHealth `json:"upstreams"`
 	NotAnswering string                    `json:"not_answering,omitempty"` // why the proxy answers SERVFAIL
 	StateSave    string                    `json:"state_save,omitempty"`    // why learned addresses are not being saved
@@ -42,6 +46,14 @@ type Status struct {
 	Kernel       string                    `json:"kernel"`          // how the kernel treats extended lifetimes
 	Started      time.Time                 `json:"started"`
 	LastErrors   []string                  `json:"last_errors"`
+}
+
+// RuleStatus is one allow rule in `egressd status`.
+type RuleStatus struct {
+	Name    string `json:"name"`
+	Origin  string `json:"origin"` // "allow", "allow.rules[1]", "profile ntp"
+	From    string `json:"from"`
+	Learned int    `json:"learned"` // live learned addresses, both families
 }
 
 // AuditStatus is the last comparison of the kernel's learned sets with
@@ -70,6 +82,7 @@ func (e Explanation) String() string {
 
 // Entry is one line of `egressd list`.
 type Entry struct {
+	Rule      string     `json:"rule"`
 	Addr      netip.Addr `json:"addr"`
 	Names     []string   `json:"names"`
 	ExpiresIn string     `json:"expires_in"`
@@ -102,9 +115,17 @@ func (d *daemon) listenControl(ctx context.Context, path string) (serve func() e
 }
 
 func (d *daemon) status(ctx context.Context) Status {
-	v4, v6 := d.fw.Counts()
-	mode := d.config().Firewall.Mode
-	s := Status{Version: d.version, Mode: mode, Enforced: mode != config.ModeAudit, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6,
+	cfg := d.config()
+	counts := d.fw.Counts()
+	v4, v6 := 0, 0
+	var rs []RuleStatus
+	for _, r := range cfg.Rules {
+		n4, n6 := counts[r.Name+"4"], counts[r.Name+"6"]
+		v4, v6 = v4+n4, v6+n6
+		rs = append(rs, RuleStatus{Name: r.Name, Origin: r.Origin, From: r.From.String(), Learned: n4 + n6})
+	}
+	mode := cfg.Firewall.Mode
+	s := Status{Version: d.version, Mode: mode, Enforced: mode != config.ModeAudit, Ruleset: "in place", LearnedIPv4: v4, LearnedIPv6: v6, Rules: rs,
 		Upstreams: d.proxy.Upstream().Health(), DriftRepairs: int(d.repairs.Load()), Started: d.started,
 		LastErrors: d.errors.recent(), Kernel: d.kernel}
 	if why := d.waiting.Load(); why != nil {
@@ -157,9 +178,9 @@ func (d *daemon) explain(q string) Explanation {
 		} else if z, ok := cfg.ForwardFor(q); ok {
 			e.Allowed = true
 			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
-		} else if p, ok := d.proxy.Allowed(q); ok {
+		} else if rule, p, ok := d.proxy.Allowed(q); ok {
 			e.Allowed = true
-			e.Reason = fmt.Sprintf("%s matched %s", q, p)
+			e.Reason = fmt.Sprintf("%s matched %s of rule %s", q, p, ruleWho(cfg, rule))
 			if addrs := d.addrsOf(q); len(addrs) > 0 {
 				e.Reason += "; open now: " + strings.Join(addrs, ", ")
 			}
@@ -173,6 +194,11 @@ func (d *daemon) explain(q string) Explanation {
 	}
 	addr = addr.Unmap()
 	v := verdict(cfg, d.fw, addr, port, proto)
+	if v.Static == nil && v.Rule != nil && v.Live == nil {
+		e.Allowed = true
+		e.Reason = fmt.Sprintf("%s is in the cidrs of rule %s", addr, ruleWho(cfg, v.Rule.Name))
+		return e
+	}
 	if v.Static != nil {
 		e.Allowed = true
 		e.Reason = fmt.Sprintf("%s is in allow.cidrs %q", addr, v.Static.String())
@@ -185,13 +211,12 @@ func (d *daemon) explain(q string) Explanation {
 		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
 		return auditNote(cfg, e)
 	}
-	set := rules.LearnedSet(addr)
 	switch {
 	case v.Live != nil:
 		left := time.Until(v.Live.Expires).Round(time.Second)
-		what := fmt.Sprintf("%s in %s for another %v (answered for %s)", addr, set, left, v.Live.Names)
+		what := fmt.Sprintf("%s in %s for another %v (answered for %s), allowed by rule %s", addr, rules.LearnedSet(v.Rule.Name, addr), left, v.Live.Names, ruleWho(cfg, v.Rule.Name))
 		if v.Reason == Port {
-			e.Reason = fmt.Sprintf("port %d is not allowed (allow.ports %v); %s", port, cfg.Allow.Ports, what)
+			e.Reason = fmt.Sprintf("port %d is not allowed for %s (rule %s: ports %v); %s", port, proto, v.Rule.Name, v.Rule.Ports, what)
 			return auditNote(cfg, e)
 		}
 		e.Allowed = true
@@ -205,6 +230,17 @@ func (d *daemon) explain(q string) Explanation {
 		e.Reason = fmt.Sprintf("%s was not answered by egressd (no allowed name resolved to it) and is in no allow.cidrs", addr)
 	}
 	return auditNote(cfg, e)
+}
+
+// ruleWho is a rule's name, origin and whom it applies to: "metering
+// (profile azure-ai-containers), from containers".
+func ruleWho(cfg *config.Config, name string) string {
+	for _, r := range cfg.Rules {
+		if r.Name == name {
+			return fmt.Sprintf("%s (%s), from %s", r.Name, r.Origin, r.From)
+		}
+	}
+	return name
 }
 
 // auditNote adds to a blocked explanation that audit mode lets it pass.
@@ -234,14 +270,16 @@ func (d *daemon) addrsOf(name string) []string {
 
 func (d *daemon) list() []Entry {
 	learned, _ := d.fw.Learned()
-	slices.SortFunc(learned, func(a, b firewall.Element) int { return a.Addr.Compare(b.Addr) })
+	slices.SortFunc(learned, func(a, b firewall.Element) int {
+		return cmp.Or(strings.Compare(a.Rule, b.Rule), a.Addr.Compare(b.Addr))
+	})
 	out := make([]Entry, 0, len(learned))
 	for _, el := range learned {
 		var names []string
 		if el.Names != "" {
 			names = strings.Split(el.Names, ",")
 		}
-		out = append(out, Entry{Addr: el.Addr, Names: names, ExpiresIn: time.Until(el.Expires).Round(time.Second).String()})
+		out = append(out, Entry{Rule: el.Rule, Addr: el.Addr, Names: names, ExpiresIn: time.Until(el.Expires).Round(time.Second).String()})
 	}
 	return out
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"slices"
@@ -46,6 +47,7 @@ type daemon struct {
 	fw      *firewall.Firewall
 	proxy   *dnsresolve.Proxy
 	engines *engines // the engine zones' servers, from the container bridges' addresses
+	clients *clients // what client addresses are, for rules that are not uniform
 	// cfg is replaced by reload while the control socket and watchers
 	// read it.
 	cfg       atomic.Pointer[config.Config]
@@ -132,7 +134,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 	defer own.close()
 	d.flows = flows
 	d.engines = newEngines(d.config, log)
-	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics, d.engines))
+	d.clients = newClients()
+	d.proxy = dnsresolve.NewProxy(proxyOptions(cfg, pl.ups, fw, d.flows, log, d.metrics, d.engines, d.clients))
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// Blocked connections are reported from before the proxy answers.
@@ -223,7 +226,8 @@ func Run(ctx context.Context, path, version string, cfg *config.Config, log *slo
 			d.repair(ctx, "")
 			// An engine cgroup that came or went unnoticed (the kernel's
 			// lack of cgroup matching is reported, not retried).
-			if cgs, _ := presentEngines(d.config()); d.enginesReported == "" && !slices.Equal(cgs, d.host.Engines) {
+			if cgs, _ := presentEngines(d.config()); d.enginesReported == "" && !slices.Equal(cgs, d.host.Engines) ||
+				!maps.Equal(ruleCgroups(d.config()), d.host.Cgroups) {
 				d.relink(ctx)
 			}
 		case now := <-save.C:
@@ -264,8 +268,11 @@ func (d *daemon) background(serve func() error, err error) {
 }
 
 func (d *daemon) learned() int {
-	v4, v6 := d.fw.Counts()
-	return v4 + v6
+	n := 0
+	for _, c := range d.fw.Counts() {
+		n += c
+	}
+	return n
 }
 
 // announceMode says plainly, at start and when a reload changes it,
@@ -387,7 +394,7 @@ func (d *daemon) reload(ctx context.Context) {
 	}
 	// The proxy follows the ruleset at once: until it does, it answers
 	// with the old config's names and mode.
-	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.flows, d.log, d.metrics, d.engines))
+	d.proxy.Update(proxyOptions(cfg, pl.ups, d.fw, d.flows, d.log, d.metrics, d.engines, d.clients))
 	d.host = pl.host
 	d.setWaiting(pl.upErr)
 	d.fw.Limit(cfg.Firewall.MaxLearned)
@@ -408,6 +415,8 @@ func unchangeable(old, cfg *config.Config) error {
 		return fmt.Errorf("dns.local_interface cannot change on reload (%s to %s); restart egressd", old.DNS.LocalInterface, cfg.DNS.LocalInterface)
 	case cfg.Control.Socket != old.Control.Socket, cfg.Metrics.Listen != old.Metrics.Listen, cfg.Firewall.NFLOGGroup != old.Firewall.NFLOGGroup:
 		return fmt.Errorf("control.socket, metrics.listen and firewall.nflog_group cannot change on reload; restart egressd")
+	case !slices.Equal(cfg.DNSClasses(), old.DNSClasses()):
+		return fmt.Errorf("the host services whose DNS the proxy tells apart (the cgroups of the rules' from and firewall.engine_cgroups, each on a port of its own: %v to %v) cannot change on reload; restart egressd", old.DNSClasses(), cfg.DNSClasses())
 	}
 	return nil
 }

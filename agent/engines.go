@@ -97,11 +97,19 @@ func (d *daemon) reportEngines() {
 	}
 }
 
-// watchEngines calls changed when a cgroup of firewall.engine_cgroups is
-// created or removed (an engine started or stopped): its rule follows
-// at once, not at the next periodic check.
+// watchEngines calls changed when a cgroup the ruleset matches is created
+// or removed (an engine or a service of a rule started or stopped): its
+// rules follow at once, not at the next periodic check.
 func watchEngines(ctx context.Context, cfg *config.Config, changed func(), log *slog.Logger) {
-	if cfg.Firewall.Host || len(cfg.Firewall.EngineCgroups) == 0 {
+	var rels []string
+	if !cfg.Firewall.Host {
+		for _, e := range cfg.Firewall.EngineCgroups {
+			rel, _ := config.EngineCgroupPath(e)
+			rels = append(rels, rel)
+		}
+	}
+	rels = append(rels, ruleCgroupPaths(cfg)...)
+	if len(rels) == 0 {
 		return
 	}
 	mnt, err := cgroup2Mount()
@@ -115,8 +123,7 @@ func watchEngines(ctx context.Context, cfg *config.Config, changed func(), log *
 	}
 	defer w.Close()
 	var names []string
-	for _, e := range cfg.Firewall.EngineCgroups {
-		rel, _ := config.EngineCgroupPath(e)
+	for _, rel := range rels {
 		dir := filepath.Join(mnt, rel)
 		names = append(names, dir)
 		if err := w.Add(filepath.Dir(dir)); err != nil && !os.IsNotExist(err) {

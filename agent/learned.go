@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"strings"
 	"time"
 
@@ -29,7 +30,8 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 //     updates so); a longer life comes from an egressd without a cap or
 //     with a larger one. Such an address is dropped, and opened again with
 //     a capped life when its name is asked again;
-//   - one of its names is allowed by allow.domains.
+//   - one of its names is allowed by its rule's names (a rule the config
+//     no longer has keeps nothing; Firewall.Install drops those).
 //
 // An address whose names are unknown (Names == "": read from the kernel
 // without a state file entry, e.g. answered in the second before a crash,
@@ -41,11 +43,18 @@ func guard(cfg *config.Config) *dnsresolve.Guard { return dnsresolve.NewGuard(cf
 // want, while dropping it would cut clients that resolved it moments
 // before the restart and cache the answer.
 func learnedAllowed(cfg *config.Config, now time.Time) func(firewall.Element) bool {
-	m := dnsname.NewMatcher(cfg.Allow.Domains)
+	matchers := map[string]*dnsname.Matcher{}
+	for _, r := range cfg.Rules {
+		matchers[r.Name] = dnsname.NewMatcher(r.Domains)
+	}
 	g := guard(cfg)
 	latest := now.Add(2*(cfg.DNS.MaxTTL+cfg.DNS.Grace) + expirySlack)
 	return func(e firewall.Element) bool {
 		if !g.Allows(e.Addr) || e.Expires.After(latest) {
+			return false
+		}
+		m := matchers[cmp.Or(e.Rule, config.RuleAllow)]
+		if m == nil {
 			return false
 		}
 		if e.Names == "" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -598,17 +599,17 @@ func (d *daemon) relink(ctx context.Context) {
 	dec := d.links.decide(time.Now(), s.links, cfg.Firewall.Containers, cfg.Firewall.Unfiltered, d.host.Unknown)
 	d.links.pending(dec.Wait)
 	unknown, onLink := dec.Unknown, dec.OnLink
-	engines := engineCgroups(cfg)
-	if slices.Equal(unknown, d.host.Unknown) && slices.Equal(onLink, d.host.OnLink) && slices.Equal(engines, d.host.Engines) {
+	engines, cgroups := engineCgroups(cfg), ruleCgroups(cfg)
+	if slices.Equal(unknown, d.host.Unknown) && slices.Equal(onLink, d.host.OnLink) && slices.Equal(engines, d.host.Engines) && maps.Equal(cgroups, d.host.Cgroups) {
 		return
 	}
 	host := d.host
-	host.Unknown, host.OnLink, host.Engines = unknown, onLink, engines
+	host.Unknown, host.OnLink, host.Engines, host.Cgroups = unknown, onLink, engines, cgroups
 	if err := d.fw.Install(ctx, rules.BuildFor(cfg, host), nil, nil); err != nil {
 		d.log.Error("ruleset not updated for new interfaces", "err", err)
 		return
 	}
-	d.log.Info("ruleset reinstalled: the unknown forwarding interfaces or the on-link subnets changed",
+	d.log.Info("ruleset reinstalled: the unknown forwarding interfaces, the on-link subnets or the host services present changed",
 		"unknown", unknown, "on_link", onLink, "learned", d.learned())
 	d.host = host
 	d.reportUnknown()

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/firewall"
 )
 
@@ -22,14 +23,17 @@ import (
 // The format is line based so that 100 000 entries are written in a few
 // milliseconds:
 //
-//	egressd-learned 1
-//	ADDRESS<TAB>EXPIRY (Unix ms)<TAB>NAME,NAME...
+//	egressd-learned 2
+//	RULE<TAB>ADDRESS<TAB>EXPIRY (Unix ms)<TAB>NAME,NAME...
 //	end COUNT
 //
-// The trailer tells a complete file from a truncated one.
+// The trailer tells a complete file from a truncated one. Format 1, of
+// egressd before rules, has no RULE column: its addresses are the rule
+// "allow"'s.
 const (
-	stateFile   = "learned.tsv"
-	stateHeader = "egressd-learned 1"
+	stateFile     = "learned.tsv"
+	stateHeader   = "egressd-learned 2"
+	stateHeaderV1 = "egressd-learned 1"
 )
 
 // saveState writes the learned addresses in entries atomically: a temp
@@ -51,7 +55,9 @@ func saveState(dir string, entries iter.Seq[firewall.Element]) (int, error) {
 	var line []byte
 	n := 0
 	for e := range entries {
-		line = e.Addr.AppendTo(line[:0])
+		line = append(line[:0], cmp.Or(e.Rule, config.RuleAllow)...)
+		line = append(line, '\t')
+		line = e.Addr.AppendTo(line)
 		line = append(line, '\t')
 		line = strconv.AppendInt(line, e.Expires.UnixMilli(), 10)
 		line = append(line, '\t')
@@ -112,9 +118,11 @@ func parseState(r io.Reader, now time.Time) ([]firewall.Element, error) {
 		}
 		return nil, errors.New("corrupt: empty")
 	}
-	if h := sc.Text(); h != stateHeader {
+	h := sc.Text()
+	if h != stateHeader && h != stateHeaderV1 {
 		return nil, fmt.Errorf("corrupt or unknown format: first line %.40q", h)
 	}
+	v1 := h == stateHeaderV1
 	var out []firewall.Element
 	lines := 0
 	for sc.Scan() {
@@ -126,6 +134,13 @@ func parseState(r io.Reader, now time.Time) ([]firewall.Element, error) {
 			return out, nil
 		}
 		lines++
+		rule := []byte(config.RuleAllow)
+		if !v1 {
+			var ok bool
+			if rule, line, ok = bytes.Cut(line, []byte("\t")); !ok || len(rule) == 0 {
+				return nil, fmt.Errorf("corrupt: line %d", lines+1)
+			}
+		}
 		addr, rest, ok1 := bytes.Cut(line, []byte("\t"))
 		exp, names, ok2 := bytes.Cut(rest, []byte("\t"))
 		if !ok1 || !ok2 || bytes.IndexByte(names, '\t') >= 0 {
@@ -143,7 +158,7 @@ func parseState(r io.Reader, now time.Time) ([]firewall.Element, error) {
 		if !e.After(now) {
 			continue
 		}
-		out = append(out, firewall.Element{Addr: a, Expires: e, Names: string(names)})
+		out = append(out, firewall.Element{Rule: string(rule), Addr: a, Expires: e, Names: string(names)})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("corrupt: %w", err)

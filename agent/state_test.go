@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/firewall"
 )
 
@@ -63,7 +64,8 @@ func TestStateBadFiles(t *testing.T) {
 		{"truncated at a line end", whole[:bytes.LastIndexByte(whole[:len(whole)-1], '\n')+1], "truncated"},
 		{"garbage", []byte("\x00\x01not a state file"), "corrupt"},
 		{"empty", nil, "corrupt"},
-		{"future version", []byte("egressd-learned 2\nend 0\n"), "unknown format"},
+		{"future version", []byte("egressd-learned 3\nend 0\n"), "unknown format"},
+		{"no rule", []byte("egressd-learned 2\n\t203.0.113.1\t4102444800000\ta.\nend 1\n"), "corrupt"},
 		{"invalid address", []byte("egressd-learned 1\n300.1.1.1\t4102444800000\t\nend 1\n"), "corrupt"},
 		{"wrong count", []byte("egressd-learned 1\n203.0.113.1\t4102444800000\t\nend 2\n"), "corrupt"},
 		{"no address", []byte("egressd-learned 1\n\t4102444800000\t\nend 1\n"), "corrupt"},
@@ -92,9 +94,8 @@ func TestStateBadFiles(t *testing.T) {
 	}
 }
 
-// A state file written by an earlier egressd (the same format, written by
-// the code before saving was streamed) still loads, names, IPv6 and
-// addresses without names included.
+// A state file of format 1, written by egressd before rules, still loads,
+// names, IPv6 and addresses without names included, as the allow rule's.
 func TestStateFromEarlierVersion(t *testing.T) {
 	dir := t.TempDir()
 	const old = "egressd-learned 1\n" +
@@ -116,17 +117,21 @@ func TestStateFromEarlierVersion(t *testing.T) {
 		{Addr: netip.MustParseAddr("203.0.113.2"), Expires: time.UnixMilli(4102444800000)},
 	}
 	if !slices.EqualFunc(out, want, func(a, b firewall.Element) bool {
-		return a.Addr == b.Addr && a.Expires.Equal(b.Expires) && a.Names == b.Names
+		return a.Rule == config.RuleAllow && a.Addr == b.Addr && a.Expires.Equal(b.Expires) && a.Names == b.Names
 	}) {
 		t.Errorf("loaded %+v\nwant %+v", out, want)
 	}
-	// Saved again, the file is the same, but for the expired entry.
+	// Saved again, it is format 2 with the same entries, but for the
+	// expired one.
 	if _, err := saveState(dir, slices.Values(out)); err != nil {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(filepath.Join(dir, stateFile))
-	wantFile := strings.Replace(old, "203.0.113.3\t1000\tgone.cognitive.microsoft.com.\n", "", 1)
-	wantFile = strings.Replace(wantFile, "end 4", "end 3", 1)
+	const wantFile = "egressd-learned 2\n" +
+		"allow\t203.0.113.1\t4102444800000\ta.cognitive.microsoft.com.,b.cognitive.microsoft.com.\n" +
+		"allow\t2001:db8::1\t4102444800123\tc.cognitive.microsoft.com.\n" +
+		"allow\t203.0.113.2\t4102444800000\t\n" +
+		"end 3\n"
 	if string(got) != wantFile {
 		t.Errorf("saved\n%s\nwant\n%s", got, wantFile)
 	}

@@ -123,7 +123,7 @@ func (d *daemon) rediscover(ctx context.Context) {
 	}
 	d.host = host
 	d.setWaiting(nil)
-	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.flows, d.log, d.metrics, d.engines))
+	d.proxy.Update(proxyOptions(cfg, ups, d.fw, d.flows, d.log, d.metrics, d.engines, d.clients))
 	d.startPinned(ctx)
 	d.log.Info("upstreams changed", "upstreams", ups)
 }

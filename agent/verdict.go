@@ -28,6 +28,9 @@ const (
 	// SpoofedSource: a container sent from an address its interface does
 	// not route back (anti-spoofing; the ruleset decides it).
 	SpoofedSource Reason = "spoofed-source"
+	// OtherSource: a rule allows the destination, but not to this source
+	// (it applies to other containers, or to other host services).
+	OtherSource Reason = "other-source"
 )
 
 // describe says the reason in words, for a log line.
@@ -43,6 +46,8 @@ func (r Reason) describe() string {
 		return "DNS over TLS bypasses the proxy"
 	case SpoofedSource:
 		return "source address not routed back through its interface (forged), dropped"
+	case OtherSource:
+		return "allowed by a rule that does not apply to this source"
 	}
 	return ""
 }
@@ -63,7 +68,7 @@ func logReason(prefix string) Reason {
 // learnedState is what verdict reads of the learned sets (a
 // *firewall.Firewall).
 type learnedState interface {
-	Lookup(netip.Addr) (firewall.Element, bool)
+	Lookup(netip.Addr) []firewall.Element
 	Names(netip.Addr) (string, bool)
 }
 
@@ -71,6 +76,9 @@ type learnedState interface {
 type Verdict struct {
 	Allowed bool
 	Reason  Reason // why it is blocked; empty if allowed
+	// Rule allows it (to the sources it applies to), or would but for
+	// the port.
+	Rule *config.Rule
 	// Static is the allow.cidrs entry that allows it, if one does.
 	Static *config.Static
 	// Live is the learned element that opens the address, if any (Allowed
@@ -91,24 +99,42 @@ type Verdict struct {
 // blocked-connection log and its metrics.
 func verdict(cfg *config.Config, learned learnedState, addr netip.Addr, port uint16, proto config.Proto) Verdict {
 	addr = addr.Unmap()
+	rule := func(name string) *config.Rule {
+		i := slices.IndexFunc(cfg.Rules, func(r config.Rule) bool { return r.Name == name })
+		if i < 0 {
+			return nil
+		}
+		return &cfg.Rules[i]
+	}
 	for i, st := range cfg.Allow.Static {
 		if st.Allows(addr, proto, port, cfg.Allow.Ports) {
-			return Verdict{Allowed: true, Static: &cfg.Allow.Static[i]}
+			return Verdict{Allowed: true, Static: &cfg.Allow.Static[i], Rule: rule(config.RuleAllow)}
+		}
+	}
+	for i, r := range cfg.Rules {
+		if r.AllowsPort(proto, port) && slices.ContainsFunc(r.CIDRs, func(p netip.Prefix) bool { return p.Contains(addr) }) {
+			return Verdict{Allowed: true, Rule: &cfg.Rules[i]}
 		}
 	}
 	v := Verdict{Reason: NotAnswered, NonPublic: !guard(cfg).Allows(addr)}
 	var known bool
 	v.Names, known = learned.Names(addr)
-	el, live := learned.Lookup(addr)
-	switch {
-	case live:
-		v.Live, v.Names = &el, el.Names
-		if proto == config.ProtoTCP && (port == 0 || slices.Contains(cfg.Allow.Ports, int(port))) {
+	live := learned.Lookup(addr)
+	for i, el := range live {
+		r := rule(el.Rule)
+		if r == nil {
+			continue // a rule the configuration no longer has
+		}
+		if i == 0 || r.AllowsPort(proto, port) && !v.Allowed {
+			v.Live, v.Names, v.Rule = &live[i], el.Names, r
+		}
+		if r.AllowsPort(proto, port) {
 			v.Allowed, v.Reason = true, ""
-		} else {
+		} else if !v.Allowed {
 			v.Reason = Port
 		}
-	case known:
+	}
+	if v.Live == nil && known {
 		v.Reason = Expired
 	}
 	return v

@@ -19,8 +19,11 @@ type learnedMap struct {
 
 func (m learnedMap) Names(a netip.Addr) (string, bool) { n, ok := m.names[a]; return n, ok }
 
-func (m learnedMap) Lookup(a netip.Addr) (firewall.Element, bool) {
-	return firewall.Element{Addr: a, Expires: time.Now().Add(time.Minute), Names: m.names[a]}, m.live[a]
+func (m learnedMap) Lookup(a netip.Addr) []firewall.Element {
+	if !m.live[a] {
+		return nil
+	}
+	return []firewall.Element{{Addr: a, Rule: config.RuleAllow, Expires: time.Now().Add(time.Minute), Names: m.names[a]}}
 }
 
 func TestVerdict(t *testing.T) {

@@ -39,6 +39,10 @@ type Config struct {
 	Log      Log      `mapstructure:"log"`
 	Metrics  Metrics  `mapstructure:"metrics"`
 	Control  Control  `mapstructure:"control"`
+	// Rules are the allow rules in order: the flat allow keys' rule
+	// "allow" (if they allow anything), the included profiles', then
+	// allow.rules (see rules.go).
+	Rules []Rule `mapstructure:"-"`
 }
 
 // Allow says which destinations may be reached.
@@ -50,6 +54,11 @@ type Allow struct {
 	// them parsed.
 	CIDRs  []any    `mapstructure:"cidrs"`
 	Static []Static `mapstructure:"-"`
+	// Include are profiles that ship with egressd (config/profiles).
+	Include []string `mapstructure:"include"`
+	// RulesRaw are the allow.rules entries (maps); Config.Rules holds
+	// every rule parsed (see rules.go).
+	RulesRaw []any `mapstructure:"rules"`
 }
 
 // DNS configures the proxy.
@@ -223,6 +232,7 @@ func Load(path string, env []string) (*Config, error) {
 	}
 	known := v.AllKeys()
 	name := "default config"
+	var set func(key string) bool // whether the file sets key
 	if path != "" {
 		name = path
 		data, err := os.ReadFile(path)
@@ -232,6 +242,10 @@ func Load(path string, env []string) (*Config, error) {
 		if err := v.MergeConfig(bytes.NewReader(data)); err != nil {
 			return nil, fmt.Errorf("load config %s: %w", path, err)
 		}
+		own := viper.New()
+		own.SetConfigType("yaml")
+		_ = own.ReadConfig(bytes.NewReader(data)) // parsed by MergeConfig already
+		set = own.IsSet
 		// viper's own message for unknown keys ("'' has invalid keys")
 		// does not say which file or where, so check before decoding.
 		for _, k := range v.AllKeys() {
@@ -259,6 +273,7 @@ func Load(path string, env []string) (*Config, error) {
 		}
 		v.Set(k, val)
 	}
+	dropDefaultNames(v, set, env)
 	var c Config
 	err := v.UnmarshalExact(&c, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
 		durationHook,
@@ -270,6 +285,25 @@ func Load(path string, env []string) (*Config, error) {
 		return nil, fmt.Errorf("invalid config %s: %w", name, err)
 	}
 	return &c, nil
+}
+
+// dropDefaultNames empties the default's allow.domains and allow.names
+// (the Azure metering names, allowed to everyone) when the configuration
+// writes rules of its own (allow.rules or allow.include) and not those
+// keys: its rules say whom those names are for.
+func dropDefaultNames(v *viper.Viper, fileSets func(string) bool, env []string) {
+	sets := func(key string) bool {
+		_, inEnv := lookup(env, "EGRESSD_"+strings.ToUpper(strings.ReplaceAll(key, ".", "_")))
+		return inEnv || fileSets != nil && fileSets(key)
+	}
+	if !sets("allow.rules") && !sets("allow.include") {
+		return
+	}
+	for _, k := range []string{"allow.domains", "allow.names"} {
+		if !sets(k) {
+			v.Set(k, []string{})
+		}
+	}
 }
 
 // durationHook parses durations with a message that shows the bad value.
@@ -320,7 +354,7 @@ func (c *Config) validate() error {
 	for _, section := range []func() []error{
 		c.validateAllow, c.validateDNS, c.validateLimits, c.validateTTLs,
 		c.validateForward, c.validateEngineZones, c.validateLocal, c.validateResolving,
-		c.validateFirewall, c.validateService,
+		c.validateFirewall, c.validateService, c.validateRules,
 	} {
 		errs = append(errs, section()...)
 	}
@@ -332,9 +366,6 @@ func (c *Config) validateAllow() []error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
-	if len(c.Allow.Domains) == 0 {
-		bad("allow.domains: empty: nothing could be reached")
-	}
 	for i, d := range c.Allow.Domains {
 		if err := dnsname.Check(d, true); err != nil {
 			bad("allow.domains[%d]: %q %v", i, d, err)

@@ -25,8 +25,12 @@ type cache struct {
 }
 
 type cacheEntry struct {
-	name    string // lower case, fully qualified
-	addrs   []netip.Addr
+	name  string // lower case, fully qualified
+	addrs []netip.Addr
+	// rules are those that allow name to everyone, with uniform rules:
+	// the fast path opens addrs for them; nil otherwise (it then takes
+	// the slow path, which asks who the client is).
+	rules   []string
 	ttl     uint32 // smallest TTL of the answer when stored
 	stored  time.Time
 	expires time.Time
@@ -62,7 +66,7 @@ func (c *cache) get(k []byte, now time.Time) (*cacheEntry, uint32) {
 // put stores ans if it may be cached: a positive answer for its smallest
 // TTL, a negative one (NXDOMAIN, or NOERROR without addresses) for its SOA's
 // negative TTL.
-func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time) {
+func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time, rules []string) {
 	var ttl uint32
 	addrs, attl := ans.Chain.Addresses()
 	switch {
@@ -83,7 +87,7 @@ func (c *cache) put(name string, qtype uint16, ans *Answer, now time.Time) {
 	if ttl == 0 {
 		return
 	}
-	e := &cacheEntry{name: name, addrs: addrs, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
+	e := &cacheEntry{name: name, addrs: addrs, rules: rules, ttl: ttl, stored: now, expires: now.Add(time.Duration(ttl) * time.Second)}
 	var ok bool
 	if e.wire, e.ttls, ok = packAnswer(answerMsg(name, qtype, ans)); !ok {
 		e.ans = ans

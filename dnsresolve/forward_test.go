@@ -23,7 +23,7 @@ func TestForwardZones(t *testing.T) {
 	up := startUpstream(t, testZone)
 	rec := &recorder{}
 	o := testOptions()
-	o.Domains = []string{"*.cognitive.microsoft.com"}
+	o.Rules = everyone("*.cognitive.microsoft.com")
 	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
 	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
 	o.Forward = []ForwardZone{{Zone: "Cluster.Local.", Servers: []netip.AddrPort{cluster.addr}}}
@@ -59,7 +59,7 @@ func TestForwardZones(t *testing.T) {
 	}
 	// A zone whose servers fail: SERVFAIL.
 	o = testOptions()
-	o.Domains, o.Upstream, o.Allower = []string{"*.cognitive.microsoft.com"}, NewUpstream(nil, 0, time.Second), rec
+	o.Rules, o.Upstream, o.Allower = everyone("*.cognitive.microsoft.com"), NewUpstream(nil, 0, time.Second), rec
 	o.ForwardTimeout = 200 * time.Millisecond
 	o.Forward = []ForwardZone{{Zone: "cluster.local", Servers: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}}
 	p.Update(o)
@@ -77,7 +77,7 @@ func TestAuditAnswersUnlisted(t *testing.T) {
 	})
 	rec := &recorder{}
 	o := testOptions()
-	o.Domains = []string{"*.cognitive.microsoft.com"}
+	o.Rules = everyone("*.cognitive.microsoft.com")
 	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
 	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
 	o.Audit, o.AuditServers = true, []netip.AddrPort{up.addr}
@@ -135,7 +135,7 @@ func TestEngineZones(t *testing.T) {
 		netip.MustParseAddr("127.0.0.4"): {netip.MustParseAddrPort("127.0.0.1:9"), engineB.addr},
 	}
 	o := testOptions()
-	o.Domains = []string{"*.cognitive.microsoft.com", "*.dns.podman"}
+	o.Rules = everyone("*.cognitive.microsoft.com", "*.dns.podman")
 	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
 	o.Allower, o.Guard, o.MinTTL = rec, docGuard, time.Second
 	o.ForwardTimeout = 300 * time.Millisecond
@@ -262,7 +262,7 @@ func TestQueryBudgetEveryPath(t *testing.T) {
 				if o.ForwardTimeout <= delay {
 					t.Fatalf("dns.timeout %v: a try must outlast the server's %v", o.ForwardTimeout, delay)
 				}
-				o.Domains = []string{"*.cognitive.microsoft.com"}
+				o.Rules = everyone("*.cognitive.microsoft.com")
 				o.Upstream = NewUpstream([]netip.AddrPort{slow.addr}, 0, o.ForwardTimeout)
 				o.Allower, o.Guard = &recorder{}, docGuard
 				o.QueryBudget = budget

@@ -44,3 +44,9 @@ func budget(t testing.TB) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// everyone is one rule that allows domains to everyone, as the flat
+// allow keys do.
+func everyone(domains ...string) []config.Rule {
+	return []config.Rule{{Name: config.RuleAllow, From: config.Everyone, Domains: domains}}
+}

@@ -28,24 +28,29 @@ import (
 	"github.com/egressd/egressd/metrics"
 )
 
-// Allower opens addresses in the firewall. Allow returns only once the
-// addresses are reachable (the kernel acknowledged the update), so the
-// proxy can send the answer. name is the question the addresses answer.
+// Allower opens addresses in the firewall, for the rules that allowed
+// them to the client that asked. Allow returns only once the addresses
+// are reachable (the kernel acknowledged the update), so the proxy can
+// send the answer. name is the question the addresses answer.
 type Allower interface {
-	Allow(ctx context.Context, name string, addrs []netip.Addr, until time.Time) error
+	Allow(ctx context.Context, name string, rules []string, addrs []netip.Addr, until time.Time) error
 }
 
 // coverer is implemented by Allowers that can tell without waiting that
 // addresses are open long enough already (firewall.Firewall).
 type coverer interface {
-	Covered(name string, addrs []netip.Addr, until time.Time) bool
+	Covered(name string, rules []string, addrs []netip.Addr, until time.Time) bool
 }
 
 // Options configure a Proxy. Their values come from the configuration
 // (agent.proxyOptions): every duration and every bound is required, none
 // has a default here (config/default.yaml holds the defaults).
 type Options struct {
-	Domains  []string  // allow-list patterns, see dnsname.Matcher
+	// Rules say which names are answered to whom (see policy); Clients
+	// tells what a client address is, where rules name interfaces or the
+	// host (nil: every client but loopback is a container).
+	Rules    []config.Rule
+	Clients  Clients
 	Upstream *Upstream // where allowed names are resolved
 	Allower  Allower
 	// An answered address stays open for max(TTL, MinTTL) + Grace, where
@@ -79,8 +84,12 @@ type Options struct {
 	// EngineServers finds that server for each client, and clients it
 	// finds none for are refused (nil: all are). A Forward zone as long
 	// or longer wins.
-	EngineZones    []string
-	EngineServers  EngineServers
+	EngineZones   []string
+	EngineServers EngineServers
+	// Classes are the host cgroups whose DNS comes to ports of their own
+	// (config.DNSClasses); Serve listens on them, a reload does not
+	// change them.
+	Classes        []config.DNSClass
 	Audit          bool
 	AuditServers   []netip.AddrPort
 	Mark           uint32
@@ -122,10 +131,10 @@ const (
 )
 
 type proxyConf struct {
-	opts    Options
-	matcher *dnsname.Matcher
-	cache   *cache // per configuration: a reload starts empty
-	fwd     *forwarding
+	opts   Options
+	policy *policy
+	cache  *cache // per configuration: a reload starts empty
+	fwd    *forwarding
 }
 
 // NewProxy returns a Proxy.
@@ -147,14 +156,16 @@ func NewProxy(o Options) *Proxy {
 // Upstream returns the upstream in use.
 func (p *Proxy) Upstream() *Upstream { return p.conf.Load().opts.Upstream }
 
-// Allowed returns the pattern that allows name, if any.
-func (p *Proxy) Allowed(name string) (string, bool) { return p.conf.Load().matcher.Pattern(name) }
+// Allowed returns a rule that allows name to someone, and its pattern.
+func (p *Proxy) Allowed(name string) (rule, pattern string, ok bool) {
+	return p.conf.Load().policy.allowed(name)
+}
 
 // Update replaces the options; queries already being answered finish with
 // the old ones (an Upstream keeps no sockets between queries: each query
 // closes its own). The logger is not replaced.
 func (p *Proxy) Update(o Options) {
-	old := p.conf.Swap(&proxyConf{opts: o, matcher: dnsname.NewMatcher(o.Domains), cache: newCache(), fwd: newForwarding(o)})
+	old := p.conf.Swap(&proxyConf{opts: o, policy: newPolicy(o.Rules, o.Clients), cache: newCache(), fwd: newForwarding(o)})
 	p.limits.update(o.Limits, o.Metrics)
 	if old != nil && old.opts.Upstream != o.Upstream {
 		old.opts.Upstream.Close()
@@ -171,17 +182,25 @@ type Answer struct {
 
 // Resolve asks upstream for name/qtype, follows the CNAME chain (asking
 // again where the upstream left it incomplete), removes non-routable
-// addresses and opens the remaining ones in the firewall. It returns an
-// error if the upstream failed or the firewall did not confirm in time,
-// all of it within the query budget (or ctx's deadline, if sooner).
+// addresses and opens the remaining ones in the firewall for every rule
+// that allows name (the pinned names: open before anyone asks). It
+// returns an error if the upstream failed or the firewall did not confirm
+// in time, all of it within the query budget (or ctx's deadline, if
+// sooner).
 func (p *Proxy) Resolve(ctx context.Context, name string, qtype uint16) (*Answer, error) {
-	o := p.conf.Load().opts
-	ctx, cancel := context.WithTimeout(ctx, o.QueryBudget)
+	conf := p.conf.Load()
+	ctx, cancel := context.WithTimeout(ctx, conf.opts.QueryBudget)
 	defer cancel()
-	return p.resolve(ctx, o, name, qtype)
+	var rules []string
+	for _, r := range conf.policy.rules {
+		if r.matcher.Match(name) {
+			rules = append(rules, r.name)
+		}
+	}
+	return p.resolve(ctx, conf.opts, name, qtype, rules)
 }
 
-func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16) (*Answer, error) {
+func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint16, rules []string) (*Answer, error) {
 	name = dnsname.Fqdn(name) // pinned names are recorded as answers' names are
 	ans := &Answer{}
 	target := name
@@ -215,7 +234,7 @@ func (p *Proxy) resolve(ctx context.Context, o Options, name string, qtype uint1
 	ans.Until = p.now().Add(Lifetime(ttl, o.MinTTL, o.Grace))
 	actx, cancel := context.WithTimeout(ctx, allowTimeout)
 	defer cancel()
-	if err := o.Allower.Allow(actx, name, addrs, ans.Until); err != nil {
+	if err := o.Allower.Allow(actx, name, rules, addrs, ans.Until); err != nil {
 		o.Metrics.SetUpdateFailed()
 		return nil, fmt.Errorf("open %v for %s: %w", addrs, name, err)
 	}
@@ -246,6 +265,12 @@ func soa(ns []dns.RR) []dns.RR {
 
 // ServeDNS answers one client query.
 func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	p.serveDNS(w, r, nil)
+}
+
+// serveDNS answers one client query that came in on the port of class
+// (nil: the main port).
+func (p *Proxy) serveDNS(w dns.ResponseWriter, r *dns.Msg, class *config.DNSClass) {
 	_, udp := w.RemoteAddr().(*net.UDPAddr)
 	client := addrOf(w.RemoteAddr())
 	if !p.limits.begin(client, !udp) {
@@ -258,7 +283,7 @@ func (p *Proxy) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		return
 	}
 	defer p.limits.end(client)
-	m := p.reply(r, client)
+	m := p.reply(r, asker{addr: client, class: class})
 	if udp {
 		fitUDP(m, r)
 	}
@@ -277,8 +302,9 @@ func fitUDP(m, r *dns.Msg) {
 	m.Truncate(size)
 }
 
-// reply answers r from client.
-func (p *Proxy) reply(r *dns.Msg, client netip.Addr) *dns.Msg {
+// reply answers r from a.
+func (p *Proxy) reply(r *dns.Msg, a asker) *dns.Msg {
+	client := a.addr
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.RecursionAvailable = true
@@ -307,12 +333,13 @@ func (p *Proxy) reply(r *dns.Msg, client netip.Addr) *dns.Msg {
 		m.Rcode = conf.opts.RefuseRcode
 		return m
 	}
-	if _, ok := conf.matcher.Pattern(q.Name); !ok || q.Qclass != dns.ClassINET {
+	rules := conf.policy.rulesFor(a, q.Name)
+	if len(rules) == 0 || q.Qclass != dns.ClassINET {
 		if am := p.wouldRefuse(conf, r); am != nil {
 			return am // audit mode, forward.go
 		}
 		if p.refusals.Allow() {
-			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype])
+			p.log.Info("refused name", "name", q.Name, "type", dns.TypeToString[q.Qtype], "client", client)
 		}
 		conf.opts.Metrics.Query(metrics.Refused)
 		m.Rcode = conf.opts.RefuseRcode
@@ -322,7 +349,7 @@ func (p *Proxy) reply(r *dns.Msg, client netip.Addr) *dns.Msg {
 		conf.opts.Metrics.Query(metrics.Allowed)
 		return m // NODATA, see Proxy
 	}
-	rcode, answer, ns, err := p.answer(conf, q.Name, q.Qtype)
+	rcode, answer, ns, err := p.answer(conf, q.Name, q.Qtype, rules)
 	if err != nil {
 		if p.failures.Allow() {
 			p.log.Warn("servfail", "name", q.Name, "type", dns.TypeToString[q.Qtype], "err", err)
@@ -359,28 +386,22 @@ func answerMsg(name string, qtype uint16, ans *Answer) *dns.Msg {
 // answer and authority sections, TTLs aged. Deadlines are made only where
 // waiting may happen: most cache hits find their addresses open long
 // enough and need none.
-func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, answer, ns []dns.RR, _ error) {
+func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16, rules []string) (rcode int, answer, ns []dns.RR, _ error) {
 	name = dnsname.Fqdn(name)
 	if e, age := conf.cache.get(cacheKey(name, qtype), p.now()); e != nil {
 		if len(e.addrs) > 0 {
-			until := conf.until(e, age, p.now())
-			if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(name, e.addrs, until) {
-				ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
-				defer cancel()
-				if err := conf.opts.Allower.Allow(ctx, name, e.addrs, until); err != nil {
-					conf.opts.Metrics.SetUpdateFailed()
-					return 0, nil, nil, fmt.Errorf("open %v for %s: %w", e.addrs, name, err)
-				}
+			if err := p.open(conf, name, rules, e.addrs, conf.until(e, age, p.now())); err != nil {
+				return 0, nil, nil, err
 			}
 		}
 		return e.sections(age)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.opts.QueryBudget)
 	defer cancel()
-	v, err, _ := p.flight.Do(name+dns.TypeToString[qtype], func() (any, error) {
-		ans, err := p.resolve(ctx, conf.opts, name, qtype)
+	v, err, shared := p.flight.Do(name+dns.TypeToString[qtype], func() (any, error) {
+		ans, err := p.resolve(ctx, conf.opts, name, qtype, rules)
 		if err == nil {
-			conf.cache.put(name, qtype, ans, p.now())
+			conf.cache.put(name, qtype, ans, p.now(), conf.policy.everyones(name))
 		}
 		return ans, err
 	})
@@ -388,8 +409,29 @@ func (p *Proxy) answer(conf *proxyConf, name string, qtype uint16) (rcode int, a
 		return 0, nil, nil, err
 	}
 	ans := v.(*Answer)
+	// Another client's query resolved it, for its own rules.
+	if addrs, _ := ans.Chain.Addresses(); shared && len(addrs) > 0 && !ans.Until.IsZero() {
+		if err := p.open(conf, name, rules, addrs, ans.Until); err != nil {
+			return 0, nil, nil, err
+		}
+	}
 	answer, ns = sections(ans, 0)
 	return ans.Rcode, answer, ns, nil
+}
+
+// open opens addrs, answered for name, for rules until until, unless they
+// are open long enough already.
+func (p *Proxy) open(conf *proxyConf, name string, rules []string, addrs []netip.Addr, until time.Time) error {
+	if c, ok := conf.opts.Allower.(coverer); ok && c.Covered(name, rules, addrs, until) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), allowTimeout)
+	defer cancel()
+	if err := conf.opts.Allower.Allow(ctx, name, rules, addrs, until); err != nil {
+		conf.opts.Metrics.SetUpdateFailed()
+		return fmt.Errorf("open %v for %s: %w", addrs, name, err)
+	}
+	return nil
 }
 
 // Serve answers DNS on port over UDP and TCP, IPv4 and IPv6, until ctx
@@ -421,9 +463,63 @@ var reusePortListener = net.ListenConfig{Control: func(_, _ string, c syscall.Ra
 	return errors.Join(err, serr)
 }}
 
-// listen opens the servers of both families; without IPv6 it warns and
-// serves IPv4 only.
+// classHandler answers the TCP queries of a class port.
+type classHandler struct {
+	p     *Proxy
+	class *config.DNSClass
+}
+
+func (h classHandler) ServeDNS(w dns.ResponseWriter, r *dns.Msg) { h.p.serveDNS(w, r, h.class) }
+
+// listenClasses opens the loopback servers of the class ports
+// (Options.Classes): the nat output chain redirects each host cgroup's
+// DNS to its own, on 127.0.0.1 or ::1.
+func (p *Proxy) listenClasses(ctx context.Context) (udp []*udpServer, tcp []*dns.Server, _ error) {
+	for i := range p.conf.Load().opts.Classes {
+		class := &p.conf.Load().opts.Classes[i]
+		for _, host := range []string{"127.0.0.1", "::1"} {
+			family := "4"
+			if host == "::1" {
+				family = "6"
+			}
+			addr := net.JoinHostPort(host, strconv.Itoa(int(class.Port)))
+			pc, err := reusePortListener.ListenPacket(ctx, "udp"+family, addr)
+			if err != nil {
+				if family == "6" {
+					continue // no IPv6 on loopback
+				}
+				shutdownServers(udp, tcp)
+				return nil, nil, fmt.Errorf("listen %s (DNS of %s): %w", addr, class.Cgroup, err)
+			}
+			s, err := newUDPServer(p, pc.(*net.UDPConn), family == "6")
+			if err != nil {
+				pc.Close()
+				shutdownServers(udp, tcp)
+				return nil, nil, err
+			}
+			s.class = class
+			udp = append(udp, s)
+			ln, err := net.Listen("tcp"+family, addr)
+			if err != nil {
+				shutdownServers(udp, tcp)
+				return nil, nil, fmt.Errorf("listen %s (DNS of %s): %w", addr, class.Cgroup, err)
+			}
+			tcp = append(tcp, &dns.Server{Net: "tcp" + family, Addr: addr, Listener: limitedListener{ln, p.limits}, Handler: classHandler{p, class},
+				ReadTimeout: p.limits.limits.Load().TCPReadTimeout,
+				IdleTimeout: func() time.Duration { return p.limits.limits.Load().TCPIdleTimeout }})
+		}
+	}
+	return udp, tcp, nil
+}
+
+// listen opens the servers of both families, and of the class ports;
+// without IPv6 it warns and serves IPv4 only.
 func (p *Proxy) listen(ctx context.Context, port int) (udp []*udpServer, tcp []*dns.Server, _ error) {
+	cu, ct, err := p.listenClasses(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	udp, tcp = cu, ct
 	for _, family := range []string{"4", "6"} {
 		host := "0.0.0.0"
 		if family == "6" {

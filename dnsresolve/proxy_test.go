@@ -64,7 +64,7 @@ type recorder struct {
 	err   error
 }
 
-func (r *recorder) Allow(_ context.Context, _ string, addrs []netip.Addr, until time.Time) error {
+func (r *recorder) Allow(_ context.Context, _ string, _ []string, addrs []netip.Addr, until time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.err != nil {
@@ -122,7 +122,7 @@ func serve(t testing.TB, p dns.Handler) string {
 func newTestProxy(t testing.TB, allow Allower) (*Proxy, *upstreamServer, string) {
 	up := startUpstream(t, testZone)
 	o := testOptions()
-	o.Domains = []string{"*.cognitive.microsoft.com", "*.cognitiveservices.azure.com"}
+	o.Rules = everyone("*.cognitive.microsoft.com", "*.cognitiveservices.azure.com")
 	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
 	o.Allower, o.Guard = allow, docGuard
 	o.MinTTL, o.Grace = time.Second, 2*time.Second
@@ -294,7 +294,7 @@ func TestProxyCapsTTL(t *testing.T) {
 		rec := &recorder{}
 		up := startUpstream(t, testZone)
 		o := testOptions()
-		o.Domains = []string{"*.cognitive.microsoft.com"}
+		o.Rules = everyone("*.cognitive.microsoft.com")
 		o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
 		o.Allower, o.Guard = rec, docGuard
 		o.MinTTL, o.MaxTTL, o.Grace = time.Second, tt.maxTTL, 2*time.Second

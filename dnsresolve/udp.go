@@ -10,6 +10,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/egressd/egressd/config"
 	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
@@ -30,9 +31,10 @@ import (
 // the kernel drops the flood without any work here, while the CPU goes to
 // the other clients' sockets.
 type udpServer struct {
-	p    *Proxy
-	conn *net.UDPConn
-	v6   bool
+	p     *Proxy
+	conn  *net.UDPConn
+	v6    bool
+	class *config.DNSClass // the host cgroup whose DNS comes here; nil: the main port
 	// batch reads and writes conn with control messages: the address
 	// each query was sent to comes with it, and its answer must leave
 	// from there (the reverse NAT of the DNS redirect, and the client,
@@ -137,7 +139,11 @@ func (s *udpServer) serveBatch() error {
 		}
 		query, local := m.Buffers[0][:m.N], s.local(m.OOB[:m.NN])
 		o := &s.out[len(out)]
-		reply, ok := s.p.fastReply(conf, query, o.Buffers[0][:0], &s.key, now)
+		var reply []byte
+		ok := false
+		if s.class == nil {
+			reply, ok = s.p.fastReply(conf, query, o.Buffers[0][:0], &s.key, now)
+		}
 		if !ok {
 			s.dispatch(slowQuery{msg: slices.Clone(query), from: from, local: local})
 			continue
@@ -196,7 +202,7 @@ func (s *udpServer) answer(q slowQuery) {
 	case action == dns.MsgIgnore:
 		return
 	case action == dns.MsgAccept && err == nil:
-		s.p.ServeDNS(w, r)
+		s.p.serveDNS(w, r, s.class)
 		return
 	}
 	opcode := r.Opcode

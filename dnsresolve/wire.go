@@ -192,8 +192,11 @@ func (p *Proxy) fastReply(conf *proxyConf, query, dst []byte, key *[]byte, now t
 	if size := len(e.wire); size > q.size || (q.edns && size+optLen > q.size) {
 		return nil, false
 	}
+	if !conf.policy.uniform {
+		return nil, false // whether the client may have it depends on who it is
+	}
 	if len(e.addrs) > 0 {
-		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, e.addrs, conf.until(e, age, now)) {
+		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, e.rules, e.addrs, conf.until(e, age, now)) {
 			return nil, false
 		}
 	}

@@ -15,7 +15,7 @@ import (
 // enough, as firewall.Firewall reports for an address it holds.
 type coveringRecorder struct{ recorder }
 
-func (*coveringRecorder) Covered(string, []netip.Addr, time.Time) bool { return true }
+func (*coveringRecorder) Covered(string, []string, []netip.Addr, time.Time) bool { return true }
 
 func packQuery(t testing.TB, name string, qtype uint16, edit func(*dns.Msg)) []byte {
 	t.Helper()
@@ -112,7 +112,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 	conf := p.conf.Load()
 	// A negative answer with its SOA, cached for the SOA's minimum.
 	soa := rrs(t, "cognitive.microsoft.com. 300 SOA ns. host. 1 2 3 4 60")
-	conf.cache.put("none.cognitive.microsoft.com.", dns.TypeA, &Answer{Rcode: dns.RcodeNameError, SOA: soa}, now)
+	conf.cache.put("none.cognitive.microsoft.com.", dns.TypeA, &Answer{Rcode: dns.RcodeNameError, SOA: soa}, now, nil)
 
 	queries := map[string][]byte{
 		"CNAME chain":       packQuery(t, "myres.cognitiveservices.azure.com.", dns.TypeA, nil),
@@ -128,7 +128,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 			if err := r.Unpack(query); err != nil {
 				t.Fatal(err)
 			}
-			m := p.reply(r, netip.Addr{})
+			m := p.reply(r, asker{})
 			fitUDP(m, r)
 			b, err := m.Pack()
 			if err != nil {
@@ -164,7 +164,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 		t.Error("expired answer: answered on the fast path")
 	}
 	o := testOptions()
-	o.Domains, o.Upstream, o.Allower, o.Guard = conf.opts.Domains, conf.opts.Upstream, &recorder{}, docGuard
+	o.Rules, o.Upstream, o.Allower, o.Guard = conf.opts.Rules, conf.opts.Upstream, &recorder{}, docGuard
 	p.Update(o)
 	plain := p.conf.Load()
 	plain.cache = conf.cache
@@ -203,7 +203,7 @@ func BenchmarkFastReply(b *testing.B) {
 	query := packQuery(b, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
 	r := new(dns.Msg)
 	_ = r.Unpack(query)
-	p.reply(r, netip.Addr{})
+	p.reply(r, asker{})
 	conf, now := p.conf.Load(), time.Now()
 	var key []byte
 	dst := make([]byte, 0, maxUDPAnswer)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -113,7 +114,7 @@ func auditPlan(now int64, record *learnedMap, kernel *kernelView, skip map[netip
 	return set, del, found
 }
 
-// Audit reads both learned sets from the kernel and repairs every
+// Audit reads the learned sets from the kernel and repairs every
 // difference from the Firewall's record (see RepairKind) in one
 // transaction. Answers are not held up while the kernel is read, which
 // takes a while at 100 000 elements; addresses they change meanwhile are
@@ -125,6 +126,7 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 		f.mu.Unlock()
 		return Audit{}, nil
 	}
+	ruleNames := f.rs.LearnedRules()
 	f.touched = map[netip.Addr]bool{}
 	f.mu.Unlock()
 	defer func() {
@@ -134,14 +136,34 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	}()
 
 	installs := f.installs.Load()
-	f.mu.Lock()
-	kernel := newKernelView(len(f.learned.v4), len(f.learned.v6))
-	f.mu.Unlock()
-	elements, err := f.readLearnedSets(kernel)
-	if err != nil {
+	kernels := map[string]*kernelView{}
+	elements := 0
+	read := func() error {
+		elements = 0
+		for _, rule := range ruleNames {
+			k := kernels[rule]
+			if k == nil {
+				f.mu.Lock()
+				m := f.learned[rule]
+				if m == nil {
+					m = &learnedMap{}
+				}
+				k = newKernelView(len(m.v4), len(m.v6))
+				f.mu.Unlock()
+				kernels[rule] = k
+			}
+			n, err := f.readLearnedSets(rule, k)
+			if err != nil {
+				return err
+			}
+			elements += n
+		}
+		return nil
+	}
+	if err := read(); err != nil {
 		return Audit{}, err
 	}
-	read := f.now().Sub(start)
+	took := f.now().Sub(start)
 	if err := f.acquire(ctx); err != nil {
 		return Audit{}, err
 	}
@@ -149,21 +171,39 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 	if f.installs.Load() != installs {
 		return Audit{}, nil // the table was replaced while it was read
 	}
+	plan := func(now time.Time, took time.Duration) (set map[ruleAddr]int64, del []ruleAddr, found map[RepairKind]int) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		set, found = map[ruleAddr]int64{}, map[RepairKind]int{}
+		for _, rule := range ruleNames {
+			m := f.learned[rule]
+			if m == nil {
+				m = &learnedMap{}
+			}
+			s, d, fd := auditPlan(now.UnixMilli(), m, kernels[rule], f.touched, took)
+			for a, u := range s {
+				set[ruleAddr{rule, a}] = u
+			}
+			for _, a := range d {
+				del = append(del, ruleAddr{rule, a})
+			}
+			for k, n := range fd {
+				found[k] += n
+			}
+		}
+		return set, del, found
+	}
 	now := f.now()
-	f.mu.Lock()
-	set, del, found := auditPlan(now.UnixMilli(), f.learned, kernel, f.touched, read)
-	f.mu.Unlock()
+	set, del, found := plan(now, took)
 	if found[RepairMissing] > 0 {
 		// A dump of a hash set that the kernel is resizing may skip
 		// elements: only what two dumps miss is missing (the second
 		// read of an address wins).
-		if _, err := f.readLearnedSets(kernel); err != nil {
+		if err := read(); err != nil {
 			return Audit{}, err
 		}
 		now = f.now()
-		f.mu.Lock()
-		set, del, found = auditPlan(now.UnixMilli(), f.learned, kernel, f.touched, now.Sub(start))
-		f.mu.Unlock()
+		set, del, found = plan(now, now.Sub(start))
 	}
 	f.mu.Lock()
 	sets := f.sets
@@ -190,18 +230,18 @@ func (f *Firewall) Audit(ctx context.Context) (Audit, error) {
 // delLives queues the deletion of addrs from their sets; an address that
 // is no longer there (expired a moment ago) is first added, so that its
 // delete cannot fail the transaction. The caller holds sem.
-func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []netip.Addr) error {
-	for _, name := range rules.LearnedSets {
-		var elems []nftables.SetElement
-		for _, a := range addrs {
-			if rules.LearnedSet(a) == name {
-				elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Timeout: time.Second})
-			}
-		}
-		if len(elems) == 0 {
-			continue
-		}
+func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []ruleAddr) error {
+	bySet := map[string][]nftables.SetElement{}
+	for _, ra := range addrs {
+		name := rules.LearnedSet(ra.rule, ra.addr)
+		bySet[name] = append(bySet[name], nftables.SetElement{Key: ra.addr.AsSlice(), Timeout: time.Second})
+	}
+	for _, name := range slices.Sorted(maps.Keys(bySet)) {
+		elems := bySet[name]
 		s := sets[name]
+		if s == nil {
+			return f.abort(fmt.Errorf("delete learned addresses: no set %s in the installed ruleset", name))
+		}
 		add := func(elems []nftables.SetElement) error { return f.conn.SetAddElements(s, elems) }
 		del := func(elems []nftables.SetElement) error { return f.conn.SetDeleteElements(s, elems) }
 		if err := errors.Join(rules.QueueElements(slices.Values(elems), add), rules.QueueElements(slices.Values(elems), del)); err != nil {
@@ -211,7 +251,7 @@ func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []netip.Addr) e
 	return nil
 }
 
-// readLearnedSets dumps both learned sets into kernel (a read of an
+// readLearnedSets dumps the two learned sets of rule into kernel (a read of an
 // address that kernel holds already wins) through a netlink socket of its
 // own: the lasting one may be in the middle of a transaction. It returns
 // how many elements it read; a missing table or set reads as empty.
@@ -222,7 +262,7 @@ func (f *Firewall) delLives(sets map[string]*nftables.Set, addrs []netip.Addr) e
 // audit); its receive buffer is also large enough that the kernel packs
 // ~700 elements into a message rather than ~90, and each message costs
 // the kernel a walk of the set up to where the dump stands.
-func (f *Firewall) readLearnedSets(kernel *kernelView) (int, error) {
+func (f *Firewall) readLearnedSets(rule string, kernel *kernelView) (int, error) {
 	// The options are only read: which namespace, or a test peer.
 	var opts nftables.Conn
 	for _, o := range f.dumpOpts {
@@ -242,7 +282,7 @@ func (f *Firewall) readLearnedSets(kernel *kernelView) (int, error) {
 	_ = c.SetReadDeadline(time.Now().Add(dumpTimeout))
 	now := f.now().UnixMilli()
 	n := 0
-	for _, name := range rules.LearnedSets {
+	for _, name := range []string{rule + "4", rule + "6"} {
 		err := dumpSet(c, name, func(key []byte, expires int64) {
 			a, ok := netip.AddrFromSlice(key)
 			if !ok {

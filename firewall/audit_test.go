@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -24,7 +25,7 @@ type kernelElement struct {
 func readKernel(t testing.TB, fw *Firewall) []kernelElement {
 	t.Helper()
 	kernel := newKernelView(0, 0)
-	n, err := fw.readLearnedSets(kernel)
+	n, err := fw.readLearnedSets(config.RuleAllow, kernel)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,15 +148,15 @@ func TestExtensionMovesKernelExpiry(t *testing.T) {
 	ctx := context.Background()
 	a := []netip.Addr{addr(7), netip.MustParseAddr("2001:db8::7")}
 	const life = 4 * time.Second
-	if err := fw.Allow(ctx, "steady.example.", a, time.Now().Add(life)); err != nil {
+	if err := fw.Allow(ctx, "steady.example.", allowRule, a, time.Now().Add(life)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond) // past the headroom of an eighth
-	if err := fw.Allow(ctx, "steady.example.", a, time.Now().Add(life)); err != nil {
+	if err := fw.Allow(ctx, "steady.example.", allowRule, a, time.Now().Add(life)); err != nil {
 		t.Fatal(err)
 	}
 	for _, x := range a {
-		e, ok := fw.Lookup(x)
+		e, ok := lookupOne(fw, x)
 		if !ok {
 			t.Fatalf("%v not learned", x)
 		}
@@ -180,11 +181,11 @@ func TestAuditRepairsTheKernel(t *testing.T) {
 	ctx := context.Background()
 	until := time.Now().Add(time.Hour)
 	missing, early, late, foreign := addr(1), addr(2), addr(3), addr(4)
-	if err := fw.Allow(ctx, "a.example.", []netip.Addr{missing, early, late}, until); err != nil {
+	if err := fw.Allow(ctx, "a.example.", allowRule, []netip.Addr{missing, early, late}, until); err != nil {
 		t.Fatal(err)
 	}
 	c := foreignConn(t, fw)
-	s := &nftables.Set{Table: rules.Table(), Name: rules.SetAllow4, KeyType: nftables.TypeIPAddr, HasTimeout: true}
+	s := &nftables.Set{Table: rules.Table(), Name: rules.LearnedSet(config.RuleAllow, addr(1)), KeyType: nftables.TypeIPAddr, HasTimeout: true}
 	el := func(a netip.Addr, d time.Duration) []nftables.SetElement {
 		return []nftables.SetElement{{Key: a.AsSlice(), Timeout: d}}
 	}
@@ -211,7 +212,7 @@ func TestAuditRepairsTheKernel(t *testing.T) {
 		t.Errorf("audit found %v, want %v", a.Repaired, want)
 	}
 	for _, x := range []netip.Addr{missing, early, late} {
-		e, _ := fw.Lookup(x)
+		e, _ := lookupOne(fw, x)
 		if k := kernelExpiry(t, fw, x); k.Before(e.Expires.Add(-auditSlack)) || k.After(e.Expires.Add(auditSlack)) {
 			t.Errorf("%v: kernel expires at %v after the audit, want %v", x, k, e.Expires)
 		}

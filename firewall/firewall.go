@@ -59,7 +59,7 @@ type Firewall struct {
 	mu      sync.Mutex
 	rs      *rules.Ruleset
 	sets    map[string]*nftables.Set
-	learned *learnedMap
+	learned learnedRules
 	version uint64 // counts changes of learned, for savers
 	queue   []*request
 	// touched collects the addresses committed while an audit reads the
@@ -96,7 +96,7 @@ func newFirewall(opts []nftables.ConnOption, txOpts ...nftables.ConnOption) (*Fi
 		dumpOpts: dumpOpts,
 		now:      time.Now,
 		sem:      make(chan struct{}, 1),
-		learned:  &learnedMap{},
+		learned:  learnedRules{},
 	}, nil
 }
 
@@ -113,22 +113,39 @@ func (f *Firewall) Limit(n int) {
 // ErrFull is returned by Allow when the learned addresses reached the limit.
 var ErrFull = errors.New("learned-address limit reached (firewall.max_learned): not opening new addresses")
 
-// Counts returns the number of live learned IPv4 and IPv6 addresses.
-func (f *Firewall) Counts() (v4, v6 int) {
+// Counts returns the number of live learned addresses of each learned
+// set of the installed ruleset, by set.
+func (f *Firewall) Counts() map[string]int {
 	now := f.now().UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for _, l := range f.learned.v4 {
-		if l.until() > now {
-			v4++
-		}
+	out := map[string]int{}
+	if f.rs == nil {
+		return out
 	}
-	for _, l := range f.learned.v6 {
-		if l.until() > now {
-			v6++
+	for _, s := range f.rs.LearnedSets() {
+		n := 0
+		if m := f.learned[s.Rule]; m != nil {
+			if s.Type == rules.IPv6Addr {
+				for _, l := range m.v6 {
+					n += b2i(l.until() > now)
+				}
+			} else {
+				for _, l := range m.v4 {
+					n += b2i(l.until() > now)
+				}
+			}
 		}
+		out[s.Name] = n
 	}
-	return v4, v6
+	return out
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Install replaces table inet egressd with rs in one transaction. The
@@ -144,34 +161,46 @@ func (f *Firewall) Install(ctx context.Context, rs *rules.Ruleset, keep []Elemen
 
 	now := f.now()
 	f.mu.Lock()
-	merged := f.learned.clone()
+	merged := learnedRules{}
+	for _, rule := range rs.LearnedRules() {
+		if m := f.learned[rule]; m != nil {
+			merged[rule] = m.clone()
+		}
+	}
 	first := f.rs == nil
 	f.mu.Unlock()
-	merge := func(a netip.Addr, until int64, names string) {
-		old, _ := merged.get(a)
-		merged.put(a, learnedAddr{until: max(old.until, until), names: cmp.Or(old.names, names)})
+	merge := func(rule string, a netip.Addr, until int64, names string) {
+		if !slices.Contains(rs.LearnedRules(), rule) {
+			return // a rule that is gone, or has no names any more
+		}
+		old, _ := merged.get(rule, a)
+		merged.put(rule, a, learnedAddr{until: max(old.until, until), names: cmp.Or(old.names, names)})
 	}
 	// Once this Firewall installed a table, its own record is the truth (and
 	// reading 100 000 elements back from the kernel takes a second); before
 	// that, the kernel's sets hold what an earlier egressd learned.
 	if first {
-		kernel := newKernelView(0, 0)
-		if _, err := f.readLearnedSets(kernel); err != nil {
-			return err
-		}
-		for a, expires := range kernel.all() {
-			if expires != 0 {
-				merge(a, expires, "")
+		for _, rule := range rs.LearnedRules() {
+			kernel := newKernelView(0, 0)
+			if _, err := f.readLearnedSets(rule, kernel); err != nil {
+				return err
+			}
+			for a, expires := range kernel.all() {
+				if expires != 0 {
+					merge(rule, a, expires, "")
+				}
 			}
 		}
 	}
 	for _, e := range keep {
-		merge(e.Addr, e.Expires.UnixMilli(), e.Names)
+		merge(e.ruleOf(), e.Addr, e.Expires.UnixMilli(), e.Names)
 	}
 	soon := now.Add(time.Millisecond).UnixMilli()
-	for a, l := range merged.all() {
-		if l.until <= soon || (allowed != nil && !allowed(l.element(a))) {
-			merged.del(a)
+	for rule, m := range merged {
+		for a, l := range m.all() {
+			if l.until <= soon || (allowed != nil && !allowed(l.element(rule, a))) {
+				m.del(a)
+			}
 		}
 	}
 
@@ -179,7 +208,11 @@ func (f *Firewall) Install(ctx context.Context, rs *rules.Ruleset, keep []Elemen
 	size, _ := testSetSize() // a test hook, testhooks.go
 	sets, err := rs.AddTo(c, rules.Learned{Size: size, Fill: func(s rules.Set, ns *nftables.Set) error {
 		add := func(elems []nftables.SetElement) error { return c.SetAddElements(ns, elems) }
-		return queueLives(untils(merged), s.Name, now, add)
+		m := merged[s.Rule]
+		if m == nil {
+			return nil
+		}
+		return queueLives(untils(m), s.Type == rules.IPv6Addr, now, add)
 	}})
 	if err != nil {
 		return f.abort(err)
@@ -219,16 +252,27 @@ func (f *Firewall) abort(err error) error {
 // transaction resets the expiry on every kernel; the first add makes the
 // delete safe when the element is absent (expired a moment ago), which
 // would otherwise fail the whole transaction with ENOENT.
-func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[netip.Addr]int64, replace bool, now time.Time) error {
-	for _, name := range rules.LearnedSets {
+func (f *Firewall) setLives(sets map[string]*nftables.Set, lives map[ruleAddr]int64, replace bool, now time.Time) error {
+	bySet := map[string]map[netip.Addr]int64{}
+	for ra, until := range lives {
+		name := rules.LearnedSet(ra.rule, ra.addr)
+		if bySet[name] == nil {
+			bySet[name] = map[netip.Addr]int64{}
+		}
+		bySet[name][ra.addr] = until
+	}
+	for _, name := range slices.Sorted(maps.Keys(bySet)) {
 		s := sets[name]
+		if s == nil {
+			return f.abort(fmt.Errorf("set lifetimes: no set %s in the installed ruleset", name))
+		}
 		add := func(elems []nftables.SetElement) error { return f.conn.SetAddElements(s, elems) }
 		ops := []func([]nftables.SetElement) error{add}
 		if replace {
 			del := func(elems []nftables.SetElement) error { return f.conn.SetDeleteElements(s, elems) }
 			ops = append(ops, del, add)
 		}
-		if err := queueLives(maps.All(lives), name, now, ops...); err != nil {
+		if err := queueLives(maps.All(bySet[name]), s.KeyType == nftables.TypeIP6Addr, now, ops...); err != nil {
 			return f.abort(fmt.Errorf("set lifetimes in set %s: %w", name, err))
 		}
 	}
@@ -252,13 +296,13 @@ func bigSendBuffer(c *netlink.Conn) error {
 	return errors.Join(err, serr)
 }
 
-// queueLives queues each address of lives that belongs in the learned set
-// name, with the timeout that ends at its until (Unix ms): ops, in order,
-// for each message's elements (see rules.QueueElements).
-func queueLives(lives iter.Seq2[netip.Addr, int64], name string, now time.Time, ops ...func([]nftables.SetElement) error) error {
+// queueLives queues each address of lives of one family (v6), with the
+// timeout that ends at its until (Unix ms): ops, in order, for each
+// message's elements (see rules.QueueElements).
+func queueLives(lives iter.Seq2[netip.Addr, int64], v6 bool, now time.Time, ops ...func([]nftables.SetElement) error) error {
 	return rules.QueueElements(func(yield func(nftables.SetElement) bool) {
 		for a, until := range lives {
-			if rules.LearnedSet(a) == name && !yield(nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)}) {
+			if a.Is6() == v6 && !yield(nftables.SetElement{Key: a.AsSlice(), Timeout: timeout(until, now)}) {
 				return
 			}
 		}

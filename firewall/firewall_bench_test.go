@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"context"
+	"github.com/egressd/egressd/config"
 	"net/netip"
 	"os"
 	"runtime"
@@ -66,7 +67,7 @@ func BenchmarkAllowFresh(b *testing.B) {
 	var i uint32
 	for b.Loop() {
 		i++
-		if err := fw.Allow(ctx, "bench.", []netip.Addr{addr(i)}, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", allowRule, []netip.Addr{addr(i)}, until); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -82,7 +83,7 @@ func BenchmarkAllowFreshParallel(b *testing.B) {
 	b.SetParallelism(16)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if err := fw.Allow(ctx, "bench.", []netip.Addr{addr(i.Add(1))}, until); err != nil {
+			if err := fw.Allow(ctx, "bench.", allowRule, []netip.Addr{addr(i.Add(1))}, until); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -95,13 +96,13 @@ func BenchmarkAllowKnown(b *testing.B) {
 	fw := newTestFirewall(b)
 	ctx := context.Background()
 	a := []netip.Addr{addr(1)}
-	if err := fw.Allow(ctx, "bench.", a, time.Now().Add(time.Hour)); err != nil {
+	if err := fw.Allow(ctx, "bench.", allowRule, a, time.Now().Add(time.Hour)); err != nil {
 		b.Fatal(err)
 	}
 	until := time.Now().Add(time.Minute)
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := fw.Allow(ctx, "bench.", a, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", allowRule, a, until); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -119,7 +120,7 @@ func BenchmarkAllowBatch100(b *testing.B) {
 			i++
 			batch[j] = addr(i)
 		}
-		if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
+		if err := fw.Allow(ctx, "bench.", allowRule, batch, until); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -132,7 +133,7 @@ func learn100k(b *testing.B, fw *Firewall) {
 	for i := uint32(1); i <= 100000; i++ {
 		batch = append(batch, addr(i))
 		if len(batch) == cap(batch) {
-			if err := fw.Allow(context.Background(), "bench.", batch, until); err != nil {
+			if err := fw.Allow(context.Background(), "bench.", allowRule, batch, until); err != nil {
 				b.Fatal(err)
 			}
 			batch = batch[:0]
@@ -171,7 +172,7 @@ func BenchmarkAllow100kFresh(b *testing.B) {
 			for j := range batch {
 				batch[j] = addr(i + uint32(j) + 1)
 			}
-			if err := fw.Allow(ctx, "bench.", batch, until); err != nil {
+			if err := fw.Allow(ctx, "bench.", allowRule, batch, until); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -201,15 +202,15 @@ func BenchmarkAllowExtend(b *testing.B) {
 	fw := newTestFirewall(b)
 	ctx := context.Background()
 	a := []netip.Addr{addr(1)}
-	if err := fw.Allow(ctx, "bench.", a, time.Now().Add(time.Minute)); err != nil {
+	if err := fw.Allow(ctx, "bench.", allowRule, a, time.Now().Add(time.Minute)); err != nil {
 		b.Fatal(err)
 	}
 	for b.Loop() {
 		// The record says the life ends sooner than asked: extend.
 		fw.mu.Lock()
-		fw.learned.put(a[0], learnedAddr{until: time.Now().Add(time.Minute).UnixMilli()})
+		fw.learned.put(config.RuleAllow, a[0], learnedAddr{until: time.Now().Add(time.Minute).UnixMilli()})
 		fw.mu.Unlock()
-		if err := fw.Allow(ctx, "bench.", a, time.Now().Add(time.Hour)); err != nil {
+		if err := fw.Allow(ctx, "bench.", allowRule, a, time.Now().Add(time.Hour)); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -6,9 +6,24 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/config/configtest"
 	"github.com/egressd/egressd/rules"
 )
+
+// allowRule names the rule of the flat allow keys, the one every test
+// firewall's configuration has.
+var allowRule = []string{config.RuleAllow}
+
+// lookupOne is the element that opens addr for the allow rule.
+func lookupOne(fw *Firewall, addr netip.Addr) (Element, bool) {
+	for _, e := range fw.Lookup(addr) {
+		if e.Rule == config.RuleAllow {
+			return e, true
+		}
+	}
+	return Element{}, false
+}
 
 // A reinstall keeps every learned address, also when they are too many for
 // one netlink message, and never shortens a life.
@@ -22,7 +37,7 @@ func TestInstallKeepsManyElements(t *testing.T) {
 		addrs = append(addrs, addr(i))
 	}
 	addrs = append(addrs, netip.MustParseAddr("2001:db8::1"))
-	if err := fw.Allow(ctx, "many.example.", addrs, until); err != nil {
+	if err := fw.Allow(ctx, "many.example.", allowRule, addrs, until); err != nil {
 		t.Fatal(err)
 	}
 	if err := fw.Install(ctx, rules.Build(configtest.Load(t, "")), nil, nil); err != nil {
@@ -38,10 +53,10 @@ func TestInstallKeepsManyElements(t *testing.T) {
 		}
 	}
 	// A shorter answer later does not shorten it.
-	if err := fw.Allow(ctx, "many.example.", addrs[:1], time.Now().Add(time.Second)); err != nil {
+	if err := fw.Allow(ctx, "many.example.", allowRule, addrs[:1], time.Now().Add(time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	if e, ok := fw.Lookup(addrs[0]); !ok || e.Expires.Before(until.Add(-time.Second)) || e.Names != "many.example." {
+	if e, ok := lookupOne(fw, addrs[0]); !ok || e.Expires.Before(until.Add(-time.Second)) || e.Names != "many.example." {
 		t.Errorf("after a shorter answer: %+v %v", e, ok)
 	}
 }
@@ -51,17 +66,17 @@ func TestLimit(t *testing.T) {
 	fw.Limit(3)
 	ctx := context.Background()
 	until := time.Now().Add(time.Hour)
-	if err := fw.Allow(ctx, "a.", []netip.Addr{addr(1), addr(2), addr(3)}, until); err != nil {
+	if err := fw.Allow(ctx, "a.", allowRule, []netip.Addr{addr(1), addr(2), addr(3)}, until); err != nil {
 		t.Fatal(err)
 	}
-	if err := fw.Allow(ctx, "b.", []netip.Addr{addr(4)}, until); err != ErrFull {
+	if err := fw.Allow(ctx, "b.", allowRule, []netip.Addr{addr(4)}, until); err != ErrFull {
 		t.Errorf("a fourth address: %v, want ErrFull", err)
 	}
-	if _, ok := fw.Lookup(addr(4)); ok {
+	if _, ok := lookupOne(fw, addr(4)); ok {
 		t.Error("the refused address was learned")
 	}
 	// Known addresses may still be extended.
-	if err := fw.Allow(ctx, "a.", []netip.Addr{addr(2)}, until.Add(time.Hour)); err != nil {
+	if err := fw.Allow(ctx, "a.", allowRule, []netip.Addr{addr(2)}, until.Add(time.Hour)); err != nil {
 		t.Errorf("extending a known address: %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,11 +11,16 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/egressd/egressd/config"
 )
 
-// Element is a learned address, the moment it stops being allowed, and the
-// names that resolved to it.
+// Element is a learned address of a rule, the moment it stops being
+// allowed, and the names that resolved to it.
 type Element struct {
+	// Rule whose sets hold the address; "" is the rule "allow" (state
+	// files of egressd before rules).
+	Rule    string
 	Addr    netip.Addr
 	Expires time.Time
 	// Names resolved to Addr, most recent first, comma-separated (at most
@@ -33,8 +39,54 @@ type learnedAddr struct {
 	names string
 }
 
-func (l learnedAddr) element(a netip.Addr) Element {
-	return Element{Addr: a, Expires: time.UnixMilli(l.until), Names: l.names}
+func (l learnedAddr) element(rule string, a netip.Addr) Element {
+	return Element{Rule: rule, Addr: a, Expires: time.UnixMilli(l.until), Names: l.names}
+}
+
+// ruleOf is the rule of e.
+func (e Element) ruleOf() string { return cmp.Or(e.Rule, config.RuleAllow) }
+
+// learnedRules are the learned addresses of each rule: a learnedMap per
+// rule, so that an address shared by several rules keeps one life per
+// rule.
+type learnedRules map[string]*learnedMap
+
+func (r learnedRules) get(rule string, a netip.Addr) (learnedAddr, bool) {
+	if m := r[rule]; m != nil {
+		return m.get(a)
+	}
+	return learnedAddr{}, false
+}
+
+func (r learnedRules) put(rule string, a netip.Addr, l learnedAddr) {
+	m := r[rule]
+	if m == nil {
+		m = &learnedMap{}
+		r[rule] = m
+	}
+	m.put(a, l)
+}
+
+func (r learnedRules) len() int {
+	n := 0
+	for _, m := range r {
+		n += m.len()
+	}
+	return n
+}
+
+func (r learnedRules) clone() learnedRules {
+	c := learnedRules{}
+	for rule, m := range r {
+		c[rule] = m.clone()
+	}
+	return c
+}
+
+// ruleAddr is a learned address of a rule.
+type ruleAddr struct {
+	rule string
+	addr netip.Addr
 }
 
 func untils(m *learnedMap) iter.Seq2[netip.Addr, int64] {
@@ -245,24 +297,25 @@ func withName(names, name string) string {
 
 type request struct {
 	name  string
+	rules []string
 	addrs []netip.Addr
 	until time.Time
 	done  chan error
 }
 
-// Allow makes addrs, the answer for name, reachable until at least until,
-// and returns once the kernel acknowledged it. An address whose current life
+// Allow makes addrs, the answer for name, reachable through each of rules
+// until at least until, and returns once the kernel acknowledged it. An address whose current life
 // already ends later is left alone: lives are extended, never shortened.
 // Concurrent calls are committed together in one batch.
 //
 // An extended life ends a little after until (by an eighth of the life
 // asked for, see headroom), so that the repeated answers of a busy name do
 // not each cost a kernel update.
-func (f *Firewall) Allow(ctx context.Context, name string, addrs []netip.Addr, until time.Time) error {
-	if f.Covered(name, addrs, until) {
+func (f *Firewall) Allow(ctx context.Context, name string, rules []string, addrs []netip.Addr, until time.Time) error {
+	if f.Covered(name, rules, addrs, until) {
 		return nil
 	}
-	req := &request{name: name, addrs: addrs, until: until, done: make(chan error, 1)}
+	req := &request{name: name, rules: rules, addrs: addrs, until: until, done: make(chan error, 1)}
 	f.mu.Lock()
 	f.queue = append(f.queue, req)
 	f.mu.Unlock()
@@ -292,22 +345,31 @@ func (f *Firewall) Allow(ctx context.Context, name string, addrs []netip.Addr, u
 }
 
 // Covered reports, without waiting, whether every address already lives
-// until until; if so, it records name for them.
-func (f *Firewall) Covered(name string, addrs []netip.Addr, until time.Time) bool {
+// in each of rules until until; if so, it records name for them.
+func (f *Firewall) Covered(name string, rules []string, addrs []netip.Addr, until time.Time) bool {
 	u := until.UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for _, a := range addrs {
-		if l, _ := f.learned.get(a); l.until < u {
+	for _, r := range rules {
+		m := f.learned[r]
+		if m == nil {
 			return false
 		}
+		for _, a := range addrs {
+			if l, _ := m.get(a); l.until < u {
+				return false
+			}
+		}
 	}
-	for _, a := range addrs {
-		l, _ := f.learned.get(a)
-		if n := withName(l.names, name); n != l.names {
-			l.names = n
-			f.learned.put(a, l)
-			f.version++
+	for _, r := range rules {
+		m := f.learned[r]
+		for _, a := range addrs {
+			l, _ := m.get(a)
+			if n := withName(l.names, name); n != l.names {
+				l.names = n
+				m.put(a, l)
+				f.version++
+			}
 		}
 	}
 	return true
@@ -315,15 +377,15 @@ func (f *Firewall) Covered(name string, addrs []netip.Addr, until time.Time) boo
 
 // fits reports whether the learned addresses stay within the limit with
 // the addresses of want added.
-func (f *Firewall) fits(want map[netip.Addr]int64) bool {
+func (f *Firewall) fits(want map[ruleAddr]int64) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.limit == 0 {
 		return true
 	}
 	n := f.learned.len()
-	for a := range want {
-		if _, ok := f.learned.get(a); !ok {
+	for ra := range want {
+		if _, ok := f.learned.get(ra.rule, ra.addr); !ok {
 			n++
 		}
 	}
@@ -340,25 +402,28 @@ func (f *Firewall) commit(batch []*request) error {
 	now := f.now()
 	f.mu.Lock()
 	sets := f.sets
-	want := map[netip.Addr]int64{}
+	want := map[ruleAddr]int64{}
 	for _, r := range batch {
 		u := r.until.UnixMilli()
 		extended := r.until.Add(headroom(now, r.until)).UnixMilli()
-		for _, a := range r.addrs {
-			if l, _ := f.learned.get(a); l.until < u && extended > want[a] {
-				want[a] = extended
+		for _, rule := range r.rules {
+			for _, a := range r.addrs {
+				ra := ruleAddr{rule, a}
+				if l, _ := f.learned.get(rule, a); l.until < u && extended > want[ra] {
+					want[ra] = extended
+				}
 			}
 		}
 	}
 	// Addresses the kernel may still hold are replaced, the others only
 	// added (see setLives); the kernel's clock may run a jiffy behind.
-	fresh, extend := map[netip.Addr]int64{}, map[netip.Addr]int64{}
+	fresh, extend := map[ruleAddr]int64{}, map[ruleAddr]int64{}
 	held := now.Add(-time.Second).UnixMilli()
-	for a, u := range want {
-		if l, _ := f.learned.get(a); l.until > held {
-			extend[a] = u
+	for ra, u := range want {
+		if l, _ := f.learned.get(ra.rule, ra.addr); l.until > held {
+			extend[ra] = u
 		} else {
-			fresh[a] = u
+			fresh[ra] = u
 		}
 	}
 	f.mu.Unlock()
@@ -387,13 +452,15 @@ func (f *Firewall) commit(batch []*request) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, r := range batch {
-		for _, a := range r.addrs {
-			l, _ := f.learned.get(a)
-			l.until = max(l.until, want[a])
-			l.names = withName(l.names, r.name)
-			f.learned.put(a, l)
-			if f.touched != nil {
-				f.touched[a] = true
+		for _, rule := range r.rules {
+			for _, a := range r.addrs {
+				l, _ := f.learned.get(rule, a)
+				l.until = max(l.until, want[ruleAddr{rule, a}])
+				l.names = withName(l.names, r.name)
+				f.learned.put(rule, a, l)
+				if f.touched != nil {
+					f.touched[a] = true
+				}
 			}
 		}
 	}
@@ -441,26 +508,31 @@ func (f *Firewall) LearnedSeq() (iter.Seq[Element], uint64) {
 		// deleted are not produced, new ones may or may not be.
 		// Install replaces the record rather than change it: m stays
 		// whole, if out of date.
-		m := f.learned
-		for a, l := range m.all() {
-			if l.until <= now {
-				m.del(a)
+		for _, rule := range slices.Sorted(maps.Keys(f.learned)) {
+			m := f.learned[rule]
+			if m == nil {
 				continue
 			}
-			chunk = append(chunk, l.element(a))
-			if len(chunk) < learnedChunk {
-				continue
-			}
-			f.mu.Unlock()
-			locked = false
-			for _, e := range chunk {
-				if !yield(e) {
-					return
+			for a, l := range m.all() {
+				if l.until <= now {
+					m.del(a)
+					continue
 				}
+				chunk = append(chunk, l.element(rule, a))
+				if len(chunk) < learnedChunk {
+					continue
+				}
+				f.mu.Unlock()
+				locked = false
+				for _, e := range chunk {
+					if !yield(e) {
+						return
+					}
+				}
+				chunk = chunk[:0]
+				f.mu.Lock()
+				locked = true
 			}
-			chunk = chunk[:0]
-			f.mu.Lock()
-			locked = true
 		}
 		f.mu.Unlock()
 		locked = false
@@ -477,9 +549,11 @@ func (f *Firewall) prune() {
 	now := f.now().UnixMilli()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for a, l := range f.learned.all() {
-		if l.until <= now {
-			f.learned.del(a)
+	for _, m := range f.learned {
+		for a, l := range m.all() {
+			if l.until <= now {
+				m.del(a)
+			}
 		}
 	}
 }
@@ -491,19 +565,30 @@ func (f *Firewall) Version() uint64 {
 	return f.version
 }
 
-// Names returns the names that last resolved to addr, also shortly after
-// the address expired (until the next Learned prunes it).
+// Names returns the names that last resolved to addr, in any rule, also
+// shortly after the address expired (until the next Learned prunes it).
 func (f *Firewall) Names(addr netip.Addr) (string, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	l, ok := f.learned.get(addr)
-	return l.names, ok
+	for _, rule := range slices.Sorted(maps.Keys(f.learned)) {
+		if l, ok := f.learned.get(rule, addr); ok {
+			return l.names, true
+		}
+	}
+	return "", false
 }
 
-// Lookup returns the learned element of addr, if it is still allowed.
-func (f *Firewall) Lookup(addr netip.Addr) (Element, bool) {
+// Lookup returns the learned elements of addr that are still allowed,
+// one per rule, in the order of the rules' names.
+func (f *Firewall) Lookup(addr netip.Addr) []Element {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	l, ok := f.learned.get(addr)
-	return l.element(addr), ok && l.until > f.now().UnixMilli()
+	now := f.now().UnixMilli()
+	var out []Element
+	for _, rule := range slices.Sorted(maps.Keys(f.learned)) {
+		if l, ok := f.learned.get(rule, addr); ok && l.until > now {
+			out = append(out, l.element(rule, addr))
+		}
+	}
+	return out
 }

@@ -132,14 +132,14 @@ func TestLearnedSeqWhileChanging(t *testing.T) {
 		stay = append(stay, addr(i))
 	}
 	stay = append(stay, netip.MustParseAddr("2001:db8::1"))
-	if err := fw.Allow(ctx, "stay.example.", stay, time.Now().Add(time.Hour)); err != nil {
+	if err := fw.Allow(ctx, "stay.example.", allowRule, stay, time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	var short []netip.Addr
 	for i := uint32(n + 1); i <= n+100; i++ {
 		short = append(short, addr(i))
 	}
-	if err := fw.Allow(ctx, "short.example.", short, time.Now().Add(time.Second)); err != nil {
+	if err := fw.Allow(ctx, "short.example.", allowRule, short, time.Now().Add(time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(1200 * time.Millisecond) // short expires
@@ -154,7 +154,7 @@ func TestLearnedSeqWhileChanging(t *testing.T) {
 		if len(seen)%100 == 0 {
 			// An answer while the sequence is consumed.
 			next++
-			if err := fw.Allow(ctx, "new.example.", []netip.Addr{addr(next)}, time.Now().Add(time.Hour)); err != nil {
+			if err := fw.Allow(ctx, "new.example.", allowRule, []netip.Addr{addr(next)}, time.Now().Add(time.Hour)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -184,7 +184,7 @@ func TestLearnedSeqWhileChanging(t *testing.T) {
 	for range all {
 		break
 	}
-	if _, ok := fw.Lookup(stay[0]); !ok {
+	if _, ok := lookupOne(fw, stay[0]); !ok {
 		t.Error("lookup after an early stop")
 	}
 	if l, _ := fw.Learned(); len(l) != len(stay)+int(next-n-1000) {

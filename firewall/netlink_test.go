@@ -16,6 +16,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/config/configtest"
 	"github.com/egressd/egressd/rules"
 )
@@ -167,7 +168,7 @@ func TestAllowGroupCommit(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			if err := fw.Allow(context.Background(), "a.", []netip.Addr{addr(uint32(i + 1))}, time.Now().Add(time.Minute)); err != nil {
+			if err := fw.Allow(context.Background(), "a.", allowRule, []netip.Addr{addr(uint32(i + 1))}, time.Now().Add(time.Minute)); err != nil {
 				t.Error(err)
 			}
 		})
@@ -198,11 +199,11 @@ func TestAllowExtensionReplaces(t *testing.T) {
 	fw.now = func() time.Time { return now }
 	a4, a6 := addr(1), netip.MustParseAddr("2001:db8::1")
 	ctx := context.Background()
-	if err := fw.Allow(ctx, "a.", []netip.Addr{a4, a6}, now.Add(8*time.Second)); err != nil {
+	if err := fw.Allow(ctx, "a.", allowRule, []netip.Addr{a4, a6}, now.Add(8*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	now = now.Add(2 * time.Second)
-	if err := fw.Allow(ctx, "a.", []netip.Addr{a4, a6}, now.Add(8*time.Second)); err != nil {
+	if err := fw.Allow(ctx, "a.", allowRule, []netip.Addr{a4, a6}, now.Add(8*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	f := r.flushes()[1:]
@@ -218,7 +219,7 @@ func TestAllowExtensionReplaces(t *testing.T) {
 		t.Fatalf("extension sent %v, want add, delete, add per set", got)
 	}
 	for _, m := range ext {
-		if len(m.keys) != 1 || (m.set == rules.SetAllow4) != (m.keys[0] == a4) {
+		if len(m.keys) != 1 || (m.set == rules.LearnedSet(config.RuleAllow, addr(1))) != (m.keys[0] == a4) {
 			t.Errorf("%+v: wrong set or keys", m)
 		}
 		// 8 s asked plus an eighth of headroom.
@@ -236,7 +237,7 @@ func TestLargeElementListsAreSplit(t *testing.T) {
 	for i := range uint32(2500) {
 		addrs = append(addrs, addr(i+1))
 	}
-	if err := fw.Allow(context.Background(), "many.", addrs, time.Now().Add(time.Hour)); err != nil {
+	if err := fw.Allow(context.Background(), "many.", allowRule, addrs, time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	f := r.flushes()[1:]

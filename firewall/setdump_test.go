@@ -10,6 +10,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -27,7 +28,7 @@ func elemMsg(t *testing.T, seq uint32, elems ...dumpElem) netlink.Message {
 	t.Helper()
 	ae := netlink.NewAttributeEncoder()
 	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, rules.TableName)
-	ae.String(unix.NFTA_SET_ELEM_LIST_SET, rules.SetAllow4)
+	ae.String(unix.NFTA_SET_ELEM_LIST_SET, rules.LearnedSet(config.RuleAllow, addr(1)))
 	ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(list *netlink.AttributeEncoder) error {
 		for _, e := range elems {
 			list.Nested(unix.NFTA_LIST_ELEM, func(el *netlink.AttributeEncoder) error {

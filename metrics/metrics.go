@@ -9,8 +9,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/egressd/egressd/rules"
 )
 
 // Query results.
@@ -47,8 +45,8 @@ type Metrics struct {
 }
 
 // New returns the metrics of one egressd. learned reports the live
-// elements of the learned sets when scraped.
-func New(version string, learned func() (v4, v6 int)) *Metrics {
+// elements of each learned set, by set, when scraped.
+func New(version string, learned func() map[string]int) *Metrics {
 	m := &Metrics{
 		reg: prometheus.NewRegistry(),
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -126,21 +124,9 @@ func New(version string, learned func() (v4, v6 int)) *Metrics {
 		ConstLabels: prometheus.Labels{"version": version},
 	})
 	info.Set(1)
-	live := func(v6 bool) func() float64 {
-		return func() float64 {
-			v4n, v6n := learned()
-			if v6 {
-				return float64(v6n)
-			}
-			return float64(v4n)
-		}
-	}
 	m.enforcing.Set(1)
 	m.reg.MustRegister(m.queries, m.upstream, m.setUpdate, m.batchSize, m.blocked, m.wouldBlock, m.enforcing, m.driftRepairs, m.installs, m.setRepairs, m.audit, m.saveErrors, m.limited, m.setErrors, info,
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
-			ConstLabels: prometheus.Labels{"set": rules.SetAllow4}}, live(false)),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "egressd_learned_addresses", Help: "Live elements of a learned-address set.",
-			ConstLabels: prometheus.Labels{"set": rules.SetAllow6}}, live(true)),
+		learnedCollector(learned),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -249,4 +235,20 @@ func (m *Metrics) SetUpdateFailed() {
 // Handler serves the metrics in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// learnedDesc is egressd_learned_addresses: one series per learned set,
+// two per rule with names (bounded by the configuration).
+var learnedDesc = prometheus.NewDesc("egressd_learned_addresses",
+	"Live elements of a learned-address set (NAME4 and NAME6 of each rule with names).", []string{"set"}, nil)
+
+// learnedCollector reports learned's counts when scraped.
+type learnedCollector func() map[string]int
+
+func (c learnedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- learnedDesc }
+
+func (c learnedCollector) Collect(ch chan<- prometheus.Metric) {
+	for set, n := range c() {
+		ch <- prometheus.MustNewConstMetric(learnedDesc, prometheus.GaugeValue, float64(n), set)
+	}
 }

@@ -65,6 +65,10 @@ type Host struct {
 	// their DNS is redirected to the proxy even when the host is not
 	// filtered.
 	Engines []Cgroup
+	// Cgroups are the host cgroups of the rules' from and of
+	// config.DNSClasses that exist, by their path in the config
+	// ("/system.slice/chrony.service").
+	Cgroups map[string]Cgroup
 	// Unknown are forwarding interfaces (bridges, veths) that match
 	// neither firewall.containers nor firewall.unfiltered: treated like
 	// container interfaces (DNS to the proxy, sources checked).
@@ -81,15 +85,7 @@ func Build(cfg *config.Config) *Ruleset {
 func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	fw := cfg.Firewall
 	proxy := uint16(cfg.DNS.ListenPort)
-	ports := make([]uint16, len(cfg.Allow.Ports))
-	for i, p := range cfg.Allow.Ports {
-		ports[i] = uint16(p)
-	}
-	rs := &Ruleset{Sets: []Set{
-		{Name: SetAllow4, Type: IPv4Addr, Timeout: true, Comment: "IPv4 addresses answered by the DNS proxy, each with its own timeout"},
-		{Name: SetAllow6, Type: IPv6Addr, Timeout: true, Comment: "IPv6 addresses answered by the DNS proxy, each with its own timeout"},
-		{Name: SetPorts, Type: InetService, Ports: ports, Comment: "TCP ports allowed to those addresses (allow.ports)"},
-	}}
+	rs := &Ruleset{Sets: learnedSets(cfg)}
 
 	// Container interfaces, and forwarding interfaces (bridges, veths)
 	// that match no pattern: their DNS goes to the proxy as well.
@@ -98,16 +94,137 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 		ctrIfaces = append(ctrIfaces, ifname.Pattern(u))
 	}
 	servers := ownServers(cfg, host)
-	rs.Chains = []Chain{egressChain(cfg), forwardChain(fw), proxyInChain(ctrIfaces), inputChain(fw, proxy, servers),
+	rs.Chains = []Chain{egressChain(cfg), forwardChain(cfg), proxyInChain(ctrIfaces), inputChain(fw, proxy, servers),
 		dnsRedirectChain(cfg, proxy), dnsPreroutingChain(ctrIfaces)}
 	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces)...)
 	switch {
 	case fw.Host:
 		rs.Chains = append(rs.Chains, hostOutputChains(cfg, host, servers, proxy)...)
 	case len(host.Engines) > 0:
-		rs.Chains = append(rs.Chains, engineDNSChain(host.Engines, proxy))
+		rs.Chains = append(rs.Chains, engineDNSChain(cfg, host, proxy))
 	}
+	rs.Chains = append(rs.Chains, ruleChains(cfg)...)
 	return rs
+}
+
+// learnedSets declares the sets of the rules: the "allow" rule's allow4,
+// allow6 and ports (allow.ports), and NAME4 and NAME6 of every other rule
+// with names.
+func learnedSets(cfg *config.Config) []Set {
+	var sets []Set
+	for _, r := range cfg.Rules {
+		if r.Name != config.RuleAllow && len(r.Domains) == 0 {
+			continue
+		}
+		what := "answered by the DNS proxy"
+		if r.Name != config.RuleAllow {
+			what += " for rule " + r.Name
+		}
+		sets = append(sets,
+			Set{Name: r.Name + "4", Rule: r.Name, Type: IPv4Addr, Timeout: true, Comment: "IPv4 addresses " + what + ", each with its own timeout"},
+			Set{Name: r.Name + "6", Rule: r.Name, Type: IPv6Addr, Timeout: true, Comment: "IPv6 addresses " + what + ", each with its own timeout"})
+		if r.Name == config.RuleAllow {
+			ports := make([]uint16, len(cfg.Allow.Ports))
+			for i, p := range cfg.Allow.Ports {
+				ports[i] = uint16(p)
+			}
+			sets = append(sets, Set{Name: SetPorts, Type: InetService, Ports: ports, Comment: "TCP ports allowed to those addresses (allow.ports)"})
+		}
+	}
+	return sets
+}
+
+// RuleChain names the chain of a rule other than "allow".
+func RuleChain(rule string) string { return "rule_" + rule }
+
+// ruleChains are the chains of the rules other than "allow" (whose
+// statements are egress's own): what each opens, entered from forward and
+// output for the sources the rule applies to.
+func ruleChains(cfg *config.Config) []Chain {
+	var out []Chain
+	for _, r := range cfg.Rules {
+		if r.Name == config.RuleAllow {
+			continue
+		}
+		ch := Chain{Name: RuleChain(r.Name), Comment: fmt.Sprintf("rule %s (%s), from %s", r.Name, r.Origin, r.From)}
+		for _, p := range r.Ports {
+			port := portStmt(p)
+			if len(r.Domains) > 0 {
+				ch.Rules = append(ch.Rules,
+					Rule{Stmts: []Stmt{DaddrSet{Set: r.Name + "4"}, port, Accept}},
+					Rule{Stmts: []Stmt{DaddrSet{V6: true, Set: r.Name + "6"}, port, Accept}})
+			}
+			for _, c := range r.CIDRs {
+				ch.Rules = append(ch.Rules, Rule{Stmts: []Stmt{DaddrPrefix(c), port, Accept}})
+			}
+		}
+		out = append(out, ch)
+	}
+	return out
+}
+
+// portStmt matches a rule's port or port range.
+func portStmt(p config.RulePort) Stmt {
+	proto := TCP
+	if p.Proto == config.ProtoUDP {
+		proto = UDP
+	}
+	if p.Lo == p.Hi {
+		return Ports{Proto: proto, Dport: p.Lo}
+	}
+	return DportRange{Proto: proto, Lo: p.Lo, Hi: p.Hi}
+}
+
+// forwardedRuleJumps send new forwarded connections to the chains of the
+// rules that apply to their source (the "allow" rule is egress's own).
+func forwardedRuleJumps(cfg *config.Config) []Rule {
+	var out []Rule
+	for _, r := range cfg.Rules {
+		if r.Name == config.RuleAllow || !r.From.Forwarded() {
+			continue
+		}
+		jump := Jump(RuleChain(r.Name))
+		if r.From.Containers {
+			out = append(out, Rule{Stmts: []Stmt{New{}, jump}})
+			continue
+		}
+		for _, i := range r.From.Interfaces {
+			out = append(out, Rule{Stmts: []Stmt{IfName{Pattern: i}, New{}, jump}})
+		}
+		for _, s := range r.From.Sources {
+			out = append(out, Rule{Stmts: []Stmt{SaddrPrefix(s), New{}, jump}})
+		}
+	}
+	if len(out) > 0 {
+		out[0].Comment = "the rules that apply to the source"
+	}
+	return out
+}
+
+// hostRuleJumps send the host's new connections to the chains of the
+// rules that apply to it: all of it, or its services' cgroups (those that
+// exist now; a cgroup that appears is added then).
+func hostRuleJumps(cfg *config.Config, cgroups map[string]Cgroup) []Rule {
+	var out []Rule
+	for _, r := range cfg.Rules {
+		if r.Name == config.RuleAllow || !r.From.HostSide() {
+			continue
+		}
+		jump := Jump(RuleChain(r.Name))
+		if r.From.Host {
+			out = append(out, Rule{Stmts: []Stmt{New{}, jump}})
+			continue
+		}
+		for _, path := range r.From.Cgroups {
+			if cg, ok := cgroups[path]; ok {
+				out = append(out, Rule{Stmts: []Stmt{cg, New{}, jump}})
+			}
+		}
+	}
+	if len(out) > 0 {
+		out[0].Comment = "the rules that apply to the host and its services"
+	}
+	return out
 }
 
 // egressChain decides about a new outbound connection; containers and the
@@ -121,9 +238,13 @@ func egressChain(cfg *config.Config) Chain {
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
 		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
 		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, rejectTCP(fw.Action))},
-		{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: SetAllow4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
-		{Stmts: []Stmt{DaddrSet{V6: true, Set: SetAllow6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
 	}}
+	if slices.ContainsFunc(cfg.Rules, func(r config.Rule) bool { return r.Name == config.RuleAllow }) {
+		set4, set6 := config.RuleAllow+"4", config.RuleAllow+"6"
+		egress.Rules = append(egress.Rules,
+			Rule{Comment: "addresses answered by the DNS proxy", Stmts: []Stmt{DaddrSet{Set: set4}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}},
+			Rule{Stmts: []Stmt{DaddrSet{V6: true, Set: set6}, Ports{Proto: TCP, DportSet: SetPorts}, Accept}})
+	}
 	for _, st := range cfg.Allow.Static {
 		egress.Rules = append(egress.Rules, staticRules(st)...)
 	}
@@ -146,7 +267,8 @@ func egressChain(cfg *config.Config) Chain {
 // whichever interface it came from (an unknown bridge fails closed);
 // traffic into container networks (published ports, between containers)
 // stays on the host, and firewall.unfiltered is left alone.
-func forwardChain(fw config.Firewall) Chain {
+func forwardChain(cfg *config.Config) Chain {
+	fw := cfg.Firewall
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
 		Comment: "forwarded traffic: filtered when it leaves the host, from any interface"}
 	for i, u := range fw.Unfiltered {
@@ -159,6 +281,7 @@ func forwardChain(fw config.Firewall) Chain {
 		}
 	}
 	forward.Rules = append(forward.Rules, intoContainers(fw.Containers, "into container networks: inbound, published ports, between containers")...)
+	forward.Rules = append(forward.Rules, forwardedRuleJumps(cfg)...)
 	return forward.with(Rule{Comment: "out of the host", Stmts: []Stmt{Jump("egress")}})
 }
 
@@ -300,14 +423,17 @@ func hostOutputChains(cfg *config.Config, host Host, servers []netip.AddrPort, p
 		)}
 	output.Rules = append(output.Rules, intoContainers(cfg.Firewall.Containers, "the host talking to its containers")...)
 	output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
+	output.Rules = append(output.Rules, hostRuleJumps(cfg, host.Cgroups)...)
 	output.Rules = append(output.Rules, Rule{Stmts: []Stmt{Jump("egress")}})
 	// The host's own DNS is redirected: in the output hook a redirect
 	// goes to 127.0.0.1 or ::1, whatever the interfaces, so it keeps
 	// working even while the dummy interface is missing.
 	dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect},
-		Rules: append(withVerdict(own, "egressd's own upstream queries are not redirected", Return),
-			Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
-			Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})}
+		Rules: withVerdict(own, "egressd's own upstream queries are not redirected", Return)}
+	dnsOutput.Rules = append(dnsOutput.Rules, classRedirects(cfg, host.Cgroups, false)...)
+	dnsOutput.Rules = append(dnsOutput.Rules,
+		Rule{Comment: "the host's own DNS, to the proxy on loopback", Stmts: []Stmt{Ports{Proto: UDP, Dport: 53}, Redirect(proxy)}},
+		Rule{Stmts: []Stmt{Ports{Proto: TCP, Dport: 53}, Redirect(proxy)}})
 	return []Chain{output, dnsOutput}
 }
 
@@ -315,9 +441,13 @@ func hostOutputChains(cfg *config.Config, host Host, servers []netip.AddrPort, p
 // servers still forward containers' queries from the host's namespace:
 // they go through the allow-list like the containers' own. (With the host
 // filtered, all host DNS does.)
-func engineDNSChain(engines []Cgroup, proxy uint16) Chain {
+func engineDNSChain(cfg *config.Config, host Host, proxy uint16) Chain {
 	dnsOutput := Chain{Name: "dns_output", Hook: &Hook{"nat", "output", priorityRedirect}}
-	for i, cg := range engines {
+	if len(cfg.DNSClasses()) > 0 {
+		dnsOutput.Rules = classRedirects(cfg, host.Cgroups, true)
+		return dnsOutput
+	}
+	for i, cg := range host.Engines {
 		for _, p := range []Proto{UDP, TCP} {
 			r := Rule{Stmts: []Stmt{cg, Ports{Proto: p, Dport: 53}, Redirect(proxy)}}
 			if i == 0 && p == UDP {
@@ -327,6 +457,27 @@ func engineDNSChain(engines []Cgroup, proxy uint16) Chain {
 		}
 	}
 	return dnsOutput
+}
+
+// classRedirects send the DNS of each host cgroup of config.DNSClasses
+// that exists now to the proxy port of its own, so that the proxy knows
+// which rules apply; enginesOnly: only firewall.engine_cgroups' (the host
+// is not filtered).
+func classRedirects(cfg *config.Config, cgroups map[string]Cgroup, enginesOnly bool) []Rule {
+	var out []Rule
+	for _, c := range cfg.DNSClasses() {
+		cg, ok := cgroups[c.Cgroup]
+		if !ok || enginesOnly && !c.Engine {
+			continue
+		}
+		for _, p := range []Proto{UDP, TCP} {
+			out = append(out, Rule{Stmts: []Stmt{cg, Ports{Proto: p, Dport: 53}, Redirect(c.Port)}})
+		}
+	}
+	if len(out) > 0 {
+		out[0].Comment = "host services' DNS, each to a proxy port of its own: the proxy answers by their rules"
+	}
+	return out
 }
 
 // ownServers are the servers egressd itself asks: its upstreams and the

@@ -25,12 +25,8 @@ import (
 // TableName is the one nftables table egressd owns (family inet).
 const TableName = "egressd"
 
-// Names of the sets that hold learned addresses.
-const (
-	SetAllow4 = "allow4"
-	SetAllow6 = "allow6"
-	SetPorts  = "ports"
-)
+// SetPorts is the set of allow.ports, the ports of the rule "allow".
+const SetPorts = "ports"
 
 // Ruleset is the whole content of table inet egressd.
 type Ruleset struct {
@@ -55,6 +51,7 @@ type Set struct {
 	Comment string
 	Type    SetType
 	Timeout bool
+	Rule    string   // of a learned-address set: the rule whose addresses it holds
 	Ports   []uint16 // constant elements of an InetService set
 }
 

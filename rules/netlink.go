@@ -19,16 +19,36 @@ func Table() *nftables.Table {
 	return &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
 }
 
-// LearnedSet names the set that holds the learned address addr.
-func LearnedSet(addr netip.Addr) string {
+// LearnedSet names the set of rule that holds its learned address addr:
+// the rule's name and the address family, "allow4", "metering6".
+func LearnedSet(rule string, addr netip.Addr) string {
 	if addr.Is6() {
-		return SetAllow6
+		return rule + "6"
 	}
-	return SetAllow4
+	return rule + "4"
 }
 
-// LearnedSets are the names of the learned-address sets, IPv4 first.
-var LearnedSets = []string{SetAllow4, SetAllow6}
+// LearnedSets returns the learned-address sets of rs, in order.
+func (rs *Ruleset) LearnedSets() []Set {
+	var out []Set
+	for _, s := range rs.Sets {
+		if s.Timeout {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// LearnedRules returns the rules of rs that have learned-address sets.
+func (rs *Ruleset) LearnedRules() []string {
+	var out []string
+	for _, s := range rs.LearnedSets() {
+		if !slices.Contains(out, s.Rule) {
+			out = append(out, s.Rule)
+		}
+	}
+	return out
+}
 
 // Learned is what AddTo leaves to the kernel side: the learned sets'
 // elements, which are not part of the model.

@@ -37,6 +37,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/vishvananda/netns"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -781,7 +782,7 @@ func (l *Lab) stateHas(addr string) error {
 // (zero if not at all).
 func (l *Lab) kernelExpires(addr string) time.Duration {
 	l.t.Helper()
-	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(netip.MustParseAddr(addr)))
+	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(config.RuleAllow, netip.MustParseAddr(addr)))
 	m := regexp.MustCompile(regexp.QuoteMeta(addr) + ` timeout \S+ expires ([0-9dhms]+)`).FindStringSubmatch(out)
 	if m == nil {
 		return 0
@@ -892,7 +893,7 @@ func (l *Lab) resolve(ns, name string, qtype uint16) *dns.Msg {
 
 func (l *Lab) inSet(addr string) bool {
 	l.t.Helper()
-	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(netip.MustParseAddr(addr)))
+	out := l.in(l.Host, "nft list set inet egressd "+rules.LearnedSet(config.RuleAllow, netip.MustParseAddr(addr)))
 	return strings.Contains(out, " "+addr+" ") || strings.Contains(out, "{ "+addr) || strings.Contains(out, ", "+addr)
 }
 

@@ -61,6 +61,9 @@ func newStatusCmd(load func() (*config.Config, error)) *cobra.Command {
 				}
 				fmt.Fprintf(w, "ruleset:   %s (%d drift repairs)\n", s.Ruleset, s.DriftRepairs)
 				fmt.Fprintf(w, "learned:   %d IPv4, %d IPv6 addresses\n", s.LearnedIPv4, s.LearnedIPv6)
+				for _, r := range s.Rules {
+					fmt.Fprintf(w, "rule:      %s (%s), from %s: %d learned\n", r.Name, r.Origin, r.From, r.Learned)
+				}
 				if s.NotAnswering != "" {
 					fmt.Fprintf(w, "dns:       %s\n", s.NotAnswering)
 				}
@@ -148,7 +151,7 @@ func newListCmd(load func() (*config.Config, error)) *cobra.Command {
 				return printJSON(w, l)
 			}
 			for _, e := range l {
-				fmt.Fprintf(w, "%-40s %8s  %s\n", e.Addr, e.ExpiresIn, strings.Join(e.Names, ", "))
+				fmt.Fprintf(w, "%-16s %-40s %8s  %s\n", e.Rule, e.Addr, e.ExpiresIn, strings.Join(e.Names, ", "))
 			}
 			return nil
 		},
