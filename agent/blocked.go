@@ -30,6 +30,9 @@ type Blocked struct {
 	Reason    Reason         `json:"reason"`
 	// Names that last resolved to To's address, if egressd knows them.
 	Names string `json:"names,omitempty"`
+	// Rule that allows To's address to other sources (other-source), or
+	// would but for the port or the answer's expiry.
+	Rule string `json:"rule,omitempty"`
 	// WouldBlock: audit mode let the packet through; enforce would not.
 	WouldBlock bool `json:"would_block,omitempty"`
 }
@@ -45,7 +48,29 @@ func (b Blocked) String() string {
 	} else if b.Reason == NotAnswered {
 		s += " (no name resolved to it through egressd)"
 	}
+	if b.Rule != "" {
+		s += " [rule " + b.Rule + "]"
+	}
 	return s
+}
+
+// explained is b, caught by the catch-all reject, with what v (the
+// verdict on its destination, which knows nothing of its source) says of
+// it.
+func (b Blocked) explained(v Verdict) Blocked {
+	b.Names = v.Names
+	if v.Rule != nil {
+		b.Rule = v.Rule.Name
+	}
+	switch {
+	case !v.Allowed:
+		b.Reason = v.Reason
+	case v.Rule != nil && !v.Rule.From.Everyone():
+		// The ruleset knows the source: a rule of other sources' is what
+		// allows the destination.
+		b.Reason = OtherSource
+	} // else a rule of everyone's allows it: the configuration changed since
+	return b
 }
 
 // watchBlocked reads the NFLOG group of the ruleset's reject rules and
@@ -68,11 +93,7 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		}
 		if b.Reason == NotAnswered {
 			// The catch-all reject: say which of the allow rules missed.
-			v := verdict(cfg(), fw, b.To.Addr(), b.To.Port(), config.Proto(b.Proto))
-			b.Names = v.Names
-			if !v.Allowed { // allowed: the configuration changed since
-				b.Reason = v.Reason
-			}
+			b = b.explained(verdict(cfg(), fw, b.To.Addr(), b.To.Port(), config.Proto(b.Proto)))
 		}
 		msg := "blocked connection"
 		if b.WouldBlock {
@@ -91,7 +112,7 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 			b.Interface = names.name(int32(*a.InDev))
 		}
 		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
-			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "would_block", b.WouldBlock, "suppressed_before", suppressed)
+			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "rule", b.Rule, "would_block", b.WouldBlock, "suppressed_before", suppressed)
 		suppressed = 0
 		return 0
 	}

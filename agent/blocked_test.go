@@ -6,6 +6,8 @@ import (
 
 	nflog "github.com/florianl/go-nflog/v2"
 
+	"github.com/egressd/egressd/config"
+	"github.com/egressd/egressd/ifname"
 	"github.com/egressd/egressd/rules"
 )
 
@@ -96,4 +98,30 @@ func FuzzParseBlocked(f *testing.F) {
 			t.Errorf("parseBlocked(%x) = port %d for %s", payload, b.To.Port(), b.Proto)
 		}
 	})
+}
+
+func TestBlockedExplained(t *testing.T) {
+	caught := Blocked{Source: "container", To: netip.MustParseAddrPort("203.0.113.10:443"), Proto: "tcp", Reason: NotAnswered}
+	allow := &config.Rule{Name: config.RuleAllow, From: config.Everyone}
+	bridgeA := &config.Rule{Name: "ra", From: config.From{Interfaces: []ifname.Pattern{"br-a"}}}
+	tests := []struct {
+		name   string
+		v      Verdict
+		reason Reason
+		rule   string
+	}{
+		{"never answered", Verdict{Reason: NotAnswered}, NotAnswered, ""},
+		{"expired", Verdict{Reason: Expired, Rule: bridgeA, Names: "a."}, Expired, "ra"},
+		{"other port", Verdict{Reason: Port, Rule: bridgeA}, Port, "ra"},
+		{"another source's rule", Verdict{Allowed: true, Rule: bridgeA}, OtherSource, "ra"},
+		{"everyone's rule: the configuration changed", Verdict{Allowed: true, Rule: allow}, NotAnswered, "allow"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := caught.explained(tt.v)
+			if got.Reason != tt.reason || got.Rule != tt.rule || got.Names != tt.v.Names {
+				t.Errorf("explained = %+v; want reason %q, rule %q, names %q", got, tt.reason, tt.rule, tt.v.Names)
+			}
+		})
+	}
 }
