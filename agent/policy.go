@@ -101,16 +101,16 @@ func ruleCgroups(cfg *config.Config) map[string]rules.Cgroup {
 		return nil
 	}
 	out := map[string]rules.Cgroup{}
-	var any rules.Cgroup
+	var probe rules.Cgroup
 	for _, p := range paths {
 		var st syscall.Stat_t
 		if syscall.Stat(filepath.Join(mnt, p), &st) != nil {
 			continue // not running: its rules are added when it appears
 		}
-		any = rules.Cgroup{Path: nftCgroupPath(mnt, p), Level: uint32(strings.Count(p, "/")), ID: st.Ino}
-		out[p] = any
+		probe = rules.Cgroup{Path: nftCgroupPath(mnt, p), Level: uint32(strings.Count(p, "/")), ID: st.Ino}
+		out[p] = probe
 	}
-	if len(out) > 0 && firewall.ProbeCgroup(any) != nil {
+	if len(out) > 0 && firewall.ProbeCgroup(probe) != nil {
 		return nil
 	}
 	return out

@@ -237,7 +237,7 @@ func (c *Config) validateRules() []error {
 		rule.Origin = field
 		c.Rules = append(c.Rules, rule)
 	}
-	if len(c.Rules) == 0 {
+	if len(c.Rules) == 0 && len(errs) == 0 {
 		bad("allow: no rule allows anything (allow.domains, allow.cidrs, allow.include and allow.rules are all empty)")
 	}
 	seen := map[string]Rule{}
@@ -357,7 +357,7 @@ func (c *Config) parseRule(raw any, field string) (Rule, error) {
 	dupes(&errs, field+".ports", r.Ports, RulePort.String)
 	if len(r.Domains) == 0 && len(r.CIDRs) == 0 {
 		bad("%s: allows nothing: give it names or cidrs", field)
-	} else if len(r.Ports) == 0 {
+	} else if len(lists["ports"]) == 0 {
 		bad("%s.ports: empty: the rule's names and cidrs need ports (such as 443 or \"123/udp\")", field)
 	}
 	if _, present := m["from"]; !present {
