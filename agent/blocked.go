@@ -98,9 +98,9 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		msg := "blocked connection"
 		if b.WouldBlock {
 			msg = "would block connection (audit mode: let through)"
-			m.WouldBlock(b.Source, string(b.Reason))
+			m.WouldBlock(b.Source, string(b.Reason), b.Rule)
 		} else {
-			m.Blocked(b.Source, string(b.Reason))
+			m.Blocked(b.Source, string(b.Reason), b.Rule)
 		}
 		if !limit.Allow() {
 			suppressed++

@@ -70,12 +70,12 @@ func New(version string, learned func() map[string]int) *Metrics {
 		}),
 		blocked: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egressd_blocked_connections_total",
-			Help: "Outbound connection attempts rejected or dropped, by source (container or host) and reason.",
-		}, []string{"source", "reason"}),
+			Help: "Outbound connection attempts rejected or dropped, by source (container or host), reason, and the rule that allows the destination to other sources or on other ports (\"\" if none).",
+		}, []string{"source", "reason", "rule"}),
 		wouldBlock: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egressd_would_block_connections_total",
-			Help: "Audit mode (firewall.mode: audit): outbound connection attempts that enforce mode would have blocked and that were let through, by source and reason.",
-		}, []string{"source", "reason"}),
+			Help: "Audit mode (firewall.mode: audit): outbound connection attempts that enforce mode would have blocked and that were let through, by source, reason and rule (as egressd_blocked_connections_total).",
+		}, []string{"source", "reason", "rule"}),
 		enforcing: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "egressd_enforcing",
 			Help: "1 when egress is enforced (firewall.mode: enforce), 0 in audit mode, where nothing is blocked.",
@@ -155,17 +155,18 @@ func (m *Metrics) SetUpdate(d time.Duration, answers int) {
 	}
 }
 
-// Blocked counts one blocked connection attempt.
-func (m *Metrics) Blocked(source, reason string) {
+// Blocked counts one blocked connection attempt. rule is a rule of the
+// configuration or "": the label stays bounded.
+func (m *Metrics) Blocked(source, reason, rule string) {
 	if m != nil {
-		m.blocked.WithLabelValues(source, reason).Inc()
+		m.blocked.WithLabelValues(source, reason, rule).Inc()
 	}
 }
 
 // WouldBlock counts one connection attempt that audit mode let through.
-func (m *Metrics) WouldBlock(source, reason string) {
+func (m *Metrics) WouldBlock(source, reason, rule string) {
 	if m != nil {
-		m.wouldBlock.WithLabelValues(source, reason).Inc()
+		m.wouldBlock.WithLabelValues(source, reason, rule).Inc()
 	}
 }
 

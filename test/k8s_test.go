@@ -450,13 +450,13 @@ func TestKubernetesConfigMapAuditThenEnforce(t *testing.T) {
 	k.mustReach(k.Pod, "203.0.113.50:443")
 	k.waitLog("would block connection", "to=203.0.113.50:443", "would_block=true", "reason=not-answered")
 	m := scrape(t, k.Lab, "127.0.0.1:9253")
-	if m[`egressd_would_block_connections_total{reason="not-answered",source="container"}`] < 1 || m["egressd_enforcing"] != 0 ||
+	if m[`egressd_would_block_connections_total{reason="not-answered",rule="",source="container"}`] < 1 || m["egressd_enforcing"] != 0 ||
 		m[`egressd_dns_queries_total{result="would_refuse"}`] < 1 {
 		t.Errorf("audit metrics: would_block %v, enforcing %v, would_refuse %v",
-			m[`egressd_would_block_connections_total{reason="not-answered",source="container"}`], m["egressd_enforcing"],
+			m[`egressd_would_block_connections_total{reason="not-answered",rule="",source="container"}`], m["egressd_enforcing"],
 			m[`egressd_dns_queries_total{result="would_refuse"}`])
 	}
-	if m[`egressd_blocked_connections_total{reason="not-answered",source="container"}`] != 0 {
+	if m[`egressd_blocked_connections_total{reason="not-answered",rule="",source="container"}`] != 0 {
 		t.Errorf("audit mode counted a blocked connection")
 	}
 	k.mustGetent("westus.api.cognitive.microsoft.com", "203.0.113.10") // learned

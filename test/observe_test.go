@@ -129,7 +129,7 @@ func TestMetrics(t *testing.T) {
 		`egressd_dns_queries_total{result="refused"}`,
 		`egressd_upstream_query_duration_seconds_count`,
 		`egressd_set_update_duration_seconds_count`,
-		`egressd_blocked_connections_total{reason="not-answered",source="container"}`,
+		`egressd_blocked_connections_total{reason="not-answered",rule="",source="container"}`,
 	} {
 		if after[m] <= before[m] {
 			t.Errorf("%s: %v before, %v after; want it to grow", m, before[m], after[m])
