@@ -207,10 +207,6 @@ func (d *daemon) explain(q string) Explanation {
 		}
 		return e
 	}
-	if proto == config.ProtoUDP {
-		e.Reason = fmt.Sprintf("%s: no allow.cidrs entry opens udp port %d; DNS answers open TCP only", addr, port)
-		return auditNote(cfg, e)
-	}
 	switch {
 	case v.Live != nil:
 		left := time.Until(v.Live.Expires).Round(time.Second)
