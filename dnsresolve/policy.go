@@ -77,9 +77,12 @@ func (p *policy) allowed(name string) (rule, pattern string, ok bool) {
 }
 
 // rulesFor returns the rules that allow name to a; none: refuse it.
-func (p *policy) rulesFor(a asker, name string) []string {
-	var out []string
-	var c *Client
+func (p *policy) rulesFor(a asker, name string) []string { return p.appendRules(nil, a, name) }
+
+// appendRules appends the rules that allow name to a to out (the fast
+// path's buffer).
+func (p *policy) appendRules(out []string, a asker, name string) []string {
+	var c lookedUp
 	for _, r := range p.rules {
 		if !r.matcher.Match(name) {
 			continue
@@ -92,8 +95,15 @@ func (p *policy) rulesFor(a asker, name string) []string {
 	return out
 }
 
-// applies reports whether from applies to a; c caches the client lookup.
-func (p *policy) applies(from config.From, a asker, c **Client) bool {
+// lookedUp is what the policy has found out about an asker's address, if
+// it had to.
+type lookedUp struct {
+	Client
+	known bool
+}
+
+// applies reports whether from applies to a; c keeps the client lookup.
+func (p *policy) applies(from config.From, a asker, c *lookedUp) bool {
 	if a.class != nil {
 		if from.Host || a.class.Engine && from.Forwarded() {
 			return true
@@ -102,20 +112,19 @@ func (p *policy) applies(from config.From, a asker, c **Client) bool {
 			return a.class.Cgroup == cg || strings.HasPrefix(a.class.Cgroup, cg+"/")
 		})
 	}
-	if *c == nil {
-		cl := Client{Host: a.addr.IsLoopback()}
-		if !cl.Host && p.clients != nil {
-			cl = p.clients(a.addr)
+	if !c.known {
+		c.known, c.Host = true, a.addr.IsLoopback()
+		if !c.Host && p.clients != nil {
+			c.Client = p.clients(a.addr)
 		}
-		*c = &cl
 	}
-	if (*c).Host {
+	if c.Host {
 		return from.Host
 	}
 	if from.Containers || slices.ContainsFunc(from.Sources, func(s netip.Prefix) bool { return s.Contains(a.addr) }) {
 		return true
 	}
-	return (*c).Interface != "" && slices.ContainsFunc(from.Interfaces, func(i ifname.Pattern) bool { return i.Match((*c).Interface) })
+	return c.Interface != "" && slices.ContainsFunc(from.Interfaces, func(i ifname.Pattern) bool { return i.Match(c.Interface) })
 }
 
 // everyones returns the rules that allow name when the rules are uniform

@@ -44,8 +44,9 @@ type udpServer struct {
 		WriteBatch([]ipv4.Message, int) (int, error)
 	}
 	in, out []ipv4.Message
-	key     []byte // cache key of the query being answered
-	dropped int    // datagrams dropped in a row
+	key     []byte   // cache key of the query being answered
+	rules   []string // rules of the client that allow it (non-uniform rules)
+	dropped int      // datagrams dropped in a row
 
 	work    chan slowQuery // to an idle worker
 	workers sync.WaitGroup
@@ -141,9 +142,7 @@ func (s *udpServer) serveBatch() error {
 		o := &s.out[len(out)]
 		var reply []byte
 		ok := false
-		if s.class == nil {
-			reply, ok = s.p.fastReply(conf, query, o.Buffers[0][:0], &s.key, now)
-		}
+		reply, ok = s.p.fastReply(conf, query, o.Buffers[0][:0], asker{addrOf(from), s.class}, &s.key, &s.rules, now)
 		if !ok {
 			s.dispatch(slowQuery{msg: slices.Clone(query), from: from, local: local})
 			continue

@@ -175,12 +175,13 @@ func appendReply(dst, wire []byte, ttls []uint16, query []byte, q wireQuery, age
 	return dst
 }
 
-// fastReply appends to dst the answer to query if the cache holds it and
-// its addresses are open for the rest of its TTL already; key is a buffer
-// for the cache key. ok is false if the query needs the slow path: not a
-// plain A or AAAA query, not cached, too large for the client, or
-// addresses to open (which may wait for the kernel).
-func (p *Proxy) fastReply(conf *proxyConf, query, dst []byte, key *[]byte, now time.Time) (_ []byte, ok bool) {
+// fastReply appends to dst the answer to query from a if the cache holds
+// it and its addresses are open for the rest of its TTL already, for the
+// rules of a that allow it; key and rules are buffers for the cache key
+// and those rules. ok is false if the query needs the slow path: not a
+// plain A or AAAA query, not cached, too large for the client, not allowed
+// to a, or addresses to open (which may wait for the kernel).
+func (p *Proxy) fastReply(conf *proxyConf, query, dst []byte, a asker, key *[]byte, rules *[]string, now time.Time) (_ []byte, ok bool) {
 	var q wireQuery
 	if q, *key, ok = parseQuery(query, (*key)[:0]); !ok {
 		return nil, false
@@ -192,11 +193,16 @@ func (p *Proxy) fastReply(conf *proxyConf, query, dst []byte, key *[]byte, now t
 	if size := len(e.wire); size > q.size || (q.edns && size+optLen > q.size) {
 		return nil, false
 	}
+	allow := e.rules
 	if !conf.policy.uniform {
-		return nil, false // whether the client may have it depends on who it is
+		// Whether a may have it, and for which rules, depends on who a is.
+		*rules = conf.policy.appendRules((*rules)[:0], a, e.name)
+		if allow = *rules; len(allow) == 0 {
+			return nil, false // refused, by the slow path
+		}
 	}
 	if len(e.addrs) > 0 {
-		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, e.rules, e.addrs, conf.until(e, age, now)) {
+		if c, ok := conf.opts.Allower.(coverer); !ok || !c.Covered(e.name, allow, e.addrs, conf.until(e, age, now)) {
 			return nil, false
 		}
 	}

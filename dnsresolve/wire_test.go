@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/egressd/egressd/config"
 )
 
 // coveringRecorder is an Allower whose addresses are always open long
@@ -140,7 +144,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 		for _, age := range []time.Duration{0, 1500 * time.Millisecond, 59 * time.Second} {
 			p.now = func() time.Time { return now.Add(age) }
 			var key []byte
-			fast, ok := p.fastReply(conf, query, nil, &key, p.now())
+			fast, ok := p.fastReply(conf, query, nil, asker{}, &key, new([]string), p.now())
 			if !ok {
 				t.Fatalf("%s aged %v: not answered on the fast path", name, age)
 			}
@@ -157,10 +161,10 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 	// must be opened again, and an expired one.
 	big := packQuery(t, "big.cognitive.microsoft.com.", dns.TypeA, nil)
 	var key []byte
-	if _, ok := p.fastReply(conf, big, nil, &key, now); ok {
+	if _, ok := p.fastReply(conf, big, nil, asker{}, &key, new([]string), now); ok {
 		t.Error("an answer larger than 512 bytes for a client without EDNS: answered on the fast path")
 	}
-	if _, ok := p.fastReply(conf, queries["CNAME chain"], nil, &key, now.Add(61*time.Second)); ok {
+	if _, ok := p.fastReply(conf, queries["CNAME chain"], nil, asker{}, &key, new([]string), now.Add(61*time.Second)); ok {
 		t.Error("expired answer: answered on the fast path")
 	}
 	o := testOptions()
@@ -168,7 +172,7 @@ func TestFastReplyIsServeDNSReply(t *testing.T) {
 	p.Update(o)
 	plain := p.conf.Load()
 	plain.cache = conf.cache
-	if _, ok := p.fastReply(plain, queries["CNAME chain"], nil, &key, now); ok {
+	if _, ok := p.fastReply(plain, queries["CNAME chain"], nil, asker{}, &key, new([]string), now); ok {
 		t.Error("addresses not known to be open: answered on the fast path")
 	}
 }
@@ -206,10 +210,11 @@ func BenchmarkFastReply(b *testing.B) {
 	p.reply(r, asker{})
 	conf, now := p.conf.Load(), time.Now()
 	var key []byte
+	var rules []string
 	dst := make([]byte, 0, maxUDPAnswer)
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, ok := p.fastReply(conf, query, dst, &key, now); !ok {
+		if _, ok := p.fastReply(conf, query, dst, asker{}, &key, &rules, now); !ok {
 			b.Fatal("not answered")
 		}
 	}
@@ -256,5 +261,92 @@ func TestServeRejects(t *testing.T) {
 				t.Errorf("answer %v, want rcode %s", r, dns.RcodeToString[tt.rcode])
 			}
 		})
+	}
+}
+
+// rulesCoverer says every address is open, and records for which rules it
+// was asked.
+type rulesCoverer struct {
+	recorder
+	mu    sync.Mutex
+	asked [][]string
+}
+
+func (c *rulesCoverer) Covered(_ string, rules []string, _ []netip.Addr, _ time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.asked = append(c.asked, slices.Clone(rules))
+	return true
+}
+
+// perSourceProxy is a test proxy whose rules apply to sources: ra to
+// 10.1.0.0/24 (*.cognitiveservices.azure.com), rb to 10.2.0.0/24
+// (*.cognitive.microsoft.com).
+func perSourceProxy(t testing.TB, allow Allower) *Proxy {
+	p, up, _ := newTestProxy(t, allow)
+	o := testOptions()
+	o.Rules = []config.Rule{
+		{Name: "ra", From: config.From{Sources: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")}}, Domains: []string{"*.cognitiveservices.azure.com"}},
+		{Name: "rb", From: config.From{Sources: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/24")}}, Domains: []string{"*.cognitive.microsoft.com"}},
+	}
+	o.Clients = func(netip.Addr) Client { return Client{Interface: "br-lab"} }
+	o.Upstream = NewUpstream([]netip.AddrPort{up.addr}, 0, time.Second)
+	o.Allower, o.Guard = allow, docGuard
+	o.MinTTL, o.Grace = time.Second, 2*time.Second
+	p.Update(o)
+	return p
+}
+
+// With rules per source, a cached answer is still sent on the fast path,
+// opened for the asking client's rules, and never to a client none of
+// whose rules allow the name.
+func TestFastReplyFollowsClientRules(t *testing.T) {
+	rec := &rulesCoverer{}
+	p := perSourceProxy(t, rec)
+	a := asker{addr: netip.MustParseAddr("10.1.0.5")}
+	b := asker{addr: netip.MustParseAddr("10.2.0.5")}
+	query := packQuery(t, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
+	r := new(dns.Msg)
+	if err := r.Unpack(query); err != nil {
+		t.Fatal(err)
+	}
+	if m := p.reply(r, a); m.Rcode != dns.RcodeSuccess || len(m.Answer) == 0 {
+		t.Fatalf("slow path to the rule's client: %v", m)
+	}
+	conf, now := p.conf.Load(), time.Now()
+	var key []byte
+	rec.asked = nil
+	if _, ok := p.fastReply(conf, query, nil, a, &key, new([]string), now); !ok {
+		t.Fatal("the rule's client: not answered on the fast path")
+	}
+	if want := [][]string{{"ra"}}; !slices.EqualFunc(rec.asked, want, slices.Equal) {
+		t.Errorf("fast path checked rules %v, want %v", rec.asked, want)
+	}
+	if _, ok := p.fastReply(conf, query, nil, b, &key, new([]string), now); ok {
+		t.Error("a client of another rule: answered on the fast path")
+	}
+	if m := p.reply(r, b); m.Rcode != dns.RcodeRefused {
+		t.Errorf("a client of another rule: %s, want REFUSED", dns.RcodeToString[m.Rcode])
+	}
+}
+
+// The fast path with rules per source: the price of asking who the client
+// is (BenchmarkFastReply is the uniform case).
+func BenchmarkFastReplyRules(b *testing.B) {
+	p := perSourceProxy(b, &coveringRecorder{})
+	a := asker{addr: netip.MustParseAddr("10.1.0.5")}
+	query := packQuery(b, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
+	r := new(dns.Msg)
+	_ = r.Unpack(query)
+	p.reply(r, a)
+	conf, now := p.conf.Load(), time.Now()
+	var key []byte
+	var rules []string
+	dst := make([]byte, 0, maxUDPAnswer)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := p.fastReply(conf, query, dst, a, &key, &rules, now); !ok {
+			b.Fatal("not answered")
+		}
 	}
 }
