@@ -28,8 +28,8 @@ type cacheEntry struct {
 	name  string // lower case, fully qualified
 	addrs []netip.Addr
 	// rules are those that allow name to everyone, with uniform rules:
-	// the fast path opens addrs for them; nil otherwise (it then takes
-	// the slow path, which asks who the client is).
+	// the fast path opens addrs for them; nil otherwise (the fast path
+	// then asks which rules of the client allow name).
 	rules   []string
 	ttl     uint32 // smallest TTL of the answer when stored
 	stored  time.Time
