@@ -277,11 +277,11 @@ func (r Rule) shadows(s Rule) bool {
 		// "*.zone" is covered by a pattern that matches a name below zone
 		// at every depth: "*.zone" itself or "*.parent".
 		probe := d
-		if zone, ok := strings.CutPrefix(d, "*."); ok {
+		if zone, ok := strings.CutPrefix(nameKey(d), "*."); ok {
 			probe = "x." + zone
 			if !slices.ContainsFunc(r.Domains, func(p string) bool {
-				pz, glob := strings.CutPrefix(p, "*.")
-				return glob && (dnsname.Canonical(pz) == dnsname.Canonical(zone) || dnsname.InZone(zone, pz))
+				pz, glob := strings.CutPrefix(nameKey(p), "*.")
+				return glob && dnsname.InZone(zone, pz)
 			}) {
 				return false
 			}
@@ -505,7 +505,11 @@ func (c *Config) Uniform() bool {
 
 // DNSClasses returns the host cgroups whose DNS goes to a port of its own:
 // dns.listen_port + 1, + 2, ... in the order of the rules, then of
-// firewall.engine_cgroups; none when the rules are uniform.
+// firewall.engine_cgroups; none when the rules are uniform. They are
+// returned deepest first, so that a cgroup comes before the cgroups above
+// it: the ruleset redirects in this order, and a cgroup's redirect matches
+// every cgroup below it too (a rule from "/system.slice" must not take the
+// DNS of chrony.service's rule, or of docker.service's engine).
 func (c *Config) DNSClasses() []DNSClass {
 	if c.Uniform() {
 		return nil
@@ -530,5 +534,8 @@ func (c *Config) DNSClasses() []DNSClass {
 			add(p, true)
 		}
 	}
+	slices.SortStableFunc(out, func(a, b DNSClass) int {
+		return strings.Count(b.Cgroup, "/") - strings.Count(a.Cgroup, "/")
+	})
 	return out
 }
