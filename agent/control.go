@@ -180,7 +180,10 @@ func (d *daemon) explain(q string) Explanation {
 			e.Reason = fmt.Sprintf("%s is in forwarded zone %s: asked of %v, answered as they answer, opens nothing (reach them through allow.cidrs)", q, z.Zone, z.Servers)
 		} else if rule, p, ok := d.proxy.Allowed(q); ok {
 			e.Allowed = true
-			e.Reason = fmt.Sprintf("%s matched %s of rule %s", q, p, ruleWho(cfg, rule))
+			e.Reason = fmt.Sprintf("%s matched %s", q, p)
+			if rule != config.RuleAllow { // the flat keys': for everyone
+				e.Reason += " of rule " + ruleWho(cfg, rule)
+			}
 			if addrs := d.addrsOf(q); len(addrs) > 0 {
 				e.Reason += "; open now: " + strings.Join(addrs, ", ")
 			}

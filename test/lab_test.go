@@ -772,7 +772,7 @@ func (l *Lab) stateHas(addr string) error {
 	if err != nil {
 		return err
 	}
-	if !strings.Contains(string(data), "\n"+addr+"\t") {
+	if !strings.Contains(string(data), "\t"+addr+"\t") { // RULE<TAB>ADDRESS<TAB>...
 		return os.ErrNotExist
 	}
 	return nil
