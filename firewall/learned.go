@@ -75,14 +75,6 @@ func (r learnedRules) len() int {
 	return n
 }
 
-func (r learnedRules) clone() learnedRules {
-	c := learnedRules{}
-	for rule, m := range r {
-		c[rule] = m.clone()
-	}
-	return c
-}
-
 // ruleAddr is a learned address of a rule.
 type ruleAddr struct {
 	rule string
