@@ -239,11 +239,11 @@ func openPinned(ctx context.Context, p *dnsresolve.Proxy, name string) (int, tim
 // Planned is the ruleset Apply would install from here, for `egressd
 // print`: the host's resolvers when dns.upstreams is empty, and egressd's
 // cgroup when it has its own (whether the kernel can match it is not
-// probed: that needs privilege).
+// probed: that needs privilege), and the rules' host services that exist.
 func Planned(cfg *config.Config) *rules.Ruleset {
 	ups, _ := upstreams(cfg)
 	cg, _ := findOwnCgroup()
 	unknown, _ := unknownForwarders(cfg)
 	onLink, _ := onLinkPrefixes(cfg)
-	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink})
+	return rules.BuildFor(cfg, rules.Host{Upstreams: ups, Cgroup: cg, Unknown: unknown, OnLink: onLink, Cgroups: ruleCgroups(cfg)})
 }

@@ -551,7 +551,7 @@ func hostFor(cfg *config.Config, ups []netip.AddrPort, cg *rules.Cgroup) (rules.
 	if err := s.checkUplinks(cfg); err != nil {
 		return rules.Host{}, err
 	}
-	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: s.unknown(cfg), OnLink: s.onLink(cfg), Engines: engineCgroups(cfg)}, nil
+	return rules.Host{Upstreams: ups, Cgroup: cg, Unknown: s.unknown(cfg), OnLink: s.onLink(cfg), Engines: engineCgroups(cfg), Cgroups: ruleCgroups(cfg)}, nil
 }
 
 // onLinkPrefixes returns the subnets of the host's addresses outside
