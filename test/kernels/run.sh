@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 KERNELS=${KERNELS:-5.10 6.1 6.12}
-KERNEL_TESTS=${KERNEL_TESTS:-'^(TestLifetime.*|TestTamper.*|TestForeignElement.*|TestParallelAAndAAAAFromOneSocket|TestResolveThenConnectSequential|TestApplyOpensPinnedNameOnly|TestPrintEqualsInstalledRuleset|TestDriftIsRepaired|TestKill9FailsClosed|TestRestartKeepsLearnedAddresses|TestProxyAddressExpires|TestSIGHUPReload|TestNewBridgeIsFiltered|TestCopiedMarkOpensNothing|TestHostCannotRideUpstreamFlows|TestEngineCgroupDNSIsFiltered|TestOwnCgroupIsTheProof|TestForged.*|TestUnknownBridgeFailsClosed|TestDHCPExemptionOnlyOnTheLink|TestCalicoPod|TestKubernetesNode|TestEventsLostForceAudit|TestSetAtSizeLimit)$'}
+KERNEL_TESTS=${KERNEL_TESTS:-'^(TestLifetime.*|TestTamper.*|TestForeignElement.*|TestParallelAAndAAAAFromOneSocket|TestResolveThenConnectSequential|TestApplyOpensPinnedNameOnly|TestPrintEqualsInstalledRuleset|TestDriftIsRepaired|TestKill9FailsClosed|TestRestartKeepsLearnedAddresses|TestProxyAddressExpires|TestSIGHUPReload|TestNewBridgeIsFiltered|TestCopiedMarkOpensNothing|TestHostCannotRideUpstreamFlows|TestEngineCgroupDNSIsFiltered|TestOwnCgroupIsTheProof|TestForged.*|TestUnknownBridgeFailsClosed|TestDHCPExemptionOnlyOnTheLink|TestCalicoPod|TestKubernetesNode|TestEventsLostForceAudit|TestSetAtSizeLimit|TestPolicyHostServiceRule)$'}
 KERNEL_CACHE=${KERNEL_CACHE:-/var/cache/egressd-kernels}
 VM_ACCEL=${VM_ACCEL:-auto}
 VM_MEM=${VM_MEM:-3072}
