@@ -633,21 +633,36 @@ func ntpQuery(ns, addr string) (int, error) {
 	return int(resp[1]), nil
 }
 
-// chronyClient runs `chronyd -Q` (measure once, set nothing) in the lab's
-// host namespaces with one server line, for at most timeout seconds, and
-// returns its output and error.
-func (e *engineLab) chronyClient(server string, timeout int) (string, error) {
+// chronyClient runs chronyd as an NTP client in the lab's host namespaces
+// (network, and the engine lab's mount namespace for the lab's
+// resolv.conf). Its files are in /run/chrony, a directory of the lab's
+// there: the paths Debian's AppArmor profile of chronyd allows.
+type chronyClient struct {
+	e   *engineLab
+	dir string // mounted on /run/chrony
+}
+
+func newChronyClient(e *engineLab) *chronyClient {
 	e.t.Helper()
-	dir := filepath.Join(e.dir, "chrony")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	c := &chronyClient{e: e, dir: filepath.Join(e.dir, "chrony")}
+	if err := os.MkdirAll(c.dir, 0o755); err != nil {
 		e.t.Fatal(err)
 	}
-	conf := filepath.Join(dir, "client.conf")
-	body := fmt.Sprintf("server %s iburst\npidfile %s\n", server, filepath.Join(dir, "client.pid"))
-	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
-		e.t.Fatal(err)
+	e.must("mkdir", "-p", "/run/chrony")
+	e.must("mount", "--bind", c.dir, "/run/chrony")
+	return c
+}
+
+// sync runs `chronyd -Q` (measure the offset once, set nothing) with one
+// server line, for at most timeout seconds, and returns its output and
+// error.
+func (c *chronyClient) sync(server string, timeout int) (string, error) {
+	c.e.t.Helper()
+	body := fmt.Sprintf("server %s iburst\npidfile /run/chrony/client.pid\n", server)
+	if err := os.WriteFile(filepath.Join(c.dir, "client.conf"), []byte(body), 0o644); err != nil {
+		c.e.t.Fatal(err)
 	}
-	return e.runIn("", "chronyd", "-d", "-u", "root", "-Q", "-t", fmt.Sprint(timeout), "-f", conf)
+	return c.e.runIn("", "chronyd", "-d", "-u", "root", "-Q", "-t", fmt.Sprint(timeout), "-f", "/run/chrony/client.conf")
 }
 
 func TestProfileNTP(t *testing.T) {
@@ -661,13 +676,16 @@ func TestProfileNTP(t *testing.T) {
 		t.Fatal(err)
 	}
 	conf := filepath.Join(dir, "server.conf")
-	body := fmt.Sprintf("local stratum 1\nallow all\nport 123\ncmdport 0\npidfile %s\n", filepath.Join(dir, "server.pid"))
+	body := "local stratum 1\nallow all\nport 123\ncmdport 0\npidfile /run/chrony/server.pid\n"
 	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// A time server of the internet on every address (0.pool.ntp.org,
 	// time.windows.com and ntp.example.com are all its); it sets no clock.
-	srv := l.startIn(l.Inet, "chronyd (server)", "chronyd", "-x", "-d", "-u", "root", "-f", conf)
+	// In a mount namespace of its own, its files in /run/chrony (as
+	// AppArmor's profile of chronyd wants them), not the machine's.
+	srv := l.startIn(l.Inet, "chronyd (server)", "unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount -t tmpfs lab-run /run && mkdir /run/chrony && mount --bind "$0" /run/chrony && exec chronyd -x -d -u root -f /run/chrony/server.conf`, dir)
 	for _, a := range []string{ntpPoolAddr, ntpWinAddr, ntpOtherAddr} {
 		l.waitFor("the lab's NTP server on "+a, 30*time.Second, func() error {
 			if err := srv.exited(); err != nil {
@@ -678,13 +696,14 @@ func TestProfileNTP(t *testing.T) {
 		})
 	}
 	e := newEngineLab(l) // the lab's resolv.conf for the client
+	client := newChronyClient(e)
 	e.egressd(profileConfig(l))
 	t.Cleanup(func() { l.evidence(t) })
 
 	for _, name := range []string{ntpPoolName, ntpWinName} {
 		e.sub(t, "chronyd syncs with "+name, func(t *testing.T) {
 			start := time.Now()
-			out, err := e.chronyClient(name, 20)
+			out, err := client.sync(name, 20)
 			if err != nil || !strings.Contains(out, "System clock wrong by") {
 				t.Fatalf("chronyd -Q with server %s: %v, want an offset:\n%s", name, err, out)
 			}
@@ -714,7 +733,7 @@ func TestProfileNTP(t *testing.T) {
 		if r.Rcode != dns.RcodeRefused || len(r.Answer) > 0 {
 			t.Errorf("host: %s A: %s, want REFUSED", ntpOtherName, brief(r, nil))
 		}
-		out, err := e.chronyClient(ntpOtherName, 6)
+		out, err := client.sync(ntpOtherName, 6)
 		if err == nil || strings.Contains(out, "System clock wrong by") {
 			t.Errorf("chronyd -Q with server %s (unlisted): %v, want no sync:\n%s", ntpOtherName, err, out)
 		}
@@ -727,7 +746,7 @@ func TestProfileNTP(t *testing.T) {
 		if _, err := ntpQuery(l.Host, ntpOtherAddr+":123"); err == nil {
 			t.Errorf("host -> %s:123/udp (never answered): answered", ntpOtherAddr)
 		}
-		out, err := e.chronyClient(ntpOtherAddr, 6)
+		out, err := client.sync(ntpOtherAddr, 6)
 		if err == nil || strings.Contains(out, "System clock wrong by") {
 			t.Errorf("chronyd -Q with server %s (never answered): %v, want no sync:\n%s", ntpOtherAddr, err, out)
 		}
