@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/firewall"
+	"github.com/egressd/egressd/ifname"
 	"github.com/egressd/egressd/metrics"
 	"github.com/egressd/egressd/rules"
 )
@@ -65,12 +67,27 @@ func (b Blocked) explained(v Verdict) Blocked {
 	switch {
 	case !v.Allowed:
 		b.Reason = v.Reason
-	case v.Rule != nil && !v.Rule.From.Everyone():
+	case v.Rule != nil && !b.appliesTo(v.Rule.From):
 		// The ruleset knows the source: a rule of other sources' is what
 		// allows the destination.
 		b.Reason = OtherSource
-	} // else a rule of everyone's allows it: the configuration changed since
+	default:
+		// A rule of the source's own allows it now: it was answered (or
+		// the configuration changed) after the packet was blocked.
+		b.Rule = ""
+	}
 	return b
+}
+
+// appliesTo reports whether a rule from f may apply to b's source: for the
+// host, whether to some of it (its services' cgroups are not in the log).
+func (b Blocked) appliesTo(f config.From) bool {
+	if b.Source != "container" {
+		return f.HostSide()
+	}
+	return f.Containers ||
+		slices.ContainsFunc(f.Sources, func(p netip.Prefix) bool { return p.Contains(b.From) }) ||
+		slices.ContainsFunc(f.Interfaces, func(p ifname.Pattern) bool { return p.Match(b.Interface) })
 }
 
 // watchBlocked reads the NFLOG group of the ruleset's reject rules and
@@ -91,6 +108,11 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		if !ok {
 			return 0
 		}
+		if a.InDev != nil {
+			// The interface may be gone by now (a container's veth, a
+			// bridge deleted with its last container): names remembers.
+			b.Interface = names.name(int32(*a.InDev))
+		}
 		if b.Reason == NotAnswered {
 			// The catch-all reject: say which of the allow rules missed.
 			b = b.explained(verdict(cfg(), fw, b.To.Addr(), b.To.Port(), config.Proto(b.Proto)))
@@ -105,11 +127,6 @@ func watchBlocked(ctx context.Context, group uint16, cfg func() *config.Config, 
 		if !limit.Allow() {
 			suppressed++
 			return 0
-		}
-		if a.InDev != nil {
-			// The interface may be gone by now (a container's veth, a
-			// bridge deleted with its last container): names remembers.
-			b.Interface = names.name(int32(*a.InDev))
 		}
 		log.Info(msg, "source", b.Source, "interface", b.Interface, "from", b.From,
 			"to", b.To, "proto", b.Proto, "reason", string(b.Reason), "names", b.Names, "rule", b.Rule, "would_block", b.WouldBlock, "suppressed_before", suppressed)

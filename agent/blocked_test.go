@@ -101,7 +101,9 @@ func FuzzParseBlocked(f *testing.F) {
 }
 
 func TestBlockedExplained(t *testing.T) {
-	caught := Blocked{Source: "container", To: netip.MustParseAddrPort("203.0.113.10:443"), Proto: "tcp", Reason: NotAnswered}
+	caught := Blocked{Source: "container", Interface: "br-b", From: netip.MustParseAddr("10.2.0.5"), To: netip.MustParseAddrPort("203.0.113.10:443"), Proto: "tcp", Reason: NotAnswered}
+	ownBridge := &config.Rule{Name: "rb", From: config.From{Interfaces: []ifname.Pattern{"br-b"}}}
+	ownSource := &config.Rule{Name: "rs", From: config.From{Sources: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/24")}}}
 	allow := &config.Rule{Name: config.RuleAllow, From: config.Everyone}
 	bridgeA := &config.Rule{Name: "ra", From: config.From{Interfaces: []ifname.Pattern{"br-a"}}}
 	tests := []struct {
@@ -114,7 +116,9 @@ func TestBlockedExplained(t *testing.T) {
 		{"expired", Verdict{Reason: Expired, Rule: bridgeA, Names: "a."}, Expired, "ra"},
 		{"other port", Verdict{Reason: Port, Rule: bridgeA}, Port, "ra"},
 		{"another source's rule", Verdict{Allowed: true, Rule: bridgeA}, OtherSource, "ra"},
-		{"everyone's rule: the configuration changed", Verdict{Allowed: true, Rule: allow}, NotAnswered, "allow"},
+		{"everyone's rule: the configuration changed", Verdict{Allowed: true, Rule: allow}, NotAnswered, ""},
+		{"its bridge's rule: answered since", Verdict{Allowed: true, Rule: ownBridge, Names: "b."}, NotAnswered, ""},
+		{"its source's rule: answered since", Verdict{Allowed: true, Rule: ownSource}, NotAnswered, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
