@@ -84,21 +84,6 @@ func chaosZones() map[string]string {
 	return map[string]string{freshZone: z.String(), "soak.cognitive.microsoft.com": soak.String()}
 }
 
-// addContainer adds a second container namespace on the lab's bridge.
-func (l *Lab) addContainer(name, ip string) string {
-	l.t.Helper()
-	ns := l.Ctr + "-" + name
-	l.sh("ip netns add " + ns)
-	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	l.in(ns, "ip link set lo up")
-	l.sh("ip link add eth0 netns " + ns + " type veth peer name veth" + name + " netns " + l.Host)
-	l.in(l.Host, "ip link set veth"+name+" master docker0 up")
-	l.in(ns, "ip link set eth0 up")
-	l.in(ns, "ip addr add "+ip+"/24 dev eth0")
-	l.in(ns, "ip route add default via 172.30.0.1")
-	return ns
-}
-
 // stub asks like a stub resolver: tries of timeout each, up to attempts.
 // It returns the answer, how long it took in all, and how many tries were
 // needed.

@@ -216,6 +216,21 @@ func (l *Lab) close() {
 	}
 }
 
+// addContainer adds a second container namespace on the lab's bridge.
+func (l *Lab) addContainer(name, ip string) string {
+	l.t.Helper()
+	ns := l.Ctr + "-" + name
+	l.sh("ip netns add " + ns)
+	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	l.in(ns, "ip link set lo up")
+	l.sh("ip link add eth0 netns " + ns + " type veth peer name veth" + name + " netns " + l.Host)
+	l.in(l.Host, "ip link set veth"+name+" master docker0 up")
+	l.in(ns, "ip link set eth0 up")
+	l.in(ns, "ip addr add "+ip+"/24 dev eth0")
+	l.in(ns, "ip route add default via "+bridgeIP)
+	return ns
+}
+
 // sh runs a command line (split on spaces) and fails the test on error.
 func (l *Lab) sh(cmdline string) string {
 	l.t.Helper()

@@ -63,22 +63,6 @@ func (l *Lab) addBridgeContainer(bridge, gw, ip, cidr string) string {
 	return ns
 }
 
-// addDocker0Container adds another container namespace on docker0 (as
-// the chaos tests' addContainer does, which builds only with -tags chaos).
-func (l *Lab) addDocker0Container(name, ip string) string {
-	l.t.Helper()
-	ns := l.Ctr + "-" + name
-	l.sh("ip netns add " + ns)
-	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	l.in(ns, "ip link set lo up")
-	l.sh("ip link add eth0 netns " + ns + " type veth peer name veth" + name + " netns " + l.Host)
-	l.in(l.Host, "ip link set veth"+name+" master docker0 up")
-	l.in(ns, "ip link set eth0 up")
-	l.in(ns, "ip addr add "+ip+"/24 dev eth0")
-	l.in(ns, "ip route add default via "+bridgeIP)
-	return ns
-}
-
 // udpEchoed sends a datagram to addr from the process's own namespace
 // and waits for its echo; nil means it came back.
 func udpEchoed(addr string, timeout time.Duration) error {
@@ -214,7 +198,7 @@ func TestPolicyRulesPerBridge(t *testing.T) {
 	l := newLab(t)
 	a := l.Ctr // docker0, 172.30.0.2
 	b := l.addBridgeContainer(brB, brBIP, ctrBIP, ctrBNet)
-	c := l.addDocker0Container("c", "172.30.0.3") // another source
+	c := l.addContainer("c", "172.30.0.3") // another source
 	const (
 		nameA, addrA = "westus.api.cognitive.microsoft.com", "203.0.113.10"
 		nameB, addrB = "translatoronprem.blob.core.windows.net", "203.0.113.30"
