@@ -332,29 +332,6 @@ func (l *Lab) inCgroup(cg, ns string, steps ...string) []string {
 	return res
 }
 
-// cgroupMatch reports whether the kernel can match a socket's cgroup v2
-// (nftables socket cgroupv2, Linux 5.13), probed as needCgroupMatch does;
-// other failures fail t.
-func cgroupMatch(t *testing.T, l *Lab, mnt, cg string) (bool, string) {
-	t.Helper()
-	rel := strings.TrimPrefix(cg, mnt)
-	path := strings.TrimPrefix(cg, "/sys/fs/cgroup")
-	const table = "egressd_test_policy_cgroup"
-	script := fmt.Sprintf("table inet %s { chain c { socket cgroupv2 level %d %q accept; }; }\ndelete table inet %s\n",
-		table, strings.Count(rel, "/"), path, table)
-	cmd := exec.Command("ip", "netns", "exec", l.Host, "nsenter", fmt.Sprintf("--mount=/proc/%d/ns/mnt", os.Getpid()), "--", "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	out, err := cmd.CombinedOutput()
-	switch {
-	case err == nil:
-		return true, ""
-	case strings.Contains(string(out), "Operation not supported"):
-		return false, strings.TrimSpace(string(out))
-	}
-	t.Fatalf("probe of socket cgroupv2: %v\n%s", err, out)
-	return false, ""
-}
-
 // A host service's rule, from its cgroup: a process in that cgroup is
 // answered the rule's names (its DNS goes to a proxy port of its own) and
 // reaches them on the rule's ports; a host process outside it is refused

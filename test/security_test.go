@@ -148,12 +148,22 @@ func cgroup2Dir(t *testing.T) string {
 }
 
 // needCgroupMatch skips t where the kernel cannot match a socket's cgroup
-// v2 (nftables `socket cgroupv2`, Linux 5.13): it loads such a rule for
-// cg, a directory below the cgroup v2 mount mnt, into a scratch table in
-// the lab's host namespace, in one transaction that deletes it again, as
-// egressd's own probe (firewall.ProbeCgroup) does. The probe is of the
-// kernel, not its version; any other failure fails t.
+// v2 (cgroupMatch).
 func needCgroupMatch(t *testing.T, l *Lab, mnt, cg string) {
+	t.Helper()
+	if ok, why := cgroupMatch(t, l, mnt, cg); !ok {
+		t.Skipf("kernel lacks socket cgroupv2 (5.13): nft: %s", strings.Split(why, "\n")[0])
+	}
+}
+
+// cgroupMatch reports whether the kernel can match a socket's cgroup v2
+// (nftables `socket cgroupv2`, Linux 5.13), and nft's words if not: it
+// loads such a rule for cg, a directory below the cgroup v2 mount mnt,
+// into a scratch table in the lab's host namespace, in one transaction
+// that deletes it again, as egressd's own probe (firewall.ProbeCgroup)
+// does. The probe is of the kernel, not its version; any other failure
+// fails t.
+func cgroupMatch(t *testing.T, l *Lab, mnt, cg string) (bool, string) {
 	t.Helper()
 	rel := strings.TrimPrefix(cg, mnt)
 	// nft looks the path up below /sys/fs/cgroup (cgroup2 may be mounted
@@ -169,11 +179,12 @@ func needCgroupMatch(t *testing.T, l *Lab, mnt, cg string) {
 	out, err := cmd.CombinedOutput()
 	switch {
 	case err == nil:
+		return true, ""
 	case strings.Contains(string(out), "Operation not supported"):
-		t.Skipf("kernel lacks socket cgroupv2 (5.13): nft: %s", strings.TrimSpace(strings.Split(string(out), "\n")[0]))
-	default:
-		t.Fatalf("probe of socket cgroupv2: %v\n%s", err, out)
+		return false, strings.TrimSpace(string(out))
 	}
+	t.Fatalf("probe of socket cgroupv2: %v\n%s", err, out)
+	return false, ""
 }
 
 // In a cgroup of its own, as under systemd, egressd is recognised by it:
