@@ -48,20 +48,25 @@ firewall:
 		"audit": "firewall:\n  mode: audit\n",
 	} {
 		t.Run(name, func(t *testing.T) {
-			got := BuildFor(configtest.Load(t, yaml), host).Text()
-			path := filepath.Join("testdata", name+".nft")
-			if *update {
-				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got != string(want) {
-				t.Errorf("ruleset differs from %s (rerun with -update if intended):\n%s", path, got)
-			}
+			checkGolden(t, filepath.Join("testdata", name+".nft"), BuildFor(configtest.Load(t, yaml), host).Text())
 		})
+	}
+}
+
+// checkGolden compares a rendered ruleset with the golden file at path
+// (-update rewrites it).
+func checkGolden(t *testing.T, path, got string) {
+	t.Helper()
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != string(want) {
+		t.Errorf("ruleset differs from %s (rerun with -update if intended):\n%s", path, got)
 	}
 }

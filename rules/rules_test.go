@@ -2,7 +2,6 @@ package rules
 
 import (
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -61,20 +60,7 @@ func rulesHost() Host {
 // The rendered ruleset of rulesYAML is what testdata/rules.nft holds (go
 // test ./rules -run Golden -update rewrites it, as TestGoldenRulesets).
 func TestGoldenRulesetRules(t *testing.T) {
-	got := BuildFor(configtest.Load(t, rulesYAML), rulesHost()).Text()
-	path := filepath.Join("testdata", "rules.nft")
-	if *update {
-		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != string(want) {
-		t.Errorf("ruleset differs from %s (rerun with -update if intended):\n%s", path, got)
-	}
+	checkGolden(t, filepath.Join("testdata", "rules.nft"), BuildFor(configtest.Load(t, rulesYAML), rulesHost()).Text())
 }
 
 // Each rule with names has sets of its own, with timeouts; a rule of
