@@ -204,17 +204,23 @@ func TestServeAnswersFromQueriedAddress(t *testing.T) {
 
 func BenchmarkFastReply(b *testing.B) {
 	p, _, _ := newTestProxy(b, &coveringRecorder{})
+	benchFastReply(b, p, asker{})
+}
+
+// benchFastReply measures the fast path's answer to a, once the slow path
+// has cached it.
+func benchFastReply(b *testing.B, p *Proxy, a asker) {
 	query := packQuery(b, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
 	r := new(dns.Msg)
 	_ = r.Unpack(query)
-	p.reply(r, asker{})
+	p.reply(r, a)
 	conf, now := p.conf.Load(), time.Now()
 	var key []byte
 	var rules []string
 	dst := make([]byte, 0, maxUDPAnswer)
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, ok := p.fastReply(conf, query, dst, asker{}, &key, &rules, now); !ok {
+		if _, ok := p.fastReply(conf, query, dst, a, &key, &rules, now); !ok {
 			b.Fatal("not answered")
 		}
 	}
@@ -333,20 +339,5 @@ func TestFastReplyFollowsClientRules(t *testing.T) {
 // The fast path with rules per source: the price of asking who the client
 // is (BenchmarkFastReply is the uniform case).
 func BenchmarkFastReplyRules(b *testing.B) {
-	p := perSourceProxy(b, &coveringRecorder{})
-	a := asker{addr: netip.MustParseAddr("10.1.0.5")}
-	query := packQuery(b, "myres.cognitiveservices.azure.com.", dns.TypeA, nil)
-	r := new(dns.Msg)
-	_ = r.Unpack(query)
-	p.reply(r, a)
-	conf, now := p.conf.Load(), time.Now()
-	var key []byte
-	var rules []string
-	dst := make([]byte, 0, maxUDPAnswer)
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, ok := p.fastReply(conf, query, dst, a, &key, &rules, now); !ok {
-			b.Fatal("not answered")
-		}
-	}
+	benchFastReply(b, perSourceProxy(b, &coveringRecorder{}), asker{addr: netip.MustParseAddr("10.1.0.5")})
 }
