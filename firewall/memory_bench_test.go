@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/egressd/egressd/config"
 	"github.com/egressd/egressd/config/configtest"
 	"github.com/egressd/egressd/rules"
 )
@@ -20,11 +21,11 @@ func learn100kNamed(tb testing.TB, fw *Firewall) { learnNamed(tb, fw, 100000) }
 
 // learnNamed opens n addresses so.
 func learnNamed(tb testing.TB, fw *Firewall, n uint32) {
-	until := time.Now().Add(time.Hour)
+	until, allow := time.Now().Add(time.Hour), []string{config.RuleAllow}
 	for i := uint32(0); i < n; i += 1000 {
 		batch := make([]*request, 0, 1000)
 		for j := i + 1; j <= min(i+1000, n); j++ {
-			batch = append(batch, &request{name: fmt.Sprintf("n%d.bench.example.", j), addrs: []netip.Addr{addr(j)}, until: until})
+			batch = append(batch, &request{name: fmt.Sprintf("n%d.bench.example.", j), rules: allow, addrs: []netip.Addr{addr(j)}, until: until})
 		}
 		if err := fw.commit(batch); err != nil {
 			tb.Fatal(err)
