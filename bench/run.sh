@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 
 need=()
-for cmd in nft:nftables ip:iproute2 sysctl:procps nsd:nsd dnsperf:dnsperf dnsmasq:dnsmasq-base; do
+for cmd in nft:nftables ip:iproute2 sysctl:procps nsd:nsd dnsperf:dnsperf dnsmasq:dnsmasq-base unbound:unbound modprobe:kmod; do
 	command -v "${cmd%%:*}" >/dev/null || need+=("${cmd#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -31,11 +31,11 @@ EGRESSD_BENCH=full EGRESSD_BENCH_OUT="$PWD/bench/dns.md" EGRESSD_BENCH_PROFILE="
 cat bench/dns.md >>"$out"
 rm -f bench/dns.md
 {
-	# Where the time goes, for the targets that are missed: egressd's CPU
-	# profile over its whole part of the run (warm, fresh, 100 000 live
+	# Where the time goes, for the targets that are missed: the CPU profile
+	# of egressd's first run in the lab condition (warm, fresh, 100 000 live
 	# elements), cumulative, the functions that split the work.
 	echo
-	echo "Where egressd's CPU went over its part of the run (\`go tool pprof -top -cum\`; warm answers are"
+	echo "Where egressd's CPU went in its first run in the lab condition (\`go tool pprof -top -cum\`; warm answers are"
 	echo "udpServer.serveBatch, fresh ones udpServer.worker; syscalls are mostly kernel packet and netfilter work):"
 	echo
 	echo '```'

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -20,28 +21,37 @@ import (
 
 // The DNS load benchmark compares, in one lab and one run:
 //
-//	direct:          the container asks the upstream (NSD) itself; no firewall, no proxy
+//	direct:          the container asks the upstream itself; no firewall, no proxy
 //	dnsmasq:         dnsmasq --nftset --cache-size=10000 and a hand-written equivalent ruleset
 //	dnsmasq-default: the same with dnsmasq's default cache (150 names)
 //	egressd:         egressd
 //
-// `make bench` runs it in full (EGRESSD_BENCH=full) and writes the table to
-// EGRESSD_BENCH_OUT; otherwise it runs as a short smoke test, so it cannot
-// rot. EGRESSD_BENCH_SYSTEMS (a comma list of the names above, default all)
-// picks systems, e.g. "direct,egressd" for a profiling run
-// (EGRESSD_BENCH_PROFILE). It reports numbers and asserts none of them.
+// in each lab condition (benchConditions): the lab as the end-to-end tests
+// build it, a Docker-like host with br_netfilter, a caching upstream, and
+// stub-like clients that make a new flow per query. Every system runs in
+// every condition twice, interleaved (round 1 of all, then round 2), so
+// that a slow minute of a shared machine does not land on one system.
+//
+// `make bench` runs it in full (EGRESSD_BENCH=full) and writes the tables
+// to EGRESSD_BENCH_OUT; otherwise it runs as a short smoke test, so it
+// cannot rot. EGRESSD_BENCH_SYSTEMS and EGRESSD_BENCH_CONDITIONS (comma
+// lists of the names, default all) pick some, e.g. "direct,egressd" and
+// "lab" for a profiling run (EGRESSD_BENCH_PROFILE). It reports numbers and
+// asserts none of them.
 
 var benchSystems = []string{"direct", "dnsmasq", "dnsmasq-default", "egressd"}
 
-func benchSelected(t *testing.T) []string {
-	env := os.Getenv("EGRESSD_BENCH_SYSTEMS")
-	if env == "" {
-		return benchSystems
+// pick returns the names of all that the comma list in the environment
+// variable env selects, all if it is empty.
+func pick(t *testing.T, env string, all []string) []string {
+	list := os.Getenv(env)
+	if list == "" {
+		return all
 	}
 	var out []string
-	for s := range strings.SplitSeq(env, ",") {
-		if s = strings.TrimSpace(s); !slices.Contains(benchSystems, s) {
-			t.Fatalf("EGRESSD_BENCH_SYSTEMS: %q is none of %v", s, benchSystems)
+	for s := range strings.SplitSeq(list, ",") {
+		if s = strings.TrimSpace(s); !slices.Contains(all, s) {
+			t.Fatalf("%s: %q is none of %v", env, s, all)
 		}
 		out = append(out, s)
 	}
@@ -49,20 +59,26 @@ func benchSelected(t *testing.T) []string {
 }
 
 type benchParams struct {
-	warm, fresh, load int           // names: warm set, fresh per system, live-element load
+	warm, fresh, load int           // names: warm set, fresh per measurement, live-element load
 	duration          time.Duration // of each warm run
 	outstanding       int           // dnsperf -q
 	connects          int           // resolve-to-connect samples
+	rounds            int
 }
 
 func benchConfig() (benchParams, bool) {
 	if os.Getenv("EGRESSD_BENCH") == "full" {
-		return benchParams{warm: 2000, fresh: 30000, load: 100000, duration: 10 * time.Second, outstanding: 100, connects: 300}, true
+		return benchParams{warm: 2000, fresh: 10000, load: 100000, duration: 8 * time.Second, outstanding: 100, connects: 200, rounds: 2}, true
 	}
-	return benchParams{warm: 200, fresh: 500, load: 2000, duration: time.Second, outstanding: 20, connects: 20}, false
+	return benchParams{warm: 200, fresh: 300, load: 2000, duration: time.Second, outstanding: 20, connects: 10, rounds: 1}, false
 }
 
-const benchZone = "bench.cognitive.microsoft.com"
+const (
+	benchZone = "bench.cognitive.microsoft.com"
+	// cachingDNS is the caching resolver of the "caching" condition, in
+	// the lab's internet next to NSD.
+	cachingDNS = "198.51.100.55"
+)
 
 // benchName i resolves to benchAddr(i), a distinct address of the
 // benchmark range 198.18.0.0/15.
@@ -72,8 +88,40 @@ func benchAddr(i int) string {
 	return netip.AddrFrom4([4]byte{198, 18 + byte(i>>16), byte(i >> 8), byte(i)}).String()
 }
 
+// benchCondition is a lab condition the systems are measured in.
+type benchCondition struct {
+	name, what string
+	upstream   string // the resolver direct asks and the proxies forward to
+	// setup changes the lab and returns the process answering as the
+	// upstream (0: NSD) and what undoes the change.
+	setup func(t *testing.T, l *Lab) (pid int, undo func())
+	// stub: dnsperf's queries leave the container from a new source
+	// address each (see stubSources), while it runs.
+	stub bool
+}
+
+var benchConditions = []benchCondition{
+	{name: "lab", upstream: upstreamDNS, setup: bridgeNF(false),
+		what: "the end-to-end lab: a plain bridge, the authoritative upstream (NSD) one routed hop away, dnsperf's 4 client sockets"},
+	{name: "br_netfilter", upstream: upstreamDNS, setup: bridgeNF(true),
+		what: "a Docker-like host: br_netfilter with bridge-nf-call-iptables and -ip6tables on, so that bridged packets also pass the IP hooks (Docker and kubeadm turn it on)"},
+	{name: "caching", upstream: cachingDNS, setup: startUnbound,
+		what: "a caching upstream: unbound one routed hop away, NSD behind it (so direct measures unbound)"},
+	{name: "stub", upstream: upstreamDNS, setup: stubSources, stub: true,
+		what: "stub-like clients: a new flow per query, as glibc and systemd-resolved make with a new source port per query (see stubSources)"},
+}
+
+func conditionNames() []string {
+	var out []string
+	for _, c := range benchConditions {
+		out = append(out, c.name)
+	}
+	return out
+}
+
 type benchRow struct {
-	system                       string
+	condition, system            string
+	round                        int
 	warmQPS, warmAvg, warmP99    float64 // qps, ms, ms
 	warmLost                     int
 	warmCPU                      float64 // ms of CPU per 1000 answers
@@ -124,18 +172,28 @@ const dnsmasqRuleset = `table inet dnsmasqfw {
 
 func TestDNSBenchmark(t *testing.T) {
 	p, full := benchConfig()
-	systems := benchSelected(t)
-	for _, tool := range []string{"dnsperf", "dnsmasq"} {
+	systems := pick(t, "EGRESSD_BENCH_SYSTEMS", benchSystems)
+	var conditions []benchCondition
+	for _, name := range pick(t, "EGRESSD_BENCH_CONDITIONS", conditionNames()) {
+		conditions = append(conditions, benchConditions[slices.Index(conditionNames(), name)])
+	}
+	for _, tool := range []string{"dnsperf", "dnsmasq", "unbound", "modprobe"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			need(t, "%s is not installed (apt-get install dnsperf dnsmasq-base)", tool)
+			need(t, "%s is not installed (apt-get install dnsperf dnsmasq-base unbound kmod)", tool)
 		}
 	}
-	total := p.warm + len(systems)*(p.fresh+p.connects) + p.load
+	measurements := p.rounds * len(conditions) * len(systems)
+	total := p.warm + measurements*(p.fresh+p.connects) + p.load
 	var zone strings.Builder
 	for i := range total {
 		fmt.Fprintf(&zone, "n%d A %s\n", i, benchAddr(i))
 	}
 	l := newLab(t, map[string]string{benchZone: zone.String()})
+	// Measured without the race detector the other tests use.
+	l.bin = filepath.Join(l.Dir, "egressd")
+	if out, err := exec.Command("go", "build", "-o", l.bin, "../cmd/egressd").CombinedOutput(); err != nil {
+		t.Fatalf("build egressd: %v\n%s", err, out)
+	}
 
 	next := p.warm
 	take := func(n int) []string {
@@ -151,80 +209,38 @@ func TestDNSBenchmark(t *testing.T) {
 		warm[i] = benchName(i)
 	}
 
-	// measure runs the load against server, answered by process pid;
-	// probe, if not nil, reads the server's metrics around the fresh run.
-	measure := func(system, server string, pid int, probe func() map[string]float64) benchRow {
-		row := benchRow{system: system}
-		l.dnsperf(server, warm, 1, 0, p.outstanding) // fill caches
-		cpu := cpuTime(t, pid)
-		w := l.dnsperf(server, warm, 0, p.duration, p.outstanding)
-		cpu = cpuTime(t, pid) - cpu
-		row.warmQPS, row.warmAvg, row.warmP99, row.warmLost = w.qps, w.avgMs, w.p99Ms, w.lost
-		if answers := w.sent - w.lost; answers > 0 {
-			row.warmCPU = float64(cpu.Microseconds()) / float64(answers) // µs per answer = ms per 1000
-		}
-		var before map[string]float64
-		if probe != nil {
-			before = probe()
-		}
-		cpu = cpuTime(t, pid)
-		f := l.dnsperf(server, take(p.fresh), 1, 0, p.outstanding)
-		cpu = cpuTime(t, pid) - cpu
-		if answers := f.sent - f.lost; answers > 0 {
-			row.freshCPU = float64(cpu.Microseconds()) / float64(answers)
-		}
-		if probe != nil {
-			row.freshMetrics = probe()
-			for k, v := range before {
-				row.freshMetrics[k] -= v
-			}
-		}
-		row.freshQPS, row.freshAvg, row.freshP99, row.freshLost = f.qps, f.avgMs, f.p99Ms, f.lost
-		row.connectP50, row.connectP99, row.connectFail = l.resolveToConnect(server+":53", take(p.connects))
-		return row
-	}
-
-	// dnsmasq with its hand-written ruleset, cacheArgs added.
-	dnsmasq := func(system string, cacheArgs ...string) benchRow {
-		rules := l.writeConfig("dnsmasq.nft", dnsmasqRuleset)
-		l.in(l.Host, "nft -f "+rules)
-		defer l.in(l.Host, "nft delete table inet dnsmasqfw")
-		args := append([]string{"netns", "exec", l.Host, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
-			"--port=10054", "--user=root", "--pid-file=" + filepath.Join(l.Dir, "dnsmasq.pid"),
-			"--server=/cognitive.microsoft.com/" + upstreamDNS,
-			"--nftset=/cognitive.microsoft.com/4#inet#dnsmasqfw#allow4,6#inet#dnsmasqfw#allow6"}, cacheArgs...)
-		dm := exec.Command("ip", args...)
-		var dmLog syncBuffer
-		dm.Stdout, dm.Stderr = &dmLog, &dmLog
-		if err := dm.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() { _ = dm.Process.Kill(); _ = dm.Wait() }()
-		l.waitFor("dnsmasq", 5*time.Second, func() error {
-			_, err := query(l.Ctr, otherDNS+":53", benchName(0), dns.TypeA, "udp")
-			return err
-		})
-		return measure(system, otherDNS, dm.Process.Pid, nil)
-	}
-
 	var rows []benchRow
 	var tail string
-	for _, s := range systems {
-		switch s {
-		case "direct":
-			rows = append(rows, measure("direct (NSD)", upstreamDNS, nsdPid(t, l), nil))
-		case "dnsmasq":
-			rows = append(rows, dnsmasq("dnsmasq --cache-size=10000", "--cache-size=10000"))
-		case "dnsmasq-default":
-			rows = append(rows, dnsmasq("dnsmasq, default cache (150)"))
-		case "egressd":
-			var row benchRow
-			row, tail = benchEgressd(t, l, p, warm, take, measure)
-			rows = append(rows, row)
+	for round := 1; round <= p.rounds; round++ {
+		for _, c := range conditions {
+			upstreamPid, undo := c.setup(t, l)
+			if upstreamPid == 0 {
+				upstreamPid = nsdPid(t, l)
+			}
+			b := &benchRun{t: t, l: l, p: p, c: c, round: round, warm: warm, take: take}
+			for _, s := range systems {
+				var row benchRow
+				switch s {
+				case "direct":
+					row = b.measure("direct", c.upstream, upstreamPid, nil)
+				case "dnsmasq":
+					row = b.dnsmasq("dnsmasq --cache-size=10000", "--cache-size=10000")
+				case "dnsmasq-default":
+					row = b.dnsmasq("dnsmasq, default cache (150)")
+				case "egressd":
+					// The first egressd of the lab condition also loads the
+					// live elements and is the one profiled.
+					var more string
+					row, more = b.egressd(round == 1 && c.name == "lab")
+					tail += more
+				}
+				rows = append(rows, row)
+			}
+			undo()
 		}
 	}
 
-	report := formatBench(p, rows, tail)
+	report := formatBench(p, conditions, rows, tail)
 	t.Log("\n" + report)
 	if out := os.Getenv("EGRESSD_BENCH_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
@@ -235,24 +251,104 @@ func TestDNSBenchmark(t *testing.T) {
 		// The smoke run proves the benchmark works, not how fast it is.
 		for _, r := range rows {
 			if r.warmQPS == 0 || r.freshQPS == 0 {
-				t.Errorf("%s: no queries answered: %+v", r.system, r)
+				t.Errorf("%s, %s: no queries answered: %+v", r.condition, r.system, r)
 			}
 		}
 	}
 }
 
-// benchEgressd measures egressd, then loads p.load live elements and
-// measures warm queries again at that size (the report's tail).
-func benchEgressd(t *testing.T, l *Lab, p benchParams, warm []string, take func(int) []string,
-	measure func(system, server string, pid int, probe func() map[string]float64) benchRow) (benchRow, string) {
-	// Measured without the race detector the other tests use.
-	l.bin = filepath.Join(l.Dir, "egressd")
-	if out, err := exec.Command("go", "build", "-o", l.bin, "../cmd/egressd").CombinedOutput(); err != nil {
-		t.Fatalf("build egressd: %v\n%s", err, out)
+// benchRun measures the systems in one condition.
+type benchRun struct {
+	t     *testing.T
+	l     *Lab
+	p     benchParams
+	c     benchCondition
+	round int
+	warm  []string
+	take  func(int) []string
+}
+
+// dnsperf runs dnsperf in the container, with the condition's sources.
+func (b *benchRun) dnsperf(server string, names []string, runs int, duration time.Duration) dnsperfResult {
+	if b.c.stub {
+		b.l.in(b.l.Ctr, "nft -f "+filepath.Join(b.l.Dir, "stub.nft"))
+		defer b.l.in(b.l.Ctr, "nft delete table ip stub")
 	}
+	return b.l.dnsperf(server, names, runs, duration, b.p.outstanding)
+}
+
+// measure runs the load against server, answered by process pid; probe,
+// if not nil, reads the server's metrics around the fresh run.
+func (b *benchRun) measure(system, server string, pid int, probe func() map[string]float64) benchRow {
+	t, p := b.t, b.p
+	row := benchRow{condition: b.c.name, system: system, round: b.round}
+	b.dnsperf(server, b.warm, 1, 0) // fill caches
+	cpu := cpuTime(t, pid)
+	w := b.dnsperf(server, b.warm, 0, p.duration)
+	cpu = cpuTime(t, pid) - cpu
+	row.warmQPS, row.warmAvg, row.warmP99, row.warmLost = w.qps, w.avgMs, w.p99Ms, w.lost
+	if answers := w.sent - w.lost; answers > 0 {
+		row.warmCPU = float64(cpu.Microseconds()) / float64(answers) // µs per answer = ms per 1000
+	}
+	var before map[string]float64
+	if probe != nil {
+		before = probe()
+	}
+	cpu = cpuTime(t, pid)
+	f := b.dnsperf(server, b.take(p.fresh), 1, 0)
+	cpu = cpuTime(t, pid) - cpu
+	if answers := f.sent - f.lost; answers > 0 {
+		row.freshCPU = float64(cpu.Microseconds()) / float64(answers)
+	}
+	if probe != nil {
+		row.freshMetrics = probe()
+		for k, v := range before {
+			row.freshMetrics[k] -= v
+		}
+	}
+	row.freshQPS, row.freshAvg, row.freshP99, row.freshLost = f.qps, f.avgMs, f.p99Ms, f.lost
+	// One query at a time from a socket of its own: a new flow per
+	// query in every condition.
+	row.connectP50, row.connectP99, row.connectFail = b.l.resolveToConnect(server+":53", b.take(p.connects))
+	return row
+}
+
+// dnsmasq measures dnsmasq with its hand-written ruleset, cacheArgs added.
+func (b *benchRun) dnsmasq(system string, cacheArgs ...string) benchRow {
+	t, l := b.t, b.l
+	rules := l.writeConfig("dnsmasq.nft", dnsmasqRuleset)
+	l.in(l.Host, "nft -f "+rules)
+	defer l.in(l.Host, "nft delete table inet dnsmasqfw")
+	args := append([]string{"netns", "exec", l.Host, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+		"--port=10054", "--user=root", "--pid-file=" + filepath.Join(l.Dir, "dnsmasq.pid"),
+		"--server=/cognitive.microsoft.com/" + b.c.upstream,
+		"--nftset=/cognitive.microsoft.com/4#inet#dnsmasqfw#allow4,6#inet#dnsmasqfw#allow6"}, cacheArgs...)
+	dm := exec.Command("ip", args...)
+	var dmLog syncBuffer
+	dm.Stdout, dm.Stderr = &dmLog, &dmLog
+	if err := dm.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = dm.Process.Kill(); _ = dm.Wait() }()
+	l.waitFor("dnsmasq", 5*time.Second, func() error {
+		_, err := query(l.Ctr, otherDNS+":53", benchName(0), dns.TypeA, "udp")
+		return err
+	})
+	return b.measure(system, otherDNS, dm.Process.Pid, nil)
+}
+
+// egressd measures egressd, started afresh (no state) and removed
+// afterwards. With load it then loads p.load live elements and measures
+// warm queries again at that size (the report's tail), profiled if
+// EGRESSD_BENCH_PROFILE asks.
+func (b *benchRun) egressd(load bool) (benchRow, string) {
+	t, l, p := b.t, b.l, b.p
 	const metricsAddr = "127.0.0.1:9253"
-	cfg := l.writeConfig("egressd.yaml", strings.Replace(l.baseConfig(), "level: debug", "level: warn", 1)+
-		"metrics:\n  listen: "+metricsAddr+"\n")
+	cfg := strings.Replace(l.baseConfig(), "level: debug", "level: warn", 1) + "metrics:\n  listen: " + metricsAddr + "\n"
+	cfg = l.writeConfig("egressd.yaml", strings.Replace(cfg, `["`+upstreamDNS+`"]`, `["`+b.c.upstream+`"]`, 1))
+	if err := os.RemoveAll(filepath.Join(l.Dir, "state")); err != nil {
+		t.Fatal(err)
+	}
 	// One load generator is one client: the per-client bounds (dns.limits),
 	// which keep one container from starving the others, would measure
 	// themselves, not the proxy.
@@ -260,30 +356,164 @@ func benchEgressd(t *testing.T, l *Lab, p benchParams, warm []string, take func(
 	if lim := os.Getenv("EGRESSD_BENCH_GOMEMLIMIT"); lim != "" {
 		env = append(env, "GOMEMLIMIT="+lim)
 	}
-	if prof := os.Getenv("EGRESSD_BENCH_PROFILE"); prof != "" {
+	if prof := os.Getenv("EGRESSD_BENCH_PROFILE"); prof != "" && load {
 		env = append(env, "EGRESSD_CPUPROFILE="+prof, "EGRESSD_MEMPROFILE="+prof+".heap")
 	}
 	l.startDaemon(cfg, env...)
-	row := measure("egressd", otherDNS, l.egressd.Process.Pid, func() map[string]float64 { return scrape(t, l, metricsAddr) })
+	defer func() {
+		if out, err := l.runEgressd("remove", "--config", cfg); err != nil {
+			t.Fatalf("egressd remove: %v\n%s", err, out)
+		}
+	}()
+	row := b.measure("egressd", otherDNS, l.egressd.Process.Pid, func() map[string]float64 { return scrape(t, l, metricsAddr) })
 	m := row.freshMetrics
 	mean := func(h string) float64 { return m[h+"_sum"] / max(m[h+"_count"], 1) }
-	fresh := fmt.Sprintf("egressd during the fresh run: %.0f upstream queries, mean %.3f ms; %.0f set updates (netlink flush), mean %.3f ms, %.1f answers each\n",
-		m["egressd_upstream_query_duration_seconds_count"], 1000*mean("egressd_upstream_query_duration_seconds"),
+	tail := fmt.Sprintf("- %s, round %d: %.0f upstream queries, mean %.3f ms; %.0f set updates (netlink flush), mean %.3f ms, %.1f answers each\n",
+		b.c.name, b.round, m["egressd_upstream_query_duration_seconds_count"], 1000*mean("egressd_upstream_query_duration_seconds"),
 		m["egressd_set_update_duration_seconds_count"], 1000*mean("egressd_set_update_duration_seconds"),
 		mean("egressd_set_update_batch_answers"))
-
+	if !load {
+		_ = l.stopDaemon(syscall.SIGTERM)
+		return row, tail
+	}
 	start := time.Now()
-	ld := l.dnsperf(otherDNS, take(p.load), 1, 0, p.outstanding)
+	ld := b.dnsperf(otherDNS, b.take(p.load), 1, 0)
 	loadTime := time.Since(start)
 	count := len(regexp.MustCompile(`198\.\d+\.\d+\.\d+`).FindAllString(l.in(l.Host, "nft list set inet egressd allow4"), -1))
-	big := l.dnsperf(otherDNS, warm, 0, p.duration, p.outstanding)
+	big := b.dnsperf(otherDNS, b.warm, 0, p.duration)
 	rss := vmHWM(t, l.egressd.Process.Pid)
-	l.stopDaemon(syscall.SIGTERM) // writes the profile, if any
-	return row, fresh + fmt.Sprintf(
-		"live elements: %d fresh names answered in %v (%.0f/s, %d lost); %d benchmark addresses in the set afterwards\n"+
-			"warm queries at that size: %.0f q/s, avg %.3f ms, p99 %.3f ms\n"+
-			"egressd peak RSS: %.1f MB\n", p.load, loadTime.Round(time.Millisecond), ld.qps, ld.lost, count,
+	_ = l.stopDaemon(syscall.SIGTERM) // writes the profile, if any
+	return row, tail + fmt.Sprintf(
+		"- live elements (%s): %d fresh names answered in %v (%.0f/s, %d lost); %d benchmark addresses in the set afterwards; "+
+			"warm queries at that size: %.0f q/s, avg %.3f ms, p99 %.3f ms; egressd peak RSS: %.1f MB\n",
+		b.c.name, p.load, loadTime.Round(time.Millisecond), ld.qps, ld.lost, count,
 		big.qps, big.avgMs, big.p99Ms, float64(rss)/1024)
+}
+
+// bridgeNF turns br_netfilter's bridge-nf-call-iptables and -ip6tables on
+// or off in the lab's host. Once loaded (Docker loads it) or built in,
+// br_netfilter turns them on in every new namespace: the plain lab must
+// turn them off.
+func bridgeNF(on bool) func(t *testing.T, l *Lab) (int, func()) {
+	return func(t *testing.T, l *Lab) (int, func()) {
+		if on {
+			loadModule(t, "br_netfilter", "/proc/sys/net/bridge")
+		}
+		if _, err := os.Stat("/proc/sys/net/bridge"); err == nil {
+			v := 0
+			if on {
+				v = 1
+			}
+			l.in(l.Host, fmt.Sprintf("sysctl -qw net.bridge.bridge-nf-call-iptables=%d net.bridge.bridge-nf-call-ip6tables=%[1]d", v))
+		}
+		return 0, func() {}
+	}
+}
+
+// loadModule loads module unless path, which it makes, is there (the
+// module is loaded or built in).
+func loadModule(t *testing.T, module, path string) {
+	if _, err := os.Stat(path); err == nil {
+		return
+	}
+	if out, err := exec.Command("modprobe", module).CombinedOutput(); err != nil {
+		need(t, "modprobe %s: %v\n%s", module, err, out)
+	}
+}
+
+// startUnbound runs unbound in the lab's internet on cachingDNS, as a
+// caching resolver that forwards to NSD.
+func startUnbound(t *testing.T, l *Lab) (int, func()) {
+	bridgeNF(false)(t, l)
+	dir := filepath.Join(l.Dir, "unbound")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The iterator alone (no validation), forwarding everything to NSD,
+	// caches larger than the benchmark's names.
+	conf := l.writeConfig("unbound/unbound.conf", fmt.Sprintf(`server:
+	interface: %s
+	port: 53
+	do-ip6: no
+	access-control: 0.0.0.0/0 allow
+	username: ""
+	chroot: ""
+	directory: "%[2]s"
+	pidfile: ""
+	use-syslog: no
+	logfile: ""
+	verbosity: 0
+	num-threads: 1
+	module-config: "iterator"
+	msg-cache-size: 64m
+	rrset-cache-size: 128m
+remote-control:
+	control-enable: no
+forward-zone:
+	name: "."
+	forward-addr: %[3]s
+`, cachingDNS, dir, upstreamDNS))
+	if !strings.Contains(l.in(l.Inet, "ip -4 addr show dev lo"), cachingDNS+"/") {
+		l.in(l.Inet, "ip addr add "+cachingDNS+"/32 dev lo")
+	}
+	cmd := exec.Command("ip", "netns", "exec", l.Inet, "unbound", "-d", "-c", conf)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { _ = cmd.Process.Kill(); <-done }) }
+	t.Cleanup(stop)
+	l.waitFor("unbound", 10*time.Second, func() error {
+		select {
+		case <-done:
+			t.Fatalf("unbound exited:\n%s", out.String())
+		default:
+		}
+		r, err := query(l.Inet, cachingDNS+":53", "probe."+benchZone, dns.TypeA, "udp")
+		if err == nil && r.Rcode != dns.RcodeNameError {
+			err = fmt.Errorf("unexpected answer: %v", r)
+		}
+		return err
+	})
+	return cmd.Process.Pid, stop
+}
+
+// stubRuleset rewrites, on the way out of the container, the source
+// address of each query to the next of 60 000 (10.0.0.0/16, routed back to
+// the container and local there), statelessly: with the host's UDP
+// conntrack timeout at 1 s, nearly every query is a new flow (a new
+// conntrack entry and, through a proxy, a new NAT binding), as with real
+// stubs, which send each query from a new source port. nft can write a
+// counter into an address but not into a port (bench/kernelpath).
+const stubRuleset = `table ip stub {
+	chain out {
+		type filter hook output priority raw;
+		udp dport 53 ip saddr set numgen inc mod 60000 offset 167772160
+	}
+}
+`
+
+// stubSources prepares the lab for the stub condition; dnsperf switches
+// stubRuleset on while it runs (benchRun.dnsperf).
+func stubSources(t *testing.T, l *Lab) (int, func()) {
+	bridgeNF(false)(t, l)
+	loadModule(t, "nf_conntrack", "/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
+	l.writeConfig("stub.nft", stubRuleset)
+	l.in(l.Ctr, "ip route add local 10.0.0.0/16 dev lo")
+	l.in(l.Host, "ip route add 10.0.0.0/16 via "+ctrIP)
+	l.in(l.Inet, "ip route add 10.0.0.0/16 via "+hostUplink)
+	timeout := strings.TrimSpace(l.in(l.Host, "sysctl -n net.netfilter.nf_conntrack_udp_timeout"))
+	l.in(l.Host, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=1")
+	return 0, func() {
+		l.in(l.Host, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout="+timeout)
+		l.in(l.Inet, "ip route del 10.0.0.0/16")
+		l.in(l.Host, "ip route del 10.0.0.0/16")
+		l.in(l.Ctr, "ip route del local 10.0.0.0/16 dev lo")
+	}
 }
 
 // nsdPid returns the process id of the lab's NSD, the upstream that
@@ -353,36 +583,79 @@ func vmHWM(t *testing.T, pid int) int {
 	return kb
 }
 
-func formatBench(p benchParams, rows []benchRow, tail string) string {
+func formatBench(p benchParams, conditions []benchCondition, rows []benchRow, tail string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "DNS load benchmark: %d warm names for %v, %d fresh names, %d outstanding queries (dnsperf), %d resolve-to-connect samples\n\n",
-		p.warm, p.duration, p.fresh, p.outstanding, p.connects)
-	fmt.Fprintf(&b, "| system | warm q/s | vs direct | avg ms | p99 ms | lost | CPU ms per 1000 | fresh q/s | vs direct | avg ms | p99 ms | lost | CPU ms per 1000 | connect p50 ms | p99 ms | failed |\n")
-	fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-	var direct *benchRow
-	for i := range rows {
-		if strings.HasPrefix(rows[i].system, "direct") {
-			direct = &rows[i]
+	fmt.Fprintf(&b, "DNS load benchmark: %d warm names for %v, %d fresh names, %d outstanding queries from 4 client sockets "+
+		"(dnsperf -c 4 -T 2), %d resolve-to-connect samples; every system in every condition, %d round(s), interleaved\n\n",
+		p.warm, p.duration, p.fresh, p.outstanding, p.connects, p.rounds)
+	for _, c := range conditions {
+		fmt.Fprintf(&b, "- **%s**: %s\n", c.name, c.what)
+	}
+	// direct's row of the same condition and round.
+	direct := func(r benchRow) *benchRow {
+		for i := range rows {
+			if d := &rows[i]; d.system == "direct" && d.condition == r.condition && d.round == r.round {
+				return d
+			}
 		}
+		return nil
 	}
 	vs := func(v func(benchRow) float64, r benchRow) string {
-		if direct == nil {
+		d := direct(r)
+		if d == nil || v(*d) == 0 {
 			return "–"
 		}
-		return fmt.Sprintf("%.0f%%", 100*v(r)/v(*direct))
+		return fmt.Sprintf("%.0f%%", 100*v(r)/v(*d))
 	}
-	for _, r := range rows {
-		fmt.Fprintf(&b, "| %s | %.0f | %s | %.3f | %.3f | %d | %.1f | %.0f | %s | %.3f | %.3f | %d | %.1f | %.3f | %.3f | %d |\n",
-			r.system, r.warmQPS, vs(func(r benchRow) float64 { return r.warmQPS }, r), r.warmAvg, r.warmP99, r.warmLost, r.warmCPU,
+	b.WriteString("\n| condition | system | round | warm q/s | vs direct | avg ms | p99 ms | lost | CPU ms per 1000 | fresh q/s | vs direct | avg ms | p99 ms | lost | CPU ms per 1000 | connect p50 ms | p99 ms | failed |\n")
+	b.WriteString("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	sorted := slices.Clone(rows)
+	slices.SortStableFunc(sorted, func(a, b benchRow) int {
+		return slices.Index(conditionNames(), a.condition) - slices.Index(conditionNames(), b.condition)
+	})
+	for _, r := range sorted {
+		fmt.Fprintf(&b, "| %s | %s | %d | %.0f | %s | %.3f | %.3f | %d | %.1f | %.0f | %s | %.3f | %.3f | %d | %.1f | %.3f | %.3f | %d |\n",
+			r.condition, r.system, r.round, r.warmQPS, vs(func(r benchRow) float64 { return r.warmQPS }, r), r.warmAvg, r.warmP99, r.warmLost, r.warmCPU,
 			r.freshQPS, vs(func(r benchRow) float64 { return r.freshQPS }, r), r.freshAvg, r.freshP99, r.freshLost, r.freshCPU,
 			r.connectP50, r.connectP99, r.connectFail)
 	}
 	b.WriteString("\n*CPU ms per 1000*: CPU time (utime+stime, all threads, from /proc/PID/stat) of the answering " +
-		"process and its children over the warm (fresh) run, per 1000 answers: for direct the upstream NSD (main, xfrd and " +
-		"server processes), for dnsmasq and egressd the proxy. Not counted: dnsperf, and kernel work that softirqs " +
+		"process and its children over the warm (fresh) run, per 1000 answers: for direct the upstream (NSD's main, xfrd and " +
+		"server processes; unbound), for dnsmasq and egressd the proxy. Not counted: dnsperf, and kernel work that softirqs " +
 		"charge to whichever process runs (packets forwarded, NAT, the firewall).\n")
+
+	// The targets, per condition, over the rounds: egressd's warm q/s
+	// against direct's and tuned dnsmasq's, its warm p99 against direct's,
+	// its fresh q/s against direct's.
+	sum := func(c, system string, v func(benchRow) float64) (total float64, n int) {
+		for _, r := range rows {
+			if r.condition == c && r.system == system {
+				total, n = total+v(r), n+1
+			}
+		}
+		return total, n
+	}
+	ratio := func(c, a, over string, v func(benchRow) float64) string {
+		x, n := sum(c, a, v)
+		y, m := sum(c, over, v)
+		if n == 0 || m == 0 || y == 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.2f", (x/float64(n))/(y/float64(m)))
+	}
+	warmQPS := func(r benchRow) float64 { return r.warmQPS }
+	b.WriteString("\negressd against the others, means over the rounds (targets: warm ≥ 0.9× direct and ≥ 1× tuned dnsmasq, " +
+		"warm p99 ≤ 2× direct's, fresh ≥ 0.5× direct):\n\n")
+	b.WriteString("| condition | warm vs direct | warm vs dnsmasq --cache-size=10000 | warm p99 vs direct's | fresh vs direct |\n|---|---:|---:|---:|---:|\n")
+	for _, c := range conditions {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", c.name,
+			ratio(c.name, "egressd", "direct", warmQPS),
+			ratio(c.name, "egressd", "dnsmasq --cache-size=10000", warmQPS),
+			ratio(c.name, "egressd", "direct", func(r benchRow) float64 { return r.warmP99 }),
+			ratio(c.name, "egressd", "direct", func(r benchRow) float64 { return r.freshQPS }))
+	}
 	if tail != "" {
-		b.WriteString("\n" + tail)
+		b.WriteString("\negressd during its fresh runs, and with live elements:\n\n" + tail)
 	}
 	return b.String()
 }

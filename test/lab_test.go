@@ -684,7 +684,7 @@ func (l *Lab) dnsperf(server string, names []string, runs int, duration time.Dur
 	if err := os.WriteFile(data, []byte(b.String()), 0o644); err != nil {
 		l.t.Fatal(err)
 	}
-	args := []string{"netns", "exec", l.Ctr, "dnsperf", "-s", server, "-d", data, "-q", strconv.Itoa(outstanding), "-t", "2", "-v"}
+	args := []string{"netns", "exec", l.Ctr, "dnsperf", "-s", server, "-d", data, "-q", strconv.Itoa(outstanding), "-c", "4", "-T", "2", "-t", "2", "-v"}
 	if runs > 0 {
 		args = append(args, "-n", strconv.Itoa(runs))
 	}
