@@ -148,13 +148,18 @@ func (l *Lab) startIn(ns, name string, args ...string) *bgProc {
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t := l.t
 	t.Cleanup(func() {
-		_ = p.cmd.Process.Kill()
-		<-p.done
+		p.stop()
 		if t.Failed() {
 			t.Logf("%s log (last 8 KiB):\n%s", name, tail(p.log.String(), 8<<10))
 		}
 	})
 	return p
+}
+
+// stop kills the daemon and waits for it; it may be called again.
+func (p *bgProc) stop() {
+	_ = p.cmd.Process.Kill()
+	<-p.done
 }
 
 // exited returns an error if the daemon is no longer running.
