@@ -79,11 +79,19 @@ const (
 	cachingDNS = "198.51.100.55"
 )
 
-// benchName i resolves to benchAddr(i), a distinct address of the
-// benchmark range 198.18.0.0/15.
+// benchName i resolves to benchAddr(i), an address of the benchmark range
+// 198.18.0.0/15, which the lab's internet answers on. The range has 131 072
+// addresses and a full run names more, so later names reuse addresses, all
+// but the first 4096, which the warm names (benchParams.warm) keep. No one
+// system's measurement (at most the load, a fresh run and its connects)
+// takes as many, so each still learns only new addresses.
 func benchName(i int) string { return fmt.Sprintf("n%d.%s", i, benchZone) }
 
 func benchAddr(i int) string {
+	const size, kept = 1 << 17, 1 << 12
+	if i >= size {
+		i = kept + (i-kept)%(size-kept)
+	}
 	return netip.AddrFrom4([4]byte{198, 18 + byte(i>>16), byte(i >> 8), byte(i)}).String()
 }
 
@@ -95,7 +103,7 @@ type benchCondition struct {
 	// upstream (0: NSD) and what undoes the change.
 	setup func(t *testing.T, l *Lab) (pid int, undo func())
 	// stub: dnsperf's queries leave the container from a new source
-	// address each (see stubSources), while it runs.
+	// port each (see stubRuleset), while it runs.
 	stub bool
 }
 
@@ -107,7 +115,7 @@ var benchConditions = []benchCondition{
 	{name: "caching", upstream: cachingDNS, setup: startUnbound,
 		what: "a caching upstream: unbound one routed hop away, NSD behind it (so direct measures unbound)"},
 	{name: "stub", upstream: upstreamDNS, setup: stubSources, stub: true,
-		what: "stub-like clients: a new flow per query, as glibc and systemd-resolved make with a new source port per query (see stubSources)"},
+		what: "stub-like clients: a new flow per query, as glibc and systemd-resolved make with a new source port per query (see stubRuleset)"},
 }
 
 func conditionNames() []string {
@@ -187,7 +195,9 @@ func TestDNSBenchmark(t *testing.T) {
 	for i := range total {
 		fmt.Fprintf(&zone, "n%d A %s\n", i, benchAddr(i))
 	}
+	start := time.Now()
 	l := newLab(t, map[string]string{benchZone: zone.String()})
+	t.Logf("lab with %d names in the zone: %v", total, time.Since(start).Round(time.Second))
 	if slices.Contains(systems, "egressd") {
 		// Measured without the race detector the other tests use.
 		l.bin = filepath.Join(l.Dir, "egressd")
@@ -283,6 +293,8 @@ func (b *benchRun) dnsperf(server string, names []string, runs int, duration tim
 func (b *benchRun) measure(system, server string, pid int, probe func() map[string]float64) benchRow {
 	t, p := b.t, b.p
 	row := benchRow{condition: b.c.name, system: system, round: b.round}
+	start := time.Now()
+	defer func() { t.Logf("%s, %s, round %d: measured in %v", b.c.name, system, b.round, time.Since(start).Round(time.Second)) }() // progress, with -v
 	b.dnsperf(server, b.warm, 1, 0) // fill caches
 	cpu := cpuTime(t, pid)
 	w := b.dnsperf(server, b.warm, 0, p.duration)
@@ -471,17 +483,25 @@ forward-zone:
 	return p.cmd.Process.Pid, p.stop
 }
 
-// stubRuleset rewrites, on the way out of the container, the source
-// address of each query to the next of 60 000 (10.0.0.0/16, routed back to
-// the container and local there), statelessly: with the host's UDP
-// conntrack timeout at 1 s, nearly every query is a new flow (a new
-// conntrack entry and, through a proxy, a new NAT binding), as with real
-// stubs, which send each query from a new source port. nft can write a
-// counter into an address but not into a port (bench/kernelpath).
+// stubRuleset makes each of dnsperf's queries a new flow from one client
+// address with a new source port, as real stubs (glibc, systemd-resolved)
+// send them. nft cannot write a counter into a port, so it takes two steps
+// in the container: before conntrack, the query's source address becomes
+// the next of 60 000 (10.0.0.0/16, local in the container), which makes it
+// a new flow of the container's conntrack; that flow is then masqueraded
+// to the container's address with a random port (fully-random). The
+// answer finds its way back to dnsperf's socket through the same entry.
+// The host sees the container's address and a new port per query; with
+// the UDP conntrack timeouts at 1 s nearly every query is a new flow there
+// too (a new conntrack entry and, through a proxy, a new NAT binding).
 const stubRuleset = `table ip stub {
 	chain out {
 		type filter hook output priority raw;
 		udp dport 53 ip saddr set numgen inc mod 60000 offset 167772160
+	}
+	chain post {
+		type nat hook postrouting priority srcnat;
+		ip saddr 10.0.0.0/16 udp dport 53 snat to ` + ctrIP + ` fully-random
 	}
 }
 `
@@ -493,14 +513,17 @@ func stubSources(t *testing.T, l *Lab) (int, func()) {
 	loadModule(t, "nf_conntrack", "/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
 	l.writeConfig("stub.nft", stubRuleset)
 	l.in(l.Ctr, "ip route add local 10.0.0.0/16 dev lo")
-	l.in(l.Host, "ip route add 10.0.0.0/16 via "+ctrIP)
-	l.in(l.Inet, "ip route add 10.0.0.0/16 via "+hostUplink)
-	timeout := strings.TrimSpace(l.in(l.Host, "sysctl -n net.netfilter.nf_conntrack_udp_timeout"))
-	l.in(l.Host, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=1")
+	const sysctl = "net.netfilter.nf_conntrack_udp_timeout"
+	var undo []func()
+	for _, ns := range []string{l.Ctr, l.Host} {
+		timeout := strings.TrimSpace(l.in(ns, "sysctl -n "+sysctl))
+		l.in(ns, "sysctl -qw "+sysctl+"=1")
+		undo = append(undo, func() { l.in(ns, "sysctl -qw "+sysctl+"="+timeout) })
+	}
 	return 0, func() {
-		l.in(l.Host, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout="+timeout)
-		l.in(l.Inet, "ip route del 10.0.0.0/16")
-		l.in(l.Host, "ip route del 10.0.0.0/16")
+		for _, u := range undo {
+			u()
+		}
 		l.in(l.Ctr, "ip route del local 10.0.0.0/16 dev lo")
 	}
 }
