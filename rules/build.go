@@ -96,7 +96,7 @@ func BuildFor(cfg *config.Config, host Host) *Ruleset {
 	servers := ownServers(cfg, host)
 	rs.Chains = []Chain{egressChain(cfg), forwardChain(cfg), proxyInChain(ctrIfaces), inputChain(fw, proxy, servers),
 		dnsRedirectChain(cfg, proxy), dnsPreroutingChain(ctrIfaces)}
-	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces)...)
+	rs.Chains = append(rs.Chains, antispoof(fw, ctrIfaces, ruleSources(cfg))...)
 	switch {
 	case fw.Host:
 		rs.Chains = append(rs.Chains, hostOutputChains(cfg, host, servers, proxy)...)
@@ -537,7 +537,12 @@ func staticRules(st config.Static) []Rule {
 // send datagrams with the upstream resolver's address to the host's
 // sockets (answers to egressd's own queries), or queries to the proxy with
 // an internet address as source, whose answers the host then sends there.
-func antispoof(fw config.Firewall, ctrIfaces []ifname.Pattern) []Chain {
+//
+// Packets from the source prefixes of rules (sources) are checked on every
+// interface: a rule grants egress by source address, so a packet that
+// claims one must have come in where that address lives, not on an uplink
+// or another LAN.
+func antispoof(fw config.Firewall, ctrIfaces []ifname.Pattern, sources []netip.Prefix) []Chain {
 	check := Chain{Name: "spoofed", Comment: "sources not routed back through their interface are forged",
 		Rules: []Rule{{Stmts: blocking(fw.Mode == config.ModeAudit, fw.NFLOGGroup, LogSpoofed, SourceNotRouted{}, Drop)}}}
 	pre := Chain{Name: "antispoof", Hook: &Hook{"filter", "prerouting", priorityRaw},
@@ -555,7 +560,27 @@ func antispoof(fw config.Firewall, ctrIfaces []ifname.Pattern) []Chain {
 	for _, p := range append(slices.Clip(ctrIfaces), fw.Antispoof...) {
 		pre.Rules = append(pre.Rules, Rule{Stmts: []Stmt{IfName{Pattern: p}, Jump("spoofed")}})
 	}
+	if len(sources) > 0 {
+		pre.Rules = append(pre.Rules, Rule{Comment: "the sources of rules, on every interface but loopback", Stmts: []Stmt{IfName{Pattern: "lo"}, Return}})
+		for _, s := range sources {
+			pre.Rules = append(pre.Rules, Rule{Stmts: []Stmt{SaddrPrefix(s), Jump("spoofed")}})
+		}
+	}
 	return []Chain{check, pre}
+}
+
+// ruleSources returns the source prefixes of the rules, each once, in the
+// order of the rules.
+func ruleSources(cfg *config.Config) []netip.Prefix {
+	var out []netip.Prefix
+	for _, r := range cfg.Rules {
+		for _, s := range r.From.Sources {
+			if !slices.Contains(out, s) {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
 }
 
 // Destinations of the host's link-level protocols.

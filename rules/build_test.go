@@ -169,6 +169,15 @@ func TestBuild(t *testing.T) {
 			never: []string{"docker0"},
 		},
 		{
+			name: "the sources of rules are checked on every interface, each once",
+			yaml: "allow:\n  rules:\n" +
+				"    - {name: a, from: [\"10.1.0.0/24\", \"fd00:1::/64\"], names: [a.example.org], ports: [443]}\n" +
+				"    - {name: b, from: [docker0, \"10.1.0.0/24\", \"192.0.2.7/32\"], names: [b.example.org], ports: [443]}\n",
+			chain: "antispoof",
+			want: []string{`iifname "docker0" jump spoofed`, `iifname "br-*" jump spoofed`, `iifname "lo" return`,
+				"ip saddr 10.1.0.0/24 jump spoofed", "ip6 saddr fd00:1::/64 jump spoofed", "ip saddr 192.0.2.7 jump spoofed"},
+		},
+		{
 			name:  "the spoofing check",
 			chain: "spoofed",
 			want:  []string{`fib saddr . iif oif missing log prefix "egressd-spoofed" group 1055 drop`},

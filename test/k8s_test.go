@@ -213,14 +213,7 @@ zone:
 // udpEcho answers every datagram to addr in ns with the same bytes.
 func udpEcho(t *testing.T, ns, addr string) {
 	t.Helper()
-	var pc net.PacketConn
-	if err := inNS(ns, func() (err error) {
-		pc, err = net.ListenPacket("udp4", addr)
-		return err
-	}); err != nil {
-		t.Fatalf("udp echo %s in %s: %v", addr, ns, err)
-	}
-	t.Cleanup(func() { pc.Close() })
+	pc := udpListen(t, ns, addr)
 	go func() {
 		buf := make([]byte, 1500)
 		for {
@@ -231,6 +224,39 @@ func udpEcho(t *testing.T, ns, addr string) {
 			_, _ = pc.WriteTo(buf[:n], from)
 		}
 	}()
+}
+
+// udpSink listens on addr in ns for the rest of the test and passes on
+// the payload of each datagram it receives.
+func udpSink(t *testing.T, ns, addr string) <-chan string {
+	t.Helper()
+	pc := udpListen(t, ns, addr)
+	got := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			got <- string(buf[:n])
+		}
+	}()
+	return got
+}
+
+// udpListen opens a UDP socket on addr in ns, closed when the test ends.
+func udpListen(t *testing.T, ns, addr string) net.PacketConn {
+	t.Helper()
+	var pc net.PacketConn
+	if err := inNS(ns, func() (err error) {
+		pc, err = net.ListenPacket("udp4", addr)
+		return err
+	}); err != nil {
+		t.Fatalf("udp socket %s in %s: %v", addr, ns, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc
 }
 
 // udpRoundTrip sends a datagram from ns to addr and waits for its echo.

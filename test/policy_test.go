@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -259,6 +260,81 @@ func TestPolicyRulesPerBridge(t *testing.T) {
 	// The host is filtered and no rule applies to it.
 	l.wantRefused(l.Host, "host", nameA)
 	l.blockedFrom(l.Host, "host", hostPort(addrA, 443))
+}
+
+// A packet that claims a rule's source address but comes in on another
+// interface (here a second uplink of a multi-homed host) is forged: it is
+// dropped before the forward chain gives it the rule, and reported. The
+// container that really has the address still gets the rule.
+func TestPolicyForgedRuleSourceIsDropped(t *testing.T) {
+	l := newLab(t, policyZones())
+	lan := l.Ctr + "-lan"
+	l.sh("ip netns add " + lan)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", lan).Run() })
+	l.in(lan, "ip link set lo up")
+	l.sh("ip link add eth0 netns " + lan + " type veth peer name lan0 netns " + l.Host)
+	l.in(l.Host, "ip link set lan0 up")
+	l.in(l.Host, "ip addr add 192.168.77.1/24 dev lan0")
+	// A backup default route makes lan0 an uplink, not a container
+	// interface, whose sources would be checked anyway.
+	l.in(l.Host, "ip route add default via 192.168.77.2 metric 500")
+	l.in(lan, "ip link set eth0 up")
+	l.in(lan, "ip addr add 192.168.77.2/24 dev eth0")
+	l.in(lan, "ip route add default via 192.168.77.1")
+
+	target := netip.AddrPortFrom(netip.MustParseAddr(ntpAddr), 5300)
+	got := udpSink(t, l.Inet, target.String())
+	arrives := func(payload string) bool {
+		deadline := time.After(shortWait)
+		for {
+			select {
+			case p := <-got:
+				if p == payload {
+					return true
+				}
+			case <-deadline:
+				return false
+			}
+		}
+	}
+
+	l.startDaemon(l.writeConfig("egressd.yaml", l.policyConfig(false, fmt.Sprintf(`    - name: src
+      from: ["%s/32"]
+      names: [%s]
+      ports: ["5300/udp"]
+`, ctrIP, ntpName))))
+	l.waitListing("ip saddr "+ctrIP+" jump spoofed", "ip saddr "+ctrIP+" ct state new jump rule_src")
+	l.wantAnswer(l.Ctr, "container", ntpName, ntpAddr)
+
+	// The container with the rule's address reaches the target...
+	if err := inNS(l.Ctr, func() error {
+		c, err := net.Dial("udp4", target.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte("genuine"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !arrives("genuine") {
+		t.Fatalf("the container's datagram to %v did not arrive: the rule does not work", target)
+	}
+	// ...a packet from the LAN that claims its address does not.
+	forged := netip.AddrPortFrom(netip.MustParseAddr(ctrIP), 40000)
+	if err := sendForged(lan, forged, target, []byte("forged")); err != nil {
+		t.Fatal(err)
+	}
+	if arrives("forged") {
+		t.Errorf("a datagram from the LAN with the rule's source %v reached %v", forged, target)
+	}
+	l.waitFor("the spoofed packet to be reported", 5*time.Second, func() error {
+		if !strings.Contains(l.egressdLog.String(), "spoofed-source") {
+			return errors.New("not logged")
+		}
+		return nil
+	})
 }
 
 // TestPolicyHelperProcess is not a test: the policy tests run it as a

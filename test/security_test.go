@@ -395,25 +395,7 @@ func TestDHCPExemptionOnlyOnTheLink(t *testing.T) {
 	if out, err := l.runEgressd("apply", "--config", l.writeConfig("egressd.yaml", l.baseConfig())); err != nil {
 		t.Fatalf("apply: %v\n%s", err, out)
 	}
-	var server net.PacketConn
-	if err := inNS(l.Inet, func() (err error) {
-		server, err = net.ListenPacket("udp4", "0.0.0.0:67")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
-	got := make(chan string, 10)
-	go func() {
-		buf := make([]byte, 512)
-		for {
-			n, _, err := server.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			got <- string(buf[:n])
-		}
-	}()
+	got := udpSink(t, l.Inet, "0.0.0.0:67")
 	// A "DHCP client" on the host: port 68, broadcast allowed, on the
 	// uplink.
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
