@@ -392,7 +392,7 @@ func (c *Config) addFrom(f *From, s string) error {
 			return errors.New("is a host service, and the host is not filtered: firewall.host is false")
 		}
 		f.Cgroups = append(f.Cgroups, p)
-	case strings.ContainsAny(s, ".:") && strings.ContainsAny(s, "0123456789"):
+	case looksLikeAddress(s):
 		st, err := buildStatic(s, "", "", true)
 		if err != nil {
 			return fmt.Errorf("is not a source prefix: %w", err)
@@ -409,6 +409,13 @@ func (c *Config) addFrom(f *From, s string) error {
 		f.Interfaces = append(f.Interfaces, p)
 	}
 	return nil
+}
+
+// looksLikeAddress tells a source prefix ("10.1.0.0/24", "fd00::5") from an
+// interface name, which may have dots (a VLAN's "eth0.100") but never a
+// slash or a colon (the kernel's dev_valid_name).
+func looksLikeAddress(s string) bool {
+	return strings.ContainsAny(s, "/:") || s != "" && strings.Trim(s, "0123456789.") == ""
 }
 
 // parseRulePort parses "443", "443/tcp", "123/udp", "8000-8100/tcp".

@@ -109,7 +109,7 @@ allow:
 allow:
   rules:
     - name: translator
-      from: [br-translator, docker0, "10.1.0.0/24", "fd00:1::/64", "192.0.2.7"]
+      from: [br-translator, docker0, br-lab.100, "10.1.0.0/24", "fd00:1::/64", "192.0.2.7"]
       names: ["translatoronprem.blob.core.windows.net", "*.example.com"]
       cidrs: ["203.0.113.0/24", "2001:db8::1"]
       ports: [443, "123/udp", "8000-8100/tcp", "9000-9010/udp", "8443/tcp"]
@@ -123,7 +123,7 @@ allow:
 `,
 			want: []Rule{
 				{Name: "translator", Origin: "allow.rules[0]",
-					From: From{Interfaces: []ifname.Pattern{"br-translator", "docker0"},
+					From: From{Interfaces: []ifname.Pattern{"br-translator", "docker0", "br-lab.100"},
 						Sources: prefixes("10.1.0.0/24", "fd00:1::/64", "192.0.2.7/32")},
 					Domains: []string{"translatoronprem.blob.core.windows.net", "*.example.com"},
 					Ports:   []RulePort{tcp(443, 443), udp(123, 123), tcp(8000, 8100), udp(9000, 9010), tcp(8443, 8443)},
@@ -282,6 +282,10 @@ func TestRulesInvalid(t *testing.T) {
 			`allow.rules[0].from[0]: "br*" matches no container interface`},
 		{"bad interface pattern", rule(`{name: web, from: ["b*r"], names: [example.org], ports: [443]}`), nil,
 			`allow.rules[0].from[0]: "b*r" is not containers, host, a container interface (pattern), a source prefix, a systemd service or a cgroup path`},
+		{"bad IPv4 source", rule(`{name: web, from: [10.1.0.300], names: [example.org], ports: [443]}`), nil,
+			`allow.rules[0].from[0]: "10.1.0.300" is not a source prefix`},
+		{"VLAN interface outside the container patterns", rule(`{name: web, from: [eth0.100], names: [example.org], ports: [443]}`), nil,
+			`allow.rules[0].from[0]: "eth0.100" matches no container interface`},
 		{"source with host bits", rule(`{name: web, from: [10.1.0.1/24], names: [example.org], ports: [443]}`), nil,
 			`allow.rules[0].from[0]: "10.1.0.1/24" is not a source prefix: has host bits set (did you mean 10.1.0.0/24?)`},
 		{"unknown profile", "allow:\n  include: [ntp, nope]\n", nil,
