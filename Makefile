@@ -62,6 +62,7 @@ chaos-short:
 	CHAOS_SOAK=60s $(GO) test -tags chaos -count=1 -v -timeout 20m -run '^TestChaos$$' ./test
 
 lint:
+	@out=$$($$($(GO) env GOROOT)/bin/gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 

@@ -294,7 +294,9 @@ func (b *benchRun) measure(system, server string, pid int, probe func() map[stri
 	t, p := b.t, b.p
 	row := benchRow{condition: b.c.name, system: system, round: b.round}
 	start := time.Now()
-	defer func() { t.Logf("%s, %s, round %d: measured in %v", b.c.name, system, b.round, time.Since(start).Round(time.Second)) }() // progress, with -v
+	defer func() { // progress, with -v
+		t.Logf("%s, %s, round %d: measured in %v", b.c.name, system, b.round, time.Since(start).Round(time.Second))
+	}()
 	b.dnsperf(server, b.warm, 1, 0) // fill caches
 	cpu := cpuTime(t, pid)
 	w := b.dnsperf(server, b.warm, 0, p.duration)

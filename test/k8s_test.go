@@ -24,7 +24,6 @@ package test
 // address lifetimes come from the environment.
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -158,56 +157,8 @@ _https._tcp.kubernetes.default.svc SRV 0 100 443 kubernetes.default.svc.cluster.
 // cluster.local.
 func (k *k8sNode) startClusterDNS() {
 	k.t.Helper()
-	dir := filepath.Join(k.Dir, "clusterdns")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		k.t.Fatal(err)
-	}
-	zone := clusterZone
-	conf := fmt.Sprintf(`server:
-	ip-address: %[2]s
-	port: 53
-	username: ""
-	chroot: ""
-	zonesdir: "%[1]s"
-	database: ""
-	zonelistfile: "%[1]s/zone.list"
-	xfrdfile: "%[1]s/xfrd.state"
-	pidfile: "%[1]s/nsd.pid"
-	logfile: "%[1]s/nsd.log"
-	server-count: 1
-	verbosity: 1
-remote-control:
-	control-enable: no
-zone:
-	name: cluster.local
-	zonefile: cluster.local.zone
-`, dir, clusterDNSIP)
-	for name, body := range map[string]string{"cluster.local.zone": zone, "nsd.conf": conf} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			k.t.Fatal(err)
-		}
-	}
-	cmd := exec.Command("ip", "netns", "exec", k.DNSPod, "nsd", "-d", "-c", filepath.Join(dir, "nsd.conf"))
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		k.t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	k.t.Cleanup(func() { _ = cmd.Process.Kill(); <-done })
-	k.waitFor("the cluster DNS", 60*time.Second, func() error {
-		select {
-		case <-done:
-			k.t.Fatalf("cluster DNS exited: %s", out.String())
-		default:
-		}
-		r, err := query(k.DNSPod, clusterDNSIP+":53", "kubernetes.default.svc.cluster.local", dns.TypeA, "udp")
-		if err == nil && len(r.Answer) == 0 {
-			err = fmt.Errorf("no answer: %v", r)
-		}
-		return err
-	})
+	k.runNSD(k.DNSPod, "clusterdns", []string{clusterDNSIP}, map[string]string{"cluster.local": clusterZone},
+		"kubernetes.default.svc.cluster.local")
 }
 
 // udpEcho answers every datagram to addr in ns with the same bytes.

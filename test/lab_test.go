@@ -511,16 +511,31 @@ func (l *Lab) waitFor(what string, timeout time.Duration, f func() error) {
 // labZones), and waits until it answers.
 func (l *Lab) startNSD(zones map[string]string) {
 	l.t.Helper()
-	dir := filepath.Join(l.Dir, "nsd")
+	files := map[string]string{}
+	for zone, body := range zones {
+		head := fmt.Sprintf("$ORIGIN %s.\n$TTL 300\n@ SOA ns.%[1]s. admin.%[1]s. 1 3600 600 86400 60\n@ NS ns.%[1]s.\nns A %[2]s\n", zone, upstreamDNS)
+		files[zone] = head + body
+	}
+	l.stopNSD = l.runNSD(l.Inet, "nsd", []string{upstreamDNS, otherDNS, "2001:db8:53::53"}, files,
+		"westus.api.cognitive.microsoft.com")
+}
+
+// runNSD runs NSD in ns on addrs, with its files in the lab directory's
+// subdirectory dir, authoritative for zones (name -> zone file), and waits
+// until it answers probe (an A record) on addrs[0]. It returns what stops
+// it, which the test's cleanup also does.
+func (l *Lab) runNSD(ns, dir string, addrs []string, zones map[string]string, probe string) (stop func()) {
+	l.t.Helper()
+	dir = filepath.Join(l.Dir, dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		l.t.Fatal(err)
 	}
 	var conf strings.Builder
-	fmt.Fprintf(&conf, `server:
-	ip-address: %[2]s
-	ip-address: %[3]s
-	ip-address: 2001:db8:53::53
-	port: 53
+	conf.WriteString("server:\n")
+	for _, a := range addrs {
+		fmt.Fprintf(&conf, "\tip-address: %s\n", a)
+	}
+	fmt.Fprintf(&conf, `	port: 53
 	username: ""
 	chroot: ""
 	zonesdir: "%[1]s"
@@ -534,11 +549,10 @@ func (l *Lab) startNSD(zones map[string]string) {
 	round-robin: no
 remote-control:
 	control-enable: no
-`, dir, upstreamDNS, otherDNS)
+`, dir)
 	for zone, body := range zones {
 		file := zone + ".zone"
-		head := fmt.Sprintf("$ORIGIN %s.\n$TTL 300\n@ SOA ns.%[1]s. admin.%[1]s. 1 3600 600 86400 60\n@ NS ns.%[1]s.\nns A %[2]s\n", zone, upstreamDNS)
-		if err := os.WriteFile(filepath.Join(dir, file), []byte(head+body), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, file), []byte(body), 0o644); err != nil {
 			l.t.Fatal(err)
 		}
 		fmt.Fprintf(&conf, "zone:\n\tname: %s\n\tzonefile: %s\n", zone, file)
@@ -547,7 +561,7 @@ remote-control:
 	if err := os.WriteFile(cp, []byte(conf.String()), 0o644); err != nil {
 		l.t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", l.Inet, "nsd", "-d", "-c", cp)
+	cmd := exec.Command("ip", "netns", "exec", ns, "nsd", "-d", "-c", cp)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -556,26 +570,27 @@ remote-control:
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	var once sync.Once
-	l.stopNSD = func() {
+	stop = func() {
 		once.Do(func() {
 			_ = cmd.Process.Kill()
 			<-done
 		})
 	}
-	l.t.Cleanup(l.stopNSD)
-	l.waitFor("NSD", 60*time.Second, func() error {
+	l.t.Cleanup(stop)
+	l.waitFor("NSD in "+ns, 60*time.Second, func() error {
 		select {
 		case <-done:
 			log, _ := os.ReadFile(filepath.Join(dir, "nsd.log"))
 			l.t.Fatalf("nsd exited: %s\n%s", out.String(), log)
 		default:
 		}
-		r, err := query(l.Inet, upstreamDNS+":53", "westus.api.cognitive.microsoft.com", dns.TypeA, "udp")
+		r, err := query(ns, hostPort(addrs[0], 53), probe, dns.TypeA, "udp")
 		if err == nil && len(r.Answer) == 0 {
 			err = fmt.Errorf("no answer: %v", r)
 		}
 		return err
 	})
+	return stop
 }
 
 // labZones returns the upstream's zones: zone name -> records.

@@ -264,6 +264,34 @@ func sendForged(ns string, src, dst netip.AddrPort, payload []byte) error {
 	})
 }
 
+// forgedQueriesGoNowhere sends, from ns, a query for name to each of dsts
+// with an internet address as its forged source, and checks that no answer
+// reaches that address and that egressd reports the spoofed packets.
+func (l *Lab) forgedQueriesGoNowhere(ns, name string, dsts ...string) {
+	l.t.Helper()
+	victim := netip.MustParseAddrPort("203.0.113.99:5300")
+	pc := udpListen(l.t, l.Inet, victim.String())
+	m := new(dns.Msg)
+	m.SetQuestion(name, dns.TypeA)
+	q, _ := m.Pack()
+	for _, dst := range dsts {
+		if err := sendForged(ns, victim, netip.MustParseAddrPort(dst), q); err != nil {
+			l.t.Fatal(err)
+		}
+	}
+	buf := make([]byte, 512)
+	_ = pc.SetReadDeadline(time.Now().Add(shortWait))
+	if n, from, err := pc.ReadFrom(buf); err == nil {
+		l.t.Errorf("a forged query's answer reached the internet: %d bytes from %v", n, from)
+	}
+	l.waitFor("the spoofed packets to be reported", 5*time.Second, func() error {
+		if !strings.Contains(l.egressdLog.String(), "spoofed-source") {
+			return errors.New("not logged")
+		}
+		return nil
+	})
+}
+
 func TestForgedSourcesAreDropped(t *testing.T) {
 	l := newLab(t)
 	l.startDaemon(l.writeConfig("egressd.yaml", l.baseConfig()))
@@ -291,33 +319,8 @@ func TestForgedSourcesAreDropped(t *testing.T) {
 
 	// A query to the proxy with an internet address as source: the answer
 	// must not be sent there (reflection, one-way exfiltration).
-	victim := netip.MustParseAddrPort("203.0.113.99:5300")
-	var pc net.PacketConn
-	if err := inNS(l.Inet, func() (err error) {
-		pc, err = net.ListenPacket("udp4", victim.String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	m := new(dns.Msg)
-	m.SetQuestion("exfiltrated-data.westus.api.cognitive.microsoft.com.", dns.TypeA)
-	q, _ := m.Pack()
-	for _, dst := range []string{upstreamDNS + ":53", fmt.Sprintf("%s:%d", bridgeIP, proxyPort)} {
-		if err := sendForged(l.Ctr, victim, netip.MustParseAddrPort(dst), q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	_ = pc.SetReadDeadline(time.Now().Add(shortWait))
-	if n, from, err := pc.ReadFrom(buf); err == nil {
-		t.Errorf("a forged query's answer reached the internet: %d bytes from %v", n, from)
-	}
-	l.waitFor("the spoofed packets to be reported", 5*time.Second, func() error {
-		if !strings.Contains(l.egressdLog.String(), "spoofed-source") {
-			return errors.New("not logged")
-		}
-		return nil
-	})
+	l.forgedQueriesGoNowhere(l.Ctr, "exfiltrated-data.westus.api.cognitive.microsoft.com.",
+		upstreamDNS+":53", fmt.Sprintf("%s:%d", bridgeIP, proxyPort))
 	// The container itself still works.
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 }
