@@ -236,7 +236,7 @@ func egressChain(cfg *config.Config) Chain {
 	// is exactly what enforce would block.
 	audit := fw.Mode == config.ModeAudit
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
-		{Comment: "replies and flows already allowed", Stmts: []Stmt{Established{}, Accept}},
+		established("replies and flows already allowed"),
 		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, rejectTCP(fw.Action))},
 	}}
 	if slices.ContainsFunc(cfg.Rules, func(r config.Rule) bool { return r.Name == config.RuleAllow }) {
@@ -263,6 +263,15 @@ func egressChain(cfg *config.Config) Chain {
 	return egress
 }
 
+// established accepts the packets of flows already allowed. Every path
+// of the output and forward chains ends in egress, which does so first;
+// the hooks do it first too, so that most packets (replies, the proxy's
+// answers) are accepted after one match instead of after the fib lookups
+// and interface matches in between: the same verdicts, less work.
+func established(comment string) Rule {
+	return Rule{Comment: comment, Stmts: []Stmt{Established{}, Accept}}
+}
+
 // forwardChain: forwarded traffic that leaves the host is filtered
 // whichever interface it came from (an unknown bridge fails closed);
 // traffic into container networks (published ports, between containers)
@@ -270,7 +279,8 @@ func egressChain(cfg *config.Config) Chain {
 func forwardChain(cfg *config.Config) Chain {
 	fw := cfg.Firewall
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
-		Comment: "forwarded traffic: filtered when it leaves the host, from any interface"}
+		Comment: "forwarded traffic: filtered when it leaves the host, from any interface",
+		Rules:   []Rule{established("replies and flows already allowed, as in egress")}}
 	for i, u := range fw.Unfiltered {
 		for j, out := range []bool{false, true} {
 			r := Rule{Stmts: []Stmt{IfName{Out: out, Pattern: u}, Accept}}
@@ -417,10 +427,11 @@ func hostOutputChains(cfg *config.Config, host Host, servers []netip.AddrPort, p
 	own := ownQueries(cfg, host, servers)
 	output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
 		Comment: "the host's own traffic",
-		Rules: append(withVerdict(own, "egressd's own upstream queries", Accept),
-			Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
-			Rule{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}},
-		)}
+		Rules:   []Rule{established("replies and flows already allowed, as in egress (the proxy's answers)")}}
+	output.Rules = append(output.Rules, withVerdict(own, "egressd's own upstream queries", Accept)...)
+	output.Rules = append(output.Rules,
+		Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},
+		Rule{Comment: "the host's own addresses, and DNS redirected to the proxy", Stmts: []Stmt{LocalDaddr{}, Accept}})
 	output.Rules = append(output.Rules, intoContainers(cfg.Firewall.Containers, "the host talking to its containers")...)
 	output.Rules = append(output.Rules, linkLocal(host.OnLink)...)
 	output.Rules = append(output.Rules, hostRuleJumps(cfg, host.Cgroups)...)

@@ -123,6 +123,7 @@ func TestRuleChains(t *testing.T) {
 		// Forwarded traffic: the rules of interfaces, sources and all
 		// containers, never those of the host or its services.
 		"forward": {
+			"ct state established,related accept",
 			`oifname "docker0" accept`,
 			`oifname "br-*" accept`,
 			`iifname "br-lab*" ct state new jump rule_lab`,
@@ -245,6 +246,7 @@ allow:
 			`socket cgroupv2 level 2 "/system.slice/docker.service" tcp dport 53 redirect to :10054`,
 		},
 		"forward": {
+			"ct state established,related accept",
 			`oifname "docker0" accept`,
 			`oifname "br-*" accept`,
 			`iifname "br-lab" ct state new jump rule_lab`,
@@ -269,6 +271,39 @@ allow:
 	for _, r := range chainText(rs, "egress") {
 		if strings.Contains(r, "@allow") {
 			t.Errorf("egress without the rule allow: %s", r)
+		}
+	}
+}
+
+// The output and forward hooks accept the packets of established flows
+// first, as egress does. That changes no verdict only because every other
+// rule of theirs accepts, jumps for new flows only, or is the final jump
+// to egress: a rule that could drop or reject an established packet
+// before egress accepts it must fail this test.
+func TestEstablishedFirstChangesNoVerdict(t *testing.T) {
+	for name, rs := range map[string]*Ruleset{
+		"default": Build(configtest.Load(t, "")),
+		"audit":   Build(configtest.Load(t, "firewall:\n  mode: audit\n")),
+		"drop":    Build(configtest.Load(t, "firewall:\n  action: drop\n  unfiltered: [wg0]\n")),
+		"rules":   BuildFor(configtest.Load(t, rulesYAML), rulesHost()),
+	} {
+		for _, chain := range []string{"output", "forward", "egress"} {
+			got := chainText(rs, chain)
+			if len(got) == 0 || got[0] != "ct state established,related accept" {
+				t.Errorf("%s: chain %s does not accept established flows first:\n%s", name, chain, strings.Join(got, "\n"))
+				continue
+			}
+			if chain == "egress" {
+				continue
+			}
+			for i, r := range got[1:] {
+				switch {
+				case strings.HasSuffix(r, " accept"), strings.Contains(r, "ct state new jump "):
+				case r == "jump egress" && i == len(got)-2:
+				default:
+					t.Errorf("%s: chain %s: %q could decide about an established packet before egress", name, chain, r)
+				}
+			}
 		}
 	}
 }

@@ -396,13 +396,15 @@ func (b *benchRun) egressd(load bool) (benchRow, string) {
 	loadTime := time.Since(start)
 	count := len(regexp.MustCompile(`198\.\d+\.\d+\.\d+`).FindAllString(l.in(l.Host, "nft list set inet egressd allow4"), -1))
 	big := b.dnsperf(otherDNS, b.warm, 0, p.duration)
-	rss := vmHWM(t, l.egressd.Process.Pid)
+	pid := l.egressd.Process.Pid
+	rss, anon, file := procStatusKB(t, pid, "VmHWM"), procStatusKB(t, pid, "RssAnon"), procStatusKB(t, pid, "RssFile")
 	_ = l.stopDaemon(syscall.SIGTERM) // writes the profile, if any
 	return row, tail + fmt.Sprintf(
 		"- live elements (%s): %d fresh names answered in %v (%.0f/s, %d lost); %d benchmark addresses in the set afterwards; "+
-			"warm queries at that size: %.0f q/s, avg %.3f ms, p99 %.3f ms; egressd peak RSS: %.1f MB\n",
+			"warm queries at that size: %.0f q/s, avg %.3f ms, p99 %.3f ms; egressd peak RSS: %.1f MB "+
+			"(at the end %.1f MB anonymous, %.1f MB file pages: the binary)\n",
 		b.c.name, p.load, loadTime.Round(time.Millisecond), ld.qps, ld.lost, count,
-		big.qps, big.avgMs, big.p99Ms, float64(rss)/1024)
+		big.qps, big.avgMs, big.p99Ms, float64(rss)/1024, float64(anon)/1024, float64(file)/1024)
 }
 
 // bridgeNF turns br_netfilter's bridge-nf-call-iptables and -ip6tables on
@@ -584,12 +586,14 @@ func cpuTime(t *testing.T, pid int) time.Duration {
 	return time.Duration(ticks) * time.Second / userHZ
 }
 
-func vmHWM(t *testing.T, pid int) int {
+// procStatusKB returns a kB field of /proc/PID/status, such as VmHWM (peak
+// RSS) or RssAnon.
+func procStatusKB(t *testing.T, pid int, field string) int {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(data)
+	m := regexp.MustCompile(field + `:\s+(\d+) kB`).FindSubmatch(data)
 	if m == nil {
 		return 0
 	}
