@@ -236,7 +236,6 @@ func egressChain(cfg *config.Config) Chain {
 	// is exactly what enforce would block.
 	audit := fw.Mode == config.ModeAudit
 	egress := Chain{Name: "egress", Comment: "new outbound connections from containers and the host", Rules: []Rule{
-		established("replies and flows already allowed"),
 		{Comment: "DNS over TLS would bypass the proxy", Stmts: blocking(audit, fw.NFLOGGroup, LogDoT, Ports{Proto: TCP, Dport: 853}, rejectTCP(fw.Action))},
 	}}
 	if slices.ContainsFunc(cfg.Rules, func(r config.Rule) bool { return r.Name == config.RuleAllow }) {
@@ -263,11 +262,11 @@ func egressChain(cfg *config.Config) Chain {
 	return egress
 }
 
-// established accepts the packets of flows already allowed. Every path
-// of the output and forward chains ends in egress, which does so first;
-// the hooks do it first too, so that most packets (replies, the proxy's
-// answers) are accepted after one match instead of after the fib lookups
-// and interface matches in between: the same verdicts, less work.
+// established accepts the packets of flows already allowed. It is the
+// first rule of the output and forward hooks, the only chains that jump
+// to egress, so that egress sees new flows only and most packets
+// (replies, the proxy's answers) are accepted after one match instead of
+// after the fib lookups and interface matches that new flows need.
 func established(comment string) Rule {
 	return Rule{Comment: comment, Stmts: []Stmt{Established{}, Accept}}
 }
@@ -280,7 +279,7 @@ func forwardChain(cfg *config.Config) Chain {
 	fw := cfg.Firewall
 	forward := Chain{Name: "forward", Hook: &Hook{"filter", "forward", priorityFilter},
 		Comment: "forwarded traffic: filtered when it leaves the host, from any interface",
-		Rules:   []Rule{established("replies and flows already allowed, as in egress")}}
+		Rules:   []Rule{established("replies and flows already allowed")}}
 	for i, u := range fw.Unfiltered {
 		for j, out := range []bool{false, true} {
 			r := Rule{Stmts: []Stmt{IfName{Out: out, Pattern: u}, Accept}}
@@ -427,7 +426,7 @@ func hostOutputChains(cfg *config.Config, host Host, servers []netip.AddrPort, p
 	own := ownQueries(cfg, host, servers)
 	output := Chain{Name: "output", Hook: &Hook{"filter", "output", priorityFilter},
 		Comment: "the host's own traffic",
-		Rules:   []Rule{established("replies and flows already allowed, as in egress (the proxy's answers)")}}
+		Rules:   []Rule{established("replies and flows already allowed (the proxy's answers among them)")}}
 	output.Rules = append(output.Rules, withVerdict(own, "egressd's own upstream queries", Accept)...)
 	output.Rules = append(output.Rules,
 		Rule{Comment: "loopback", Stmts: []Stmt{IfName{Out: true, Pattern: "lo"}, Accept}},

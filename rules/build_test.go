@@ -34,7 +34,6 @@ func TestBuild(t *testing.T) {
 			name:  "default egress rejects",
 			chain: "egress",
 			want: []string{
-				"ct state established,related accept",
 				`tcp dport 853 log prefix "egressd-dot" group 1055 reject with tcp reset`,
 				"ip daddr @allow4 tcp dport @ports accept",
 				"ip6 daddr @allow6 tcp dport @ports accept",

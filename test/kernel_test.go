@@ -78,7 +78,7 @@ func TestTamperSameShapeIsRepaired(t *testing.T) {
 		{"dns_redirect", `udp dport 53 dnat ip to 169.254.53.53:10053`, `udp dport 53 dnat ip to 169.254.53.53:10054`},
 		{"dns_output", `udp dport 53 redirect to :10053`, `udp dport 53 redirect to :10054`},
 		{"egress", `ip daddr @allow4 tcp dport @ports accept`, `ip daddr != @allow4 tcp dport @ports accept`},
-		{"egress", `ct state established,related accept`, `ct state established,related drop`},
+		{"forward", `ct state established,related accept`, `ct state established,related drop`},
 	} {
 		l.replaceRule(tt.chain, tt.from, tt.to)
 		start := time.Now()

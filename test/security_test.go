@@ -320,7 +320,7 @@ func TestForgedSourcesAreDropped(t *testing.T) {
 	// A query to the proxy with an internet address as source: the answer
 	// must not be sent there (reflection, one-way exfiltration).
 	l.forgedQueriesGoNowhere(l.Ctr, "exfiltrated-data.westus.api.cognitive.microsoft.com.",
-		upstreamDNS+":53", fmt.Sprintf("%s:%d", bridgeIP, proxyPort))
+		hostPort(upstreamDNS, 53), hostPort(bridgeIP, proxyPort))
 	// The container itself still works.
 	l.mustResolve(l.Ctr, "westus.api.cognitive.microsoft.com", dns.TypeA, "203.0.113.10")
 }
